@@ -1,0 +1,274 @@
+//! Flows: one per *(lease, protocol, host port, partner port)* (the echo identifier stands in
+//! for ports), each with its own idle timer floor:
+//! UDP 300 s (RFC 4787 REQ-5), TCP established 7440 s and transitory 240 s (RFC 5382 REQ-5,
+//! RFC 7857 §3.1-3.2), ICMP query 60 s (RFC 5508 REQ-2).
+//!
+//! A flow's lifetime keeps an implicit lease alive. Flows of a lease are linked in an
+//! intrusive list so ending a lease ends its flows without scanning the table.
+
+use super::lease::{LeaseEntry, NIL};
+use super::slab::Slab;
+use super::{DropReason, Timeouts};
+
+/// The flow timers in milliseconds, computed once from [`Timeouts`].
+#[derive(Debug, Clone, Copy)]
+pub struct FlowTimeouts {
+    udp: u64,
+    tcp_established: u64,
+    tcp_transitory: u64,
+    icmp_query: u64,
+}
+
+impl From<&Timeouts> for FlowTimeouts {
+    fn from(t: &Timeouts) -> FlowTimeouts {
+        FlowTimeouts {
+            udp: t.udp.as_millis() as u64,
+            tcp_established: t.tcp_established.as_millis() as u64,
+            tcp_transitory: t.tcp_transitory.as_millis() as u64,
+            icmp_query: t.icmp_query.as_millis() as u64,
+        }
+    }
+}
+use crate::wire::{protocol, tcp_flags};
+use foldhash::fast::FixedState;
+use hashbrown::HashTable;
+use std::hash::BuildHasher;
+
+/// TCP state bits kept per flow (enough for RFC 7857 §3's timer choice).
+pub mod tcp_state {
+    /// A segment went out (host → partner).
+    pub const OUT_SEEN: u8 = 0x01;
+    /// A segment came in (partner → host).
+    pub const IN_SEEN: u8 = 0x02;
+    /// The host sent FIN.
+    pub const OUT_FIN: u8 = 0x04;
+    /// The partner sent FIN.
+    pub const IN_FIN: u8 = 0x08;
+    /// Either side sent RST.
+    pub const RST: u8 = 0x10;
+}
+
+/// One flow as the table stores it.
+#[derive(Debug, Clone)]
+pub struct FlowEntry {
+    /// Owning lease (slab index).
+    pub lease: u32,
+    /// IP protocol (TCP, UDP, ICMP, ICMPv6).
+    pub proto: u8,
+    /// TCP state bits ([`tcp_state`]); 0 for other protocols.
+    pub tcp: u8,
+    /// Port (or echo identifier) on the host's side.
+    pub host_port: u16,
+    /// Port on the partner's side (0 for echo).
+    pub partner_port: u16,
+    /// Idle deadline (ms since the translator's epoch).
+    pub expires: u64,
+    /// Deadline of the timer entry that is current for this flow.
+    pub scheduled: u64,
+    prev: u32,
+    next: u32,
+}
+
+impl FlowEntry {
+    /// Updates the TCP state with a segment's flags; returns the idle timeout that now
+    /// applies, in ms.
+    #[inline]
+    pub fn touch(&mut self, flags: u8, outbound: bool, t: &FlowTimeouts) -> u64 {
+        use tcp_state::*;
+        match self.proto {
+            protocol::TCP => {
+                let closed = self.tcp & RST != 0 || self.tcp & (OUT_FIN | IN_FIN) == OUT_FIN | IN_FIN;
+                if closed && flags & tcp_flags::SYN != 0 {
+                    // The 4-tuple is being reused by a new connection.
+                    self.tcp = 0;
+                }
+                self.tcp |= if outbound { OUT_SEEN } else { IN_SEEN };
+                if flags & tcp_flags::FIN != 0 {
+                    self.tcp |= if outbound { OUT_FIN } else { IN_FIN };
+                }
+                if flags & tcp_flags::RST != 0 {
+                    self.tcp |= RST;
+                }
+                let s = self.tcp;
+                let established = s & (OUT_SEEN | IN_SEEN) == OUT_SEEN | IN_SEEN
+                    && s & RST == 0
+                    && s & (OUT_FIN | IN_FIN) != OUT_FIN | IN_FIN;
+                if established {
+                    t.tcp_established
+                } else {
+                    t.tcp_transitory
+                }
+            }
+            protocol::UDP => t.udp,
+            _ => t.icmp_query,
+        }
+    }
+}
+
+/// The hash of a flow key: the four fields packed into one word, then foldhash.
+#[inline]
+fn flow_hash(hasher: &FixedState, lease: u32, proto: u8, host_port: u16, partner_port: u16) -> u64 {
+    let k = (u64::from(lease) << 32)
+        | (u64::from(proto) << 24)
+        | (u64::from(host_port) << 8)
+        | u64::from(partner_port >> 8);
+    hasher.hash_one((k, partner_port as u8))
+}
+
+/// The flow table.
+pub struct FlowTable {
+    pub(crate) slab: Slab<FlowEntry>,
+    index: HashTable<u32>,
+    hasher: FixedState,
+}
+
+impl FlowTable {
+    /// A table for at most `cap` flows, its memory reserved up front.
+    pub fn new(cap: usize, hash_seed: u64) -> FlowTable {
+        FlowTable {
+            slab: Slab::with_capacity(cap),
+            index: HashTable::with_capacity(cap),
+            hasher: FixedState::with_seed(hash_seed),
+        }
+    }
+
+    #[inline]
+    fn hash(&self, lease: u32, proto: u8, host_port: u16, partner_port: u16) -> u64 {
+        flow_hash(&self.hasher, lease, proto, host_port, partner_port)
+    }
+
+    /// The flow with this key.
+    #[inline]
+    pub fn find(&self, lease: u32, proto: u8, host_port: u16, partner_port: u16) -> Option<u32> {
+        let slab = &self.slab;
+        self.index
+            .find(self.hash(lease, proto, host_port, partner_port), |&i| {
+                slab.get(i).is_some_and(|f| {
+                    f.lease == lease
+                        && f.host_port == host_port
+                        && f.partner_port == partner_port
+                        && f.proto == proto
+                })
+            })
+            .copied()
+    }
+
+    /// Creates a flow of `lease` (slab index `lease_idx`) and links it into the lease's list.
+    pub fn insert(
+        &mut self,
+        lease_idx: u32,
+        lease: &mut LeaseEntry,
+        proto: u8,
+        host_port: u16,
+        partner_port: u16,
+    ) -> Result<(u32, u32), DropReason> {
+        let entry = FlowEntry {
+            lease: lease_idx,
+            proto,
+            tcp: 0,
+            host_port,
+            partner_port,
+            expires: 0,
+            scheduled: super::NEVER,
+            prev: NIL,
+            next: lease.flow_head,
+        };
+        let (i, generation) = self.slab.insert(entry).map_err(|_| DropReason::FlowTableFull)?;
+        if let Some(head) = self.slab.get_mut(lease.flow_head) {
+            head.prev = i;
+        }
+        lease.flow_head = i;
+        lease.flows += 1;
+        let h = self.hash(lease_idx, proto, host_port, partner_port);
+        let (slab, hasher) = (&self.slab, &self.hasher);
+        self.index.insert_unique(h, i, |&j| {
+            slab.get(j).map_or(0, |f| flow_hash(hasher, f.lease, f.proto, f.host_port, f.partner_port))
+        });
+        Ok((i, generation))
+    }
+
+    /// Removes flow `i`, unlinking it from `lease` (which must be its owner).
+    pub fn remove(&mut self, i: u32, lease: &mut LeaseEntry) -> Option<FlowEntry> {
+        let f = self.slab.get(i)?.clone();
+        let h = self.hash(f.lease, f.proto, f.host_port, f.partner_port);
+        if let Ok(e) = self.index.find_entry(h, |&j| j == i) {
+            e.remove();
+        }
+        if let Some(p) = self.slab.get_mut(f.prev) {
+            p.next = f.next;
+        } else {
+            lease.flow_head = f.next;
+        }
+        if let Some(n) = self.slab.get_mut(f.next) {
+            n.prev = f.prev;
+        }
+        lease.flows = lease.flows.saturating_sub(1);
+        self.slab.remove(i)
+    }
+
+    /// The flow at `i`, mutable.
+    #[inline]
+    pub fn get_mut(&mut self, i: u32) -> Option<&mut FlowEntry> {
+        self.slab.get_mut(i)
+    }
+
+    /// The next flow in its lease's list.
+    pub fn next_of(&self, i: u32) -> u32 {
+        self.slab.get(i).map_or(NIL, |f| f.next)
+    }
+
+    /// Number of flows.
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    /// Bytes reserved by the table.
+    pub fn allocation_size(&self) -> usize {
+        self.slab.allocation_size() + self.index.allocation_size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tcp_state::*;
+    use super::*;
+
+    fn flow(proto: u8) -> FlowEntry {
+        FlowEntry {
+            lease: 0,
+            proto,
+            tcp: 0,
+            host_port: 1,
+            partner_port: 2,
+            expires: 0,
+            scheduled: 0,
+            prev: NIL,
+            next: NIL,
+        }
+    }
+
+    #[test]
+    fn tcp_timeouts_follow_the_handshake_and_close() {
+        let t = FlowTimeouts::from(&Timeouts::default());
+        let (est, trans) = (7_440_000, 240_000);
+        let mut f = flow(protocol::TCP);
+        assert_eq!(f.touch(tcp_flags::SYN, true, &t), trans);
+        assert_eq!(f.touch(tcp_flags::SYN | tcp_flags::ACK, false, &t), est);
+        assert_eq!(f.touch(tcp_flags::ACK, true, &t), est);
+        assert_eq!(f.touch(tcp_flags::FIN | tcp_flags::ACK, true, &t), est, "half close");
+        assert_eq!(f.touch(tcp_flags::FIN | tcp_flags::ACK, false, &t), trans);
+        // A new SYN on the same 4-tuple starts over.
+        assert_eq!(f.touch(tcp_flags::SYN, true, &t), trans);
+        assert_eq!(f.tcp, OUT_SEEN);
+        assert_eq!(f.touch(tcp_flags::SYN | tcp_flags::ACK, false, &t), est);
+        assert_eq!(f.touch(tcp_flags::RST, false, &t), trans, "RFC 7857 §3.2");
+    }
+
+    #[test]
+    fn udp_and_icmp_timeouts() {
+        let t = FlowTimeouts::from(&Timeouts::default());
+        assert_eq!(flow(protocol::UDP).touch(0, true, &t), 300_000);
+        assert_eq!(flow(protocol::ICMP).touch(0, true, &t), 60_000);
+        assert_eq!(flow(protocol::ICMPV6).touch(0, false, &t), 60_000);
+    }
+}

@@ -1,0 +1,403 @@
+//! The lease (correspondence) table: *(real, virtual, partner)* triples, their indexes, the
+//! quarantine of released addresses, and the choice of a virtual address for a new lease.
+//!
+//! Leases live in a [`Slab`]; four hash indexes hold only slab indices and compare against the
+//! slab (hashbrown's `HashTable`), so an index costs a few bytes per lease:
+//! - `out`: *(real, partner)* → lease, unique: the outbound lookup.
+//! - `inb`: *(virtual, partner)* → lease, unique: the inbound demultiplexer.
+//! - `by_real`, `by_virtual`: every lease of a host / of a virtual address (multi-maps): the
+//!   `per-host` binding, the `any`-filtering lookup, and the allocation's preferences.
+
+use super::pool::Pool;
+use super::slab::Slab;
+use super::{DropReason, Mapping, Origin, NEVER};
+use crate::wire::{addr_delta, Delta};
+use foldhash::fast::FixedState;
+use hashbrown::HashTable;
+use rand_chacha::ChaCha12Rng;
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+
+/// Marks the end of an intrusive list.
+pub const NIL: u32 = u32::MAX;
+
+/// One lease as the table stores it.
+#[derive(Debug, Clone)]
+pub struct LeaseEntry {
+    /// The host's real address.
+    pub real: IpAddr,
+    /// The rented virtual address.
+    pub virt: IpAddr,
+    /// The partner the lease is for.
+    pub partner: IpAddr,
+    /// Explicit (rented) or implicit (made by the gateway on a first packet).
+    pub origin: Origin,
+    /// Checksum delta of rewriting `real` into `virt` (negate it for the way back).
+    pub delta: Delta,
+    /// Creation time (ms since the translator's epoch).
+    pub created: u64,
+    /// When the lease ends ([`NEVER`] while an implicit lease has flows).
+    pub expires: u64,
+    /// Deadline of the timer entry that is current for this lease.
+    pub scheduled: u64,
+    /// Live flows.
+    pub flows: u32,
+    /// First flow of the lease's intrusive flow list.
+    pub flow_head: u32,
+}
+
+/// The lease table.
+pub struct LeaseTable {
+    pub(crate) slab: Slab<LeaseEntry>,
+    out: HashTable<u32>,
+    inb: HashTable<u32>,
+    by_real: HashTable<u32>,
+    by_virtual: HashTable<u32>,
+    hasher: FixedState,
+    pub(crate) quarantine: Quarantine,
+}
+
+fn h2(hasher: &FixedState, a: IpAddr, b: IpAddr) -> u64 {
+    hasher.hash_one((a, b))
+}
+
+fn h1(hasher: &FixedState, a: IpAddr) -> u64 {
+    hasher.hash_one(a)
+}
+
+impl LeaseTable {
+    /// A table for at most `cap` leases, its memory reserved up front.
+    pub fn new(cap: usize, hash_seed: u64) -> LeaseTable {
+        LeaseTable {
+            slab: Slab::with_capacity(cap),
+            out: HashTable::with_capacity(cap),
+            inb: HashTable::with_capacity(cap),
+            by_real: HashTable::with_capacity(cap),
+            by_virtual: HashTable::with_capacity(cap),
+            hasher: FixedState::with_seed(hash_seed),
+            quarantine: Quarantine::new(cap, hash_seed ^ 0x9e37_79b9_7f4a_7c15),
+        }
+    }
+
+    /// The lease for outbound packets from `real` to `partner`.
+    #[inline]
+    pub fn find_out(&self, real: IpAddr, partner: IpAddr) -> Option<u32> {
+        let slab = &self.slab;
+        self.out
+            .find(h2(&self.hasher, real, partner), |&i| {
+                slab.get(i).is_some_and(|l| l.real == real && l.partner == partner)
+            })
+            .copied()
+    }
+
+    /// The lease for inbound packets from `partner` to `virt`.
+    #[inline]
+    pub fn find_in(&self, virt: IpAddr, partner: IpAddr) -> Option<u32> {
+        let slab = &self.slab;
+        self.inb
+            .find(h2(&self.hasher, virt, partner), |&i| {
+                slab.get(i).is_some_and(|l| l.virt == virt && l.partner == partner)
+            })
+            .copied()
+    }
+
+    /// Every lease on virtual address `virt`.
+    pub fn on_virtual(&self, virt: IpAddr) -> impl Iterator<Item = u32> + '_ {
+        let slab = &self.slab;
+        self.by_virtual
+            .iter_hash(h1(&self.hasher, virt))
+            .copied()
+            .filter(move |&i| slab.get(i).is_some_and(|l| l.virt == virt))
+    }
+
+    /// Every lease of host `real`.
+    pub fn of_host(&self, real: IpAddr) -> impl Iterator<Item = u32> + '_ {
+        let slab = &self.slab;
+        self.by_real
+            .iter_hash(h1(&self.hasher, real))
+            .copied()
+            .filter(move |&i| slab.get(i).is_some_and(|l| l.real == real))
+    }
+
+    /// The single host using `virt`, if exactly one does.
+    pub fn sole_host(&self, virt: IpAddr) -> Option<IpAddr> {
+        let mut host = None;
+        for i in self.on_virtual(virt) {
+            let r = self.slab.get(i)?.real;
+            match host {
+                None => host = Some(r),
+                Some(h) if h != r => return None,
+                Some(_) => {}
+            }
+        }
+        host
+    }
+
+    /// The lease entry at `i`.
+    #[inline]
+    pub fn get(&self, i: u32) -> Option<&LeaseEntry> {
+        self.slab.get(i)
+    }
+
+    /// The lease entry at `i`, mutable.
+    #[inline]
+    pub fn get_mut(&mut self, i: u32) -> Option<&mut LeaseEntry> {
+        self.slab.get_mut(i)
+    }
+
+    /// Number of leases.
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    /// Inserts a lease; the caller has checked that `(real, partner)` and `(virt, partner)`
+    /// are free.
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert(
+        &mut self,
+        real: IpAddr,
+        virt: IpAddr,
+        partner: IpAddr,
+        origin: Origin,
+        now: u64,
+        expires: u64,
+    ) -> Result<u32, DropReason> {
+        let entry = LeaseEntry {
+            real,
+            virt,
+            partner,
+            origin,
+            delta: addr_delta(real, virt),
+            created: now,
+            expires,
+            scheduled: NEVER,
+            flows: 0,
+            flow_head: NIL,
+        };
+        let (i, _) = self.slab.insert(entry).map_err(|_| DropReason::LeaseTableFull)?;
+        let (slab, hs) = (&self.slab, &self.hasher);
+        let key2 = |f: fn(&LeaseEntry) -> (IpAddr, IpAddr)| {
+            move |&j: &u32| slab.get(j).map_or(0, |l| {
+                let (a, b) = f(l);
+                h2(hs, a, b)
+            })
+        };
+        self.out.insert_unique(h2(hs, real, partner), i, key2(|l| (l.real, l.partner)));
+        self.inb.insert_unique(h2(hs, virt, partner), i, key2(|l| (l.virt, l.partner)));
+        self.by_real.insert_unique(h1(hs, real), i, |&j| slab.get(j).map_or(0, |l| h1(hs, l.real)));
+        self.by_virtual
+            .insert_unique(h1(hs, virt), i, |&j| slab.get(j).map_or(0, |l| h1(hs, l.virt)));
+        Ok(i)
+    }
+
+    /// Removes lease `i` from the slab and every index, and quarantines its address.
+    pub fn remove(&mut self, i: u32, now: u64, quarantine_ms: u64, mapping: Mapping) -> Option<LeaseEntry> {
+        let l = self.slab.get(i)?.clone();
+        let hs = &self.hasher;
+        for (table, h) in [
+            (&mut self.out, h2(hs, l.real, l.partner)),
+            (&mut self.inb, h2(hs, l.virt, l.partner)),
+            (&mut self.by_real, h1(hs, l.real)),
+            (&mut self.by_virtual, h1(hs, l.virt)),
+        ] {
+            if let Ok(e) = table.find_entry(h, |&j| j == i) {
+                e.remove();
+            }
+        }
+        self.slab.remove(i);
+        if quarantine_ms > 0 {
+            let until = now.saturating_add(quarantine_ms);
+            match mapping {
+                Mapping::PerPartner => self.quarantine.add(l.virt, Some(l.partner), l.real, until),
+                Mapping::PerHost => {
+                    if self.of_host(l.real).next().is_none() {
+                        self.quarantine.add(l.virt, None, l.real, until);
+                    }
+                }
+            }
+        }
+        Some(l)
+    }
+
+    /// Picks a virtual address for a new lease of `real` towards `partner`.
+    ///
+    /// `per-host`: the host's current address, else the address it had before (if still
+    /// free), else a random address no lease and no quarantine holds. `per-partner`: the
+    /// address the host had for this partner before (if still free), else a random address,
+    /// preferring one nobody uses, then one this host does not use yet, and never one that
+    /// `partner` already sees for another lease or that is quarantined against it.
+    pub fn allocate(
+        &self,
+        pool: &Pool,
+        mapping: Mapping,
+        real: IpAddr,
+        partner: IpAddr,
+        rng: &mut ChaCha12Rng,
+        now: u64,
+    ) -> Result<IpAddr, DropReason> {
+        let v4 = real.is_ipv4();
+        match mapping {
+            Mapping::PerHost => {
+                if let Some(i) = self.of_host(real).next() {
+                    return self.get(i).map(|l| l.virt).ok_or(DropReason::PoolExhausted);
+                }
+                let free = |v: IpAddr| {
+                    self.on_virtual(v).next().is_none() && !self.quarantine.blocks(v, None, real, now)
+                };
+                if let Some(v) = self.quarantine.previous(real, None, now) {
+                    if free(v) {
+                        return Ok(v);
+                    }
+                }
+                pool.candidates(v4, rng).find(|&v| free(v)).ok_or(DropReason::PoolExhausted)
+            }
+            Mapping::PerPartner => {
+                let usable = |v: IpAddr| {
+                    self.find_in(v, partner).is_none()
+                        && !self.quarantine.blocks(v, Some(partner), real, now)
+                };
+                if let Some(v) = self.quarantine.previous(real, Some(partner), now) {
+                    if usable(v) {
+                        return Ok(v);
+                    }
+                }
+                let mut not_mine = None;
+                let mut shared = None;
+                for v in pool.candidates(v4, rng) {
+                    if !usable(v) {
+                        continue;
+                    }
+                    let mut users = self.on_virtual(v).peekable();
+                    if users.peek().is_none() && !self.quarantine.held(v, real, now) {
+                        return Ok(v);
+                    }
+                    let mine = users.any(|i| self.get(i).is_some_and(|l| l.real == real));
+                    if !mine {
+                        not_mine.get_or_insert(v);
+                    } else {
+                        shared.get_or_insert(v);
+                    }
+                }
+                not_mine.or(shared).ok_or(DropReason::PoolExhausted)
+            }
+        }
+    }
+
+    /// Bytes reserved by the table, quarantine included.
+    pub fn allocation_size(&self) -> usize {
+        self.slab.allocation_size()
+            + self.out.allocation_size()
+            + self.inb.allocation_size()
+            + self.by_real.allocation_size()
+            + self.by_virtual.allocation_size()
+    }
+}
+
+/// Addresses recently released, held back from other hosts (RFC 6888 REQ-8).
+///
+/// Keyed by *(virtual, partner)* under `per-partner` (the partner must not see the address
+/// move to another host) and by *(virtual, none)* under `per-host` (nobody may). The host that
+/// held the address may take it back at once.
+pub struct Quarantine {
+    by_virtual: HashMap<(IpAddr, Option<IpAddr>), (IpAddr, u64), FixedState>,
+    by_host: HashMap<(IpAddr, Option<IpAddr>), IpAddr, FixedState>,
+    fifo: VecDeque<(u64, IpAddr, Option<IpAddr>)>,
+    cap: usize,
+    /// Entries dropped before their time because the quarantine was full.
+    pub evicted: u64,
+}
+
+impl Quarantine {
+    fn new(cap: usize, seed: u64) -> Quarantine {
+        let cap = cap.max(16);
+        Quarantine {
+            by_virtual: HashMap::with_capacity_and_hasher(cap, FixedState::with_seed(seed)),
+            by_host: HashMap::with_capacity_and_hasher(cap, FixedState::with_seed(seed ^ 1)),
+            fifo: VecDeque::with_capacity(cap),
+            cap,
+            evicted: 0,
+        }
+    }
+
+    /// Holds `virt` away from hosts other than `real` (for `partner`, or for everyone when
+    /// `None`) until `until`.
+    pub fn add(&mut self, virt: IpAddr, partner: Option<IpAddr>, real: IpAddr, until: u64) {
+        if self.fifo.len() >= self.cap {
+            if let Some((u, v, p)) = self.fifo.front().copied() {
+                self.expire_entry(u, v, p);
+                self.fifo.pop_front();
+                self.evicted += 1;
+            }
+        }
+        self.by_virtual.insert((virt, partner), (real, until));
+        self.by_host.insert((real, partner), virt);
+        self.fifo.push_back((until, virt, partner));
+    }
+
+    /// Restores an entry (from durable state).
+    pub fn restore(&mut self, virt: IpAddr, partner: Option<IpAddr>, real: IpAddr, until: u64) {
+        self.add(virt, partner, real, until);
+    }
+
+    /// True when `virt` is quarantined against `partner` (or against everyone) for a host
+    /// other than `real`.
+    pub fn blocks(&self, virt: IpAddr, partner: Option<IpAddr>, real: IpAddr, now: u64) -> bool {
+        let hit = |k| matches!(self.by_virtual.get(&k), Some(&(r, until)) if r != real && until > now);
+        hit((virt, None)) || (partner.is_some() && hit((virt, partner)))
+    }
+
+    /// True when any quarantine entry of another host exists on `virt` for the whole
+    /// address (used to prefer fresh addresses).
+    pub fn held(&self, virt: IpAddr, real: IpAddr, now: u64) -> bool {
+        self.blocks(virt, None, real, now)
+    }
+
+    /// The address `real` had for `partner` (or as its per-host address) before.
+    pub fn previous(&self, real: IpAddr, partner: Option<IpAddr>, now: u64) -> Option<IpAddr> {
+        let v = *self.by_host.get(&(real, partner))?;
+        match self.by_virtual.get(&(v, partner)) {
+            Some(&(r, until)) if r == real && until > now => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Ends every entry whose time has come; returns the next deadline.
+    pub fn expire(&mut self, now: u64) -> Option<u64> {
+        while let Some(&(until, v, p)) = self.fifo.front() {
+            if until > now {
+                return Some(until);
+            }
+            self.expire_entry(until, v, p);
+            self.fifo.pop_front();
+        }
+        None
+    }
+
+    fn expire_entry(&mut self, until: u64, v: IpAddr, p: Option<IpAddr>) {
+        // The same key may have been quarantined again later: only the newest entry counts.
+        if let Some(&(real, u)) = self.by_virtual.get(&(v, p)) {
+            if u == until {
+                self.by_virtual.remove(&(v, p));
+                if self.by_host.get(&(real, p)) == Some(&v) {
+                    self.by_host.remove(&(real, p));
+                }
+            }
+        }
+    }
+
+    /// The earliest pending deadline.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.fifo.front().map(|e| e.0)
+    }
+
+    /// Number of quarantined entries.
+    pub fn len(&self) -> usize {
+        self.by_virtual.len()
+    }
+
+    /// Every entry: (virtual, partner or none, real, until).
+    pub fn entries(&self) -> impl Iterator<Item = (IpAddr, Option<IpAddr>, IpAddr, u64)> + '_ {
+        self.by_virtual.iter().map(|(&(v, p), &(r, u))| (v, p, r, u))
+    }
+}

@@ -1,0 +1,919 @@
+//! The translator core: pools, the lease (correspondence) table, the flow table, and
+//! `translate(packet, now) -> Verdict`. No sockets, no clock reads, no logging, no allocation
+//! per packet: time is passed in, randomness is seeded by the caller, capacity is reserved up
+//! front and a full table refuses explicitly.
+//!
+//! # Driving it
+//! ```
+//! use std::time::Instant;
+//! use vipgate::nat::{Config, Translator, Verdict};
+//! let now = Instant::now();
+//! let config = Config::new(vec!["192.0.2.0/24".parse().unwrap()],
+//!                          vec!["198.18.0.0/24".parse().unwrap()]);
+//! let mut t = Translator::new(config, [7; 32], now).unwrap();
+//! let mut packet = [0u8; 20]; // a packet read from the TUN device
+//! match t.translate(&mut packet, now) {
+//!     Verdict::Forward(_) => { /* write `packet` back to the TUN */ }
+//!     Verdict::Reply(_, reply) => { /* write `reply` to the TUN */ let _ = reply; }
+//!     Verdict::Drop(reason) => { let _ = reason; }
+//! }
+//! // Sleep until `t.poll_timeout()`, then call `t.handle_timeout(now)`;
+//! // drain `t.poll_event()` to log or persist lease changes.
+//! while let Some(_event) = t.poll_event() {}
+//! ```
+//!
+//! # The model (see `docs/architecture.md`)
+//! A lease binds *(real, virtual, partner)*. Under [`Mapping::PerPartner`] a host gets a
+//! different virtual address per partner and a virtual address may serve several hosts whose
+//! partners differ; inbound packets are demultiplexed by *(virtual, sender)*. Under
+//! [`Mapping::PerHost`] a host keeps one virtual address for all partners, and each partner it
+//! contacts is still recorded as its own lease (the partners allowed back in, and the ones
+//! allowed to inquire).
+
+mod flow;
+mod lease;
+mod pool;
+mod reply;
+mod slab;
+mod translate;
+
+pub use flow::tcp_state;
+pub use pool::{Pool, PrefixSet};
+
+use flow::{FlowTable, FlowTimeouts};
+use ipnet::IpNet;
+use lease::LeaseTable;
+use rand_chacha::ChaCha12Rng;
+use rand_core::{RngCore, SeedableRng};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+/// "No deadline" in the internal millisecond clock.
+pub(crate) const NEVER: u64 = u64::MAX;
+
+/// How a host's virtual address is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mapping {
+    /// A different virtual address per partner (the seeds' triple; default).
+    #[default]
+    PerPartner,
+    /// One virtual address per host for all partners (endpoint-independent mapping).
+    PerHost,
+}
+
+/// Who may send to a virtual address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Filtering {
+    /// Only the lease's partner(s) (address-dependent filtering; default).
+    #[default]
+    Partner,
+    /// Anyone (endpoint-independent filtering); a new sender gets its own lease.
+    Any,
+}
+
+/// Idle timers. The defaults are the RFC floors; [`Config::validate`] refuses lower values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// UDP flows (RFC 4787 REQ-5: at least 2 min, 5 min recommended).
+    pub udp: Duration,
+    /// Established TCP flows (RFC 5382 REQ-5: at least 2 h 4 min).
+    pub tcp_established: Duration,
+    /// Opening or closing TCP flows, and after RST (RFC 5382 REQ-5, RFC 7857 §3.1-3.2).
+    pub tcp_transitory: Duration,
+    /// ICMP echo flows (RFC 5508 REQ-2: at least 60 s).
+    pub icmp_query: Duration,
+    /// How long an implicit lease outlives its last flow.
+    pub lease_idle: Duration,
+    /// How long a released address is held back from other hosts (RFC 6888 REQ-8: 120 s).
+    pub quarantine: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            udp: Duration::from_secs(300),
+            tcp_established: Duration::from_secs(7440),
+            tcp_transitory: Duration::from_secs(240),
+            icmp_query: Duration::from_secs(60),
+            lease_idle: Duration::ZERO,
+            quarantine: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The translator's configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The real (served) prefixes: packets from here go out under a virtual address.
+    pub lan: Vec<IpNet>,
+    /// The pool prefixes: virtual addresses come from here.
+    pub pools: Vec<IpNet>,
+    /// Pool addresses never handed out.
+    pub exclude: Vec<IpNet>,
+    /// Mapping policy.
+    pub mapping: Mapping,
+    /// Filtering policy.
+    pub filtering: Filtering,
+    /// Idle timers.
+    pub timeouts: Timeouts,
+    /// Most leases held at once; more are refused (never evicted, RFC 6888 REQ-11).
+    pub max_leases: usize,
+    /// Most flows held at once.
+    pub max_flows: usize,
+    /// Source of the ICMP errors the translator originates for IPv4 (RFC 7600's dummy
+    /// address 192.0.0.8 by default).
+    pub icmp_source_v4: Ipv4Addr,
+    /// Source of the ICMPv6 errors the translator originates; none: no ICMPv6 errors.
+    pub icmp_source_v6: Option<Ipv6Addr>,
+    /// Most ICMP errors originated per second (RFC 1812 §4.3.2.8 rate limiting).
+    pub icmp_rate: u32,
+    /// Lease events kept until [`Translator::poll_event`] takes them; more are counted lost.
+    pub event_capacity: usize,
+}
+
+impl Config {
+    /// A configuration with defaults for everything but the served and pool prefixes.
+    pub fn new(lan: Vec<IpNet>, pools: Vec<IpNet>) -> Config {
+        Config {
+            lan,
+            pools,
+            exclude: Vec::new(),
+            mapping: Mapping::default(),
+            filtering: Filtering::default(),
+            timeouts: Timeouts::default(),
+            max_leases: 65_536,
+            max_flows: 1 << 20,
+            icmp_source_v4: Ipv4Addr::new(192, 0, 0, 8),
+            icmp_source_v6: None,
+            icmp_rate: 100,
+            event_capacity: 4096,
+        }
+    }
+
+    /// Checks the configuration; the error says what to change.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.lan.is_empty() {
+            return Err(ConfigError::NoLan);
+        }
+        if self.pools.is_empty() {
+            return Err(ConfigError::NoPool);
+        }
+        for p in &self.pools {
+            for l in &self.lan {
+                if p.contains(&l.network()) || l.contains(&p.network()) {
+                    return Err(ConfigError::PoolOverlapsLan { pool: *p, lan: *l });
+                }
+            }
+        }
+        let t = &self.timeouts;
+        let d = Timeouts::default();
+        for (name, got, floor) in [
+            ("udp", t.udp, Duration::from_secs(120)),
+            ("tcp-established", t.tcp_established, d.tcp_established),
+            ("tcp-transitory", t.tcp_transitory, d.tcp_transitory),
+            ("icmp-query", t.icmp_query, d.icmp_query),
+        ] {
+            if got < floor {
+                return Err(ConfigError::TimeoutBelowFloor { name, floor });
+            }
+        }
+        if self.max_leases == 0 || self.max_flows == 0 || self.max_leases > u32::MAX as usize / 2
+            || self.max_flows > u32::MAX as usize / 2
+        {
+            return Err(ConfigError::Capacity);
+        }
+        Ok(())
+    }
+}
+
+/// A configuration the translator refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// No served prefix.
+    #[error("no served (LAN) prefix: give at least one, e.g. 192.0.2.0/24")]
+    NoLan,
+    /// No pool prefix.
+    #[error("no pool prefix: give at least one, e.g. 198.18.0.0/24")]
+    NoPool,
+    /// A pool prefix overlaps a served prefix.
+    #[error("pool {pool} overlaps served prefix {lan}: virtual and real addresses must differ")]
+    PoolOverlapsLan {
+        /// The pool prefix.
+        pool: IpNet,
+        /// The served prefix.
+        lan: IpNet,
+    },
+    /// A timer below its RFC floor.
+    #[error("{name} timeout below the RFC floor of {floor:?}")]
+    TimeoutBelowFloor {
+        /// Which timer.
+        name: &'static str,
+        /// Its floor.
+        floor: Duration,
+    },
+    /// A zero or absurd table capacity.
+    #[error("max-leases and max-flows must be between 1 and 2^31")]
+    Capacity,
+}
+
+/// Why a packet was dropped: feeds a counter per reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum DropReason {
+    /// Shorter than its headers or length fields say.
+    Truncated,
+    /// Not IPv4 or IPv6.
+    BadVersion,
+    /// Bad IHL or total length.
+    BadHeaderLength,
+    /// Bad TCP data offset or UDP length.
+    BadTransportHeader,
+    /// IPv6 extension header misplaced or repeated.
+    BadExtensionHeader,
+    /// Too many IPv6 extension headers.
+    ExtensionChainTooLong,
+    /// IPv6 routing header with segments left.
+    RoutingHeader,
+    /// A protocol other than TCP, UDP, ICMP and ICMPv6.
+    UnsupportedProtocol,
+    /// An ICMP type other than echo and the errors (RFC 5508 REQ-11).
+    IcmpUnsupported,
+    /// An ICMP error with a bad checksum (RFC 5508 REQ-3).
+    IcmpBadChecksum,
+    /// An ICMP error whose embedded packet is malformed or does not fit the outer one.
+    IcmpErrorMalformed,
+    /// An ICMP error whose embedded packet matches no lease (RFC 5508 REQ-4).
+    IcmpErrorNoLease,
+    /// Neither from a served prefix nor to a pool address (or LAN to LAN).
+    NotOurs,
+    /// To a leased virtual address from a sender that is not its partner.
+    Filtered,
+    /// To a virtual address nobody holds.
+    NoLease,
+    /// No virtual address free for this host and partner (RFC 5508 REQ-8).
+    PoolExhausted,
+    /// The lease table is full.
+    LeaseTableFull,
+    /// The flow table is full.
+    FlowTableFull,
+}
+
+impl DropReason {
+    /// Number of reasons.
+    pub const COUNT: usize = 18;
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; DropReason::COUNT] = [
+        DropReason::Truncated,
+        DropReason::BadVersion,
+        DropReason::BadHeaderLength,
+        DropReason::BadTransportHeader,
+        DropReason::BadExtensionHeader,
+        DropReason::ExtensionChainTooLong,
+        DropReason::RoutingHeader,
+        DropReason::UnsupportedProtocol,
+        DropReason::IcmpUnsupported,
+        DropReason::IcmpBadChecksum,
+        DropReason::IcmpErrorMalformed,
+        DropReason::IcmpErrorNoLease,
+        DropReason::NotOurs,
+        DropReason::Filtered,
+        DropReason::NoLease,
+        DropReason::PoolExhausted,
+        DropReason::LeaseTableFull,
+        DropReason::FlowTableFull,
+    ];
+
+    /// A snake_case name for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Truncated => "truncated",
+            DropReason::BadVersion => "bad_version",
+            DropReason::BadHeaderLength => "bad_header_length",
+            DropReason::BadTransportHeader => "bad_transport_header",
+            DropReason::BadExtensionHeader => "bad_extension_header",
+            DropReason::ExtensionChainTooLong => "extension_chain_too_long",
+            DropReason::RoutingHeader => "routing_header",
+            DropReason::UnsupportedProtocol => "unsupported_protocol",
+            DropReason::IcmpUnsupported => "icmp_unsupported",
+            DropReason::IcmpBadChecksum => "icmp_bad_checksum",
+            DropReason::IcmpErrorMalformed => "icmp_error_malformed",
+            DropReason::IcmpErrorNoLease => "icmp_error_no_lease",
+            DropReason::NotOurs => "not_ours",
+            DropReason::Filtered => "filtered",
+            DropReason::NoLease => "no_lease",
+            DropReason::PoolExhausted => "pool_exhausted",
+            DropReason::LeaseTableFull => "lease_table_full",
+            DropReason::FlowTableFull => "flow_table_full",
+        }
+    }
+
+    /// True when the host should be told with ICMP 3/13 (RFC 5508 REQ-8, RFC 6888 REQ-11).
+    pub fn wants_reply(self) -> bool {
+        matches!(
+            self,
+            DropReason::PoolExhausted | DropReason::LeaseTableFull | DropReason::FlowTableFull
+        )
+    }
+}
+
+impl From<crate::wire::Error> for DropReason {
+    fn from(e: crate::wire::Error) -> DropReason {
+        use crate::wire::Error as E;
+        match e {
+            E::Truncated => DropReason::Truncated,
+            E::BadVersion => DropReason::BadVersion,
+            E::BadHeaderLength => DropReason::BadHeaderLength,
+            E::BadTransportHeader => DropReason::BadTransportHeader,
+            E::BadExtensionHeader => DropReason::BadExtensionHeader,
+            E::ExtensionChainTooLong => DropReason::ExtensionChainTooLong,
+            E::RoutingHeader => DropReason::RoutingHeader,
+        }
+    }
+}
+
+/// Which way a forwarded packet went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Host → partner: source rewritten real → virtual.
+    Outbound,
+    /// Partner → host: destination rewritten virtual → real.
+    Inbound,
+    /// Host → another host's virtual address: both rewritten (RFC 4787 REQ-9).
+    Hairpin,
+}
+
+/// What to do with a packet after [`Translator::translate`].
+#[must_use]
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict<'a> {
+    /// The packet was rewritten in place: send it on.
+    Forward(Direction),
+    /// Drop the packet.
+    Drop(DropReason),
+    /// Drop the packet and send this ICMP error (built in the translator's buffer) instead.
+    Reply(DropReason, &'a [u8]),
+}
+
+/// Packet and table counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets forwarded host → partner.
+    pub outbound: u64,
+    /// Packets forwarded partner → host.
+    pub inbound: u64,
+    /// Packets hairpinned host → host.
+    pub hairpinned: u64,
+    /// ICMP errors translated (either way).
+    pub icmp_errors_translated: u64,
+    /// Packets dropped, per [`DropReason`] (index by `reason as usize`).
+    pub drops: [u64; DropReason::COUNT],
+    /// ICMP errors originated.
+    pub replies: u64,
+    /// ICMP errors not sent because of the rate limit.
+    pub replies_rate_limited: u64,
+    /// Leases created (implicit and explicit).
+    pub leases_created: u64,
+    /// Leases ended.
+    pub leases_ended: u64,
+    /// Flows created.
+    pub flows_created: u64,
+    /// Flows ended.
+    pub flows_ended: u64,
+    /// Lease events lost because nobody took them.
+    pub events_lost: u64,
+    /// Quarantine entries dropped early because the quarantine was full.
+    pub quarantine_evicted: u64,
+}
+
+impl Counters {
+    /// The drop counter of one reason.
+    pub fn dropped(&self, r: DropReason) -> u64 {
+        self.drops[r as usize]
+    }
+
+    /// All drops together.
+    pub fn dropped_total(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+}
+
+/// How a lease came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Rented by the host (or restored as such); lives until its TTL.
+    Explicit,
+    /// Made by the gateway on a first packet; lives while its flows live.
+    Implicit,
+}
+
+/// A typed handle to a lease: slot index and generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId {
+    index: u32,
+    generation: u32,
+}
+
+/// A lease as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Its handle.
+    pub id: LeaseId,
+    /// The host's real address.
+    pub real: IpAddr,
+    /// The virtual address.
+    pub virtual_addr: IpAddr,
+    /// The partner.
+    pub partner: IpAddr,
+    /// Explicit or implicit.
+    pub origin: Origin,
+    /// When it was made.
+    pub created: Instant,
+    /// When it ends, if that is known now (an implicit lease with flows has no end yet).
+    pub expires: Option<Instant>,
+    /// Live flows.
+    pub flows: u32,
+}
+
+/// Why a lease ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// An explicit lease reached its TTL.
+    Expired,
+    /// An implicit lease's flows ended (and its idle time passed).
+    Idle,
+    /// Released by its host or removed by the operator.
+    Released,
+}
+
+/// A change in the lease table, for the mapping log and for durable storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseEvent {
+    /// A lease was made.
+    Created(Lease),
+    /// An explicit lease's expiry changed, or an implicit lease became explicit.
+    Updated(Lease),
+    /// A lease ended.
+    Ended(Lease, EndReason),
+}
+
+/// Why a lease operation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// The real address is not in a served prefix.
+    #[error("address is not in a served prefix")]
+    NotServed,
+    /// The partner address is in a served prefix or a pool, or of the wrong kind.
+    #[error("partner address is not a remote unicast address")]
+    BadPartner,
+    /// Real and partner are of different families, or there is no pool of that family.
+    #[error("no pool of that address family")]
+    NoPool,
+    /// No virtual address is free.
+    #[error("no virtual address available")]
+    PoolExhausted,
+    /// The lease table is full.
+    #[error("lease table full")]
+    TableFull,
+    /// No such lease.
+    #[error("no such lease")]
+    NoSuchLease,
+    /// A restored lease conflicts with one already held.
+    #[error("lease conflicts with an existing one")]
+    Conflict,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    Lease,
+    Flow,
+}
+
+/// The translator: owns the pools, the lease table and the flow table.
+pub struct Translator {
+    config: Config,
+    lan: PrefixSet,
+    pool: Pool,
+    leases: LeaseTable,
+    flows: FlowTable,
+    timers: BinaryHeap<Reverse<(u64, TimerKind, u32, u32)>>,
+    events: VecDeque<LeaseEvent>,
+    counters: Counters,
+    rng: ChaCha12Rng,
+    epoch: Instant,
+    flow_timeouts: FlowTimeouts,
+    lease_idle_ms: u64,
+    quarantine_ms: u64,
+    reply_tokens: u32,
+    reply_refill_ms: u64,
+    reply_buf: Box<[u8; reply::MAX_REPLY]>,
+}
+
+impl Translator {
+    /// A translator with `config`, its allocation randomness seeded by `seed` (give it
+    /// 32 bytes from the OS; tests give a constant). `now` is the epoch of its clock.
+    pub fn new(config: Config, seed: [u8; 32], now: Instant) -> Result<Translator, ConfigError> {
+        config.validate()?;
+        let mut rng = ChaCha12Rng::from_seed(seed);
+        let (h1, h2) = (rng.next_u64(), rng.next_u64());
+        Ok(Translator {
+            lan: PrefixSet::new(&config.lan),
+            pool: Pool::new(&config.pools, &config.exclude),
+            leases: LeaseTable::new(config.max_leases, h1),
+            flows: FlowTable::new(config.max_flows, h2),
+            timers: BinaryHeap::with_capacity(config.max_leases + config.max_flows),
+            events: VecDeque::with_capacity(config.event_capacity),
+            counters: Counters::default(),
+            rng,
+            epoch: now,
+            flow_timeouts: FlowTimeouts::from(&config.timeouts),
+            lease_idle_ms: config.timeouts.lease_idle.as_millis() as u64,
+            quarantine_ms: config.timeouts.quarantine.as_millis() as u64,
+            reply_tokens: config.icmp_rate,
+            reply_refill_ms: 0,
+            reply_buf: Box::new([0u8; reply::MAX_REPLY]),
+            config,
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Number of leases, flows and quarantined addresses held.
+    pub fn table_sizes(&self) -> (usize, usize, usize) {
+        (self.leases.len(), self.flows.len(), self.leases.quarantine.len())
+    }
+
+    /// Bytes reserved by the lease table and the flow table (with their indexes).
+    pub fn allocation_size(&self) -> (usize, usize) {
+        (self.leases.allocation_size(), self.flows.allocation_size())
+    }
+
+    #[inline]
+    fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    fn instant(&self, ms: u64) -> Option<Instant> {
+        (ms != NEVER).then(|| self.epoch + Duration::from_millis(ms))
+    }
+
+    fn lease_view(&self, i: u32) -> Option<Lease> {
+        let l = self.leases.get(i)?;
+        Some(Lease {
+            id: LeaseId { index: i, generation: self.leases.slab.generation(i) },
+            real: l.real,
+            virtual_addr: l.virt,
+            partner: l.partner,
+            origin: l.origin,
+            created: self.epoch + Duration::from_millis(l.created),
+            expires: self.instant(l.expires),
+            flows: l.flows,
+        })
+    }
+
+    fn resolve(&self, id: LeaseId) -> Option<u32> {
+        self.leases.slab.get_checked(id.index, id.generation).map(|_| id.index)
+    }
+
+    /// A lease by handle.
+    pub fn lease(&self, id: LeaseId) -> Option<Lease> {
+        self.resolve(id).and_then(|i| self.lease_view(i))
+    }
+
+    /// Every lease (in no particular order).
+    pub fn leases(&self) -> impl Iterator<Item = Lease> + '_ {
+        self.leases.slab.iter().filter_map(|(i, _)| self.lease_view(i))
+    }
+
+    /// The lease `partner` reaches through `virtual_addr`, if any (the inquiry's lookup).
+    pub fn lease_for(&self, virtual_addr: IpAddr, partner: IpAddr) -> Option<Lease> {
+        self.leases.find_in(virtual_addr, partner).and_then(|i| self.lease_view(i))
+    }
+
+    /// The lease of `real` towards `partner`, if any.
+    pub fn lease_of(&self, real: IpAddr, partner: IpAddr) -> Option<Lease> {
+        self.leases.find_out(real, partner).and_then(|i| self.lease_view(i))
+    }
+
+    /// Every lease of host `real` on `virtual_addr` (one per partner under `per-host`).
+    pub fn leases_on(&self, real: IpAddr, virtual_addr: IpAddr) -> Vec<Lease> {
+        self.leases
+            .on_virtual(virtual_addr)
+            .filter(|&i| self.leases.get(i).is_some_and(|l| l.real == real))
+            .filter_map(|i| self.lease_view(i))
+            .collect()
+    }
+
+    /// Quarantined addresses: (virtual, partner or none for all, host, until).
+    pub fn quarantined(&self) -> Vec<(IpAddr, Option<IpAddr>, IpAddr, Instant)> {
+        self.leases
+            .quarantine
+            .entries()
+            .map(|(v, p, r, u)| (v, p, r, self.epoch + Duration::from_millis(u)))
+            .collect()
+    }
+
+    fn check_pair(&self, real: IpAddr, partner: IpAddr) -> Result<(), LeaseError> {
+        if !self.lan.contains(real) {
+            return Err(LeaseError::NotServed);
+        }
+        if real.is_ipv4() != partner.is_ipv4() || !self.pool.prefixes().has_family_of(real) {
+            return Err(LeaseError::NoPool);
+        }
+        if self.lan.contains(partner) || self.pool.contains(partner) || !is_unicast(partner) {
+            return Err(LeaseError::BadPartner);
+        }
+        Ok(())
+    }
+
+    /// Rents a virtual address to `real` for talking to `partner`, for `ttl` (seeds 000/001,
+    /// claim 1). Renting again for the same partner returns the same lease, its expiry
+    /// extended; an implicit lease for the pair becomes explicit.
+    pub fn rent(
+        &mut self,
+        real: IpAddr,
+        partner: IpAddr,
+        ttl: Duration,
+        now: Instant,
+    ) -> Result<Lease, LeaseError> {
+        self.check_pair(real, partner)?;
+        let now_ms = self.ms(now);
+        let until = now_ms.saturating_add(ttl.as_millis() as u64);
+        if let Some(i) = self.leases.find_out(real, partner) {
+            let l = self.leases.get_mut(i).ok_or(LeaseError::NoSuchLease)?;
+            let expires = match l.origin {
+                Origin::Explicit => l.expires.max(until),
+                Origin::Implicit => until,
+            };
+            l.origin = Origin::Explicit;
+            l.expires = expires;
+            self.schedule_lease(i, expires);
+            let view = self.lease_view(i).ok_or(LeaseError::NoSuchLease)?;
+            self.push_event(LeaseEvent::Updated(view.clone()));
+            return Ok(view);
+        }
+        let i = self
+            .create_lease(real, partner, None, Origin::Explicit, now_ms, until)
+            .map_err(|r| match r {
+                DropReason::LeaseTableFull => LeaseError::TableFull,
+                _ => LeaseError::PoolExhausted,
+            })?;
+        self.lease_view(i).ok_or(LeaseError::NoSuchLease)
+    }
+
+    /// Puts back a lease from durable state after a restart, with its original virtual
+    /// address and times. The virtual address must be in the pool and free for the pair.
+    pub fn restore(
+        &mut self,
+        real: IpAddr,
+        virtual_addr: IpAddr,
+        partner: IpAddr,
+        origin: Origin,
+        expires: Option<Instant>,
+        now: Instant,
+    ) -> Result<Lease, LeaseError> {
+        self.check_pair(real, partner)?;
+        if !self.pool.is_allocatable(virtual_addr) || virtual_addr.is_ipv4() != real.is_ipv4() {
+            return Err(LeaseError::Conflict);
+        }
+        if self.leases.find_out(real, partner).is_some()
+            || self.leases.find_in(virtual_addr, partner).is_some()
+        {
+            return Err(LeaseError::Conflict);
+        }
+        if self.config.mapping == Mapping::PerHost {
+            let other_host = self.leases.sole_host(virtual_addr).is_some_and(|h| h != real);
+            let mut mine = self.leases.of_host(real);
+            let other_virtual =
+                mine.any(|i| self.leases.get(i).is_some_and(|l| l.virt != virtual_addr));
+            if other_host || other_virtual {
+                return Err(LeaseError::Conflict);
+            }
+        }
+        let now_ms = self.ms(now);
+        let expires_ms = match (origin, expires) {
+            (_, Some(t)) => self.ms(t).max(now_ms),
+            (Origin::Implicit, None) => now_ms.saturating_add(self.lease_idle_ms),
+            (Origin::Explicit, None) => NEVER,
+        };
+        let i = self
+            .create_lease(real, partner, Some(virtual_addr), origin, now_ms, expires_ms)
+            .map_err(|_| LeaseError::TableFull)?;
+        self.lease_view(i).ok_or(LeaseError::NoSuchLease)
+    }
+
+    /// Restores a quarantine entry from durable state.
+    pub fn restore_quarantine(
+        &mut self,
+        virtual_addr: IpAddr,
+        partner: Option<IpAddr>,
+        real: IpAddr,
+        until: Instant,
+        now: Instant,
+    ) {
+        let (u, n) = (self.ms(until), self.ms(now));
+        if u > n {
+            self.leases.quarantine.restore(virtual_addr, partner, real, u);
+        }
+    }
+
+    /// Extends or shortens an explicit lease to end `ttl` from now.
+    pub fn renew(&mut self, id: LeaseId, ttl: Duration, now: Instant) -> Result<Lease, LeaseError> {
+        let i = self.resolve(id).ok_or(LeaseError::NoSuchLease)?;
+        let until = self.ms(now).saturating_add(ttl.as_millis() as u64);
+        let l = self.leases.get_mut(i).ok_or(LeaseError::NoSuchLease)?;
+        l.origin = Origin::Explicit;
+        l.expires = until;
+        self.schedule_lease(i, until);
+        let view = self.lease_view(i).ok_or(LeaseError::NoSuchLease)?;
+        self.push_event(LeaseEvent::Updated(view.clone()));
+        Ok(view)
+    }
+
+    /// Ends a lease now (released by its host, or revoked by the operator); its flows end
+    /// with it and its address goes into quarantine.
+    pub fn release(&mut self, id: LeaseId, now: Instant) -> Result<Lease, LeaseError> {
+        let i = self.resolve(id).ok_or(LeaseError::NoSuchLease)?;
+        let now_ms = self.ms(now);
+        self.end_lease(i, now_ms, EndReason::Released).ok_or(LeaseError::NoSuchLease)
+    }
+
+    /// The next lease event, if any (creation, update, end), oldest first.
+    pub fn poll_event(&mut self) -> Option<LeaseEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Translator::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let heap = self.timers.peek().map(|Reverse((d, ..))| *d);
+        let q = self.leases.quarantine.next_deadline();
+        let next = match (heap, q) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        next.and_then(|ms| self.instant(ms))
+    }
+
+    /// Ends every flow, lease and quarantine entry whose time has come.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let now_ms = self.ms(now);
+        while let Some(&Reverse((deadline, kind, i, generation))) = self.timers.peek() {
+            if deadline > now_ms {
+                break;
+            }
+            self.timers.pop();
+            match kind {
+                TimerKind::Flow => self.flow_timer(i, generation, deadline, now_ms),
+                TimerKind::Lease => self.lease_timer(i, generation, deadline, now_ms),
+            }
+        }
+        self.leases.quarantine.expire(now_ms);
+        self.counters.quarantine_evicted = self.leases.quarantine.evicted;
+    }
+
+    fn flow_timer(&mut self, i: u32, generation: u32, deadline: u64, now: u64) {
+        let Some(f) = self.flows.slab.get_checked(i, generation) else { return };
+        if f.scheduled != deadline {
+            return; // superseded by an earlier entry
+        }
+        if f.expires > now {
+            let e = f.expires;
+            self.push_timer(e, TimerKind::Flow, i, generation);
+            if let Some(f) = self.flows.get_mut(i) {
+                f.scheduled = e;
+            }
+            return;
+        }
+        let li = f.lease;
+        let Some(lease) = self.leases.get_mut(li) else { return };
+        self.flows.remove(i, lease);
+        self.counters.flows_ended += 1;
+        if lease.flows == 0 && lease.origin == Origin::Implicit {
+            let e = now.saturating_add(self.lease_idle_ms);
+            lease.expires = e;
+            self.schedule_lease(li, e);
+        }
+    }
+
+    fn lease_timer(&mut self, i: u32, generation: u32, deadline: u64, now: u64) {
+        let Some(l) = self.leases.slab.get_checked(i, generation) else { return };
+        if l.scheduled != deadline {
+            return;
+        }
+        if l.expires > now {
+            if l.expires != NEVER {
+                let e = l.expires;
+                self.schedule_lease_at(i, e);
+            } else if let Some(l) = self.leases.get_mut(i) {
+                l.scheduled = NEVER;
+            }
+            return;
+        }
+        let reason = match l.origin {
+            Origin::Explicit => EndReason::Expired,
+            Origin::Implicit => EndReason::Idle,
+        };
+        self.end_lease(i, now, reason);
+    }
+
+    fn push_timer(&mut self, deadline: u64, kind: TimerKind, i: u32, generation: u32) {
+        self.timers.push(Reverse((deadline, kind, i, generation)));
+    }
+
+    /// Makes sure a timer entry fires no later than `expires` for lease `i`.
+    fn schedule_lease(&mut self, i: u32, expires: u64) {
+        let Some(l) = self.leases.get(i) else { return };
+        if expires != NEVER && expires < l.scheduled {
+            self.schedule_lease_at(i, expires);
+        }
+    }
+
+    fn schedule_lease_at(&mut self, i: u32, at: u64) {
+        let generation = self.leases.slab.generation(i);
+        self.push_timer(at, TimerKind::Lease, i, generation);
+        if let Some(l) = self.leases.get_mut(i) {
+            l.scheduled = at;
+        }
+    }
+
+    fn push_event(&mut self, e: LeaseEvent) {
+        if self.events.len() >= self.config.event_capacity {
+            self.counters.events_lost += 1;
+            return;
+        }
+        self.events.push_back(e);
+    }
+
+    /// Creates a lease for `(real, partner)`: with `virt` given (inbound `any` filtering,
+    /// restore) or allocated from the pool.
+    fn create_lease(
+        &mut self,
+        real: IpAddr,
+        partner: IpAddr,
+        virt: Option<IpAddr>,
+        origin: Origin,
+        now: u64,
+        expires: u64,
+    ) -> Result<u32, DropReason> {
+        if self.leases.len() >= self.config.max_leases {
+            return Err(DropReason::LeaseTableFull);
+        }
+        let virt = match virt {
+            Some(v) => v,
+            None => {
+                let mapping = self.config.mapping;
+                self.leases.allocate(&self.pool, mapping, real, partner, &mut self.rng, now)?
+            }
+        };
+        let i = self.leases.insert(real, virt, partner, origin, now, expires)?;
+        self.counters.leases_created += 1;
+        self.schedule_lease(i, expires);
+        if let Some(view) = self.lease_view(i) {
+            self.push_event(LeaseEvent::Created(view));
+        }
+        Ok(i)
+    }
+
+    fn end_lease(&mut self, i: u32, now: u64, reason: EndReason) -> Option<Lease> {
+        let view = self.lease_view(i)?;
+        // End the lease's flows.
+        let mut f = self.leases.get(i)?.flow_head;
+        while f != lease::NIL {
+            let next = self.flows.next_of(f);
+            if let Some(l) = self.leases.get_mut(i) {
+                self.flows.remove(f, l);
+                self.counters.flows_ended += 1;
+            }
+            f = next;
+        }
+        self.leases.remove(i, now, self.quarantine_ms, self.config.mapping);
+        self.counters.leases_ended += 1;
+        self.push_event(LeaseEvent::Ended(view.clone(), reason));
+        Some(view)
+    }
+}
+
+/// True for an address a lease may name as partner: not unspecified, loopback, multicast or
+/// IPv4 broadcast.
+fn is_unicast(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v) => {
+            !(v.is_unspecified() || v.is_loopback() || v.is_multicast() || v.is_broadcast())
+        }
+        IpAddr::V6(v) => !(v.is_unspecified() || v.is_loopback() || v.is_multicast()),
+    }
+}

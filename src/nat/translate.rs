@@ -1,0 +1,311 @@
+//! The packet path: `translate(packet, now) -> Verdict`.
+//!
+//! Direction comes from the addresses: a source in a served prefix goes out (source
+//! real → virtual), a destination in a pool comes in (destination virtual → real), both at once
+//! is a hairpin (RFC 4787 REQ-9: the other host sees our virtual address as source). Every
+//! rewrite updates the IPv4 header checksum and the transport checksum incrementally with the
+//! lease's precomputed delta (RFC 1624); ICMP errors get their embedded packet translated the
+//! other way (RFC 5508 REQ-3..5) and their ICMP checksum recomputed after verification.
+
+use super::{Direction, DropReason, Filtering, Origin, Translator, Verdict, NEVER};
+use crate::wire::{
+    self, addr_delta, checksum, ipv4, protocol, read_u16, write_addr, write_u16, Datagram, Delta,
+    Fragment, Transport,
+};
+use std::net::IpAddr;
+use std::time::Instant;
+
+/// Offset of an ICMP error's embedded packet from the start of the ICMP header.
+const ICMP_EMBEDDED: usize = 8;
+
+impl Translator {
+    /// Translates one packet in place.
+    ///
+    /// `Forward`: the buffer now holds the rewritten packet (same length). `Drop`: counted.
+    /// `Reply`: counted as a drop, and the returned bytes are an ICMP error for the sender.
+    pub fn translate<'a>(&'a mut self, packet: &mut [u8], now: Instant) -> Verdict<'a> {
+        let now_ms = self.ms(now);
+        match self.route(packet, now_ms) {
+            Ok(dir) => {
+                match dir {
+                    Direction::Outbound => self.counters.outbound += 1,
+                    Direction::Inbound => self.counters.inbound += 1,
+                    Direction::Hairpin => self.counters.hairpinned += 1,
+                }
+                Verdict::Forward(dir)
+            }
+            Err(reason) => {
+                self.counters.drops[reason as usize] += 1;
+                if reason.wants_reply() {
+                    if let Some(n) = self.build_reply(packet, now_ms) {
+                        return Verdict::Reply(reason, &self.reply_buf[..n]);
+                    }
+                }
+                Verdict::Drop(reason)
+            }
+        }
+    }
+
+    fn route(&mut self, pkt: &mut [u8], now: u64) -> Result<Direction, DropReason> {
+        let d = wire::parse(pkt)?;
+        let to_pool = self.pool.contains(d.dst);
+        if self.lan.contains(d.src) {
+            if self.lan.contains(d.dst) {
+                return Err(DropReason::NotOurs);
+            }
+            let virt = self.outbound(pkt, &d, now)?;
+            if to_pool {
+                self.inbound(pkt, &Datagram { src: virt, ..d }, now)?;
+                return Ok(Direction::Hairpin);
+            }
+            Ok(Direction::Outbound)
+        } else if to_pool {
+            self.inbound(pkt, &d, now)?;
+            Ok(Direction::Inbound)
+        } else {
+            Err(DropReason::NotOurs)
+        }
+    }
+
+    /// Host → partner. Returns the virtual source written.
+    fn outbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<IpAddr, DropReason> {
+        match d.transport {
+            Transport::IcmpError { .. } => return self.outbound_error(pkt, d),
+            Transport::IcmpOther => return Err(DropReason::IcmpUnsupported),
+            Transport::Other => return Err(DropReason::UnsupportedProtocol),
+            _ => {}
+        }
+        if !super::is_unicast(d.dst) {
+            return Err(DropReason::NotOurs);
+        }
+        let li = match self.leases.find_out(d.src, d.dst) {
+            Some(i) => i,
+            None => {
+                let idle = now.saturating_add(self.lease_idle_ms);
+                self.create_lease(d.src, d.dst, None, Origin::Implicit, now, idle)?
+            }
+        };
+        if let Some(k) = FlowKey::of(d, true) {
+            self.track(li, k, true, now)?;
+        }
+        let l = self.leases.get(li).ok_or(DropReason::NoLease)?;
+        let (virt, delta) = (l.virt, l.delta);
+        rewrite(pkt, d, d.src_offset(), virt, delta);
+        Ok(virt)
+    }
+
+    /// Partner → host.
+    fn inbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<(), DropReason> {
+        match d.transport {
+            Transport::IcmpError { .. } => return self.inbound_error(pkt, d),
+            Transport::IcmpOther => return Err(DropReason::IcmpUnsupported),
+            Transport::Other => return Err(DropReason::UnsupportedProtocol),
+            _ => {}
+        }
+        let li = match self.leases.find_in(d.dst, d.src) {
+            Some(i) => i,
+            None => self.admit(d.dst, d.src, now)?,
+        };
+        if let Some(k) = FlowKey::of(d, false) {
+            self.track(li, k, false, now)?;
+        }
+        let l = self.leases.get(li).ok_or(DropReason::NoLease)?;
+        let (real, delta) = (l.real, l.delta.negate());
+        rewrite(pkt, d, d.dst_offset(), real, delta);
+        Ok(())
+    }
+
+    /// A sender that is not a partner of `virt`: refused under `partner` filtering; under
+    /// `any`, given a lease of its own to the host behind `virt` (when exactly one host is).
+    fn admit(&mut self, virt: IpAddr, sender: IpAddr, now: u64) -> Result<u32, DropReason> {
+        let held = self.leases.on_virtual(virt).next().is_some();
+        let refused = if held { DropReason::Filtered } else { DropReason::NoLease };
+        if self.config.filtering == Filtering::Partner {
+            return Err(refused);
+        }
+        let host = self.leases.sole_host(virt).ok_or(refused)?;
+        if self.leases.find_out(host, sender).is_some() {
+            // The host already reaches this sender under another virtual address; letting
+            // this one in would give the two directions different addresses.
+            return Err(DropReason::Filtered);
+        }
+        let idle = now.saturating_add(self.lease_idle_ms);
+        self.create_lease(host, sender, Some(virt), Origin::Implicit, now, idle)
+    }
+
+    /// Finds or creates the flow and refreshes its timer.
+    #[inline]
+    fn track(&mut self, li: u32, k: FlowKey, outbound: bool, now: u64) -> Result<(), DropReason> {
+        let fi = match self.flows.find(li, k.proto, k.host_port, k.partner_port) {
+            Some(fi) => fi,
+            None => {
+                let lease = self.leases.get_mut(li).ok_or(DropReason::NoLease)?;
+                let (fi, _) = self.flows.insert(li, lease, k.proto, k.host_port, k.partner_port)?;
+                if lease.origin == Origin::Implicit {
+                    lease.expires = NEVER;
+                }
+                self.counters.flows_created += 1;
+                fi
+            }
+        };
+        let f = self.flows.get_mut(fi).ok_or(DropReason::NoLease)?;
+        let expires = now.saturating_add(f.touch(k.flags, outbound, &self.flow_timeouts));
+        f.expires = expires;
+        if expires < f.scheduled {
+            f.scheduled = expires;
+            let generation = self.flows.slab.generation(fi);
+            self.push_timer(expires, super::TimerKind::Flow, fi, generation);
+        }
+        Ok(())
+    }
+
+    /// An ICMP error from a host about a packet it got from a partner: the embedded packet's
+    /// destination (the host) becomes the virtual address the partner knows, and so does the
+    /// outer source. Never creates or refreshes state (RFC 5508 REQ-6).
+    fn outbound_error(&mut self, pkt: &mut [u8], d: &Datagram) -> Result<IpAddr, DropReason> {
+        let e = self.embedded(pkt, d)?;
+        if e.src != d.dst {
+            return Err(DropReason::IcmpErrorMalformed);
+        }
+        let li = self.leases.find_out(e.dst, e.src).ok_or(DropReason::IcmpErrorNoLease)?;
+        let l = self.leases.get(li).ok_or(DropReason::IcmpErrorNoLease)?;
+        let (virt, delta) = (l.virt, l.delta);
+        let base = d.l4 + ICMP_EMBEDDED;
+        rewrite_embedded(pkt, base, &e, e.dst_offset(), virt, delta);
+        let outer = if d.src == e.dst { delta } else { addr_delta(d.src, virt) };
+        rewrite_ip_only(pkt, d, d.src_offset(), virt, outer);
+        fill_icmp_checksum(pkt, d);
+        self.counters.icmp_errors_translated += 1;
+        Ok(virt)
+    }
+
+    /// An ICMP error (from the partner or any router on the way) about a packet a host sent
+    /// under a virtual address: the embedded source and the outer destination go back to the
+    /// host's real address. No filtering on the outer source: the embedded packet must match a
+    /// lease (RFC 5508 REQ-4).
+    fn inbound_error(&mut self, pkt: &mut [u8], d: &Datagram) -> Result<(), DropReason> {
+        let e = self.embedded(pkt, d)?;
+        if e.src != d.dst {
+            return Err(DropReason::IcmpErrorMalformed);
+        }
+        let li = self.leases.find_in(e.src, e.dst).ok_or(DropReason::IcmpErrorNoLease)?;
+        let l = self.leases.get(li).ok_or(DropReason::IcmpErrorNoLease)?;
+        let (real, delta) = (l.real, l.delta.negate());
+        let base = d.l4 + ICMP_EMBEDDED;
+        rewrite_embedded(pkt, base, &e, e.src_offset(), real, delta);
+        rewrite_ip_only(pkt, d, d.dst_offset(), real, delta);
+        fill_icmp_checksum(pkt, d);
+        self.counters.icmp_errors_translated += 1;
+        Ok(())
+    }
+
+    /// Checks an ICMP error and parses its embedded packet.
+    fn embedded(&self, pkt: &[u8], d: &Datagram) -> Result<Datagram, DropReason> {
+        if d.fragment != Fragment::Whole {
+            return Err(DropReason::IcmpErrorMalformed);
+        }
+        if icmp_sum(pkt, d) != 0xffff {
+            return Err(DropReason::IcmpBadChecksum);
+        }
+        let inner = pkt.get(d.l4 + ICMP_EMBEDDED..d.len).ok_or(DropReason::IcmpErrorMalformed)?;
+        let e = wire::parse_embedded(inner).map_err(|_| DropReason::IcmpErrorMalformed)?;
+        if e.is_v4() != d.is_v4() || matches!(e.transport, Transport::IcmpError { .. }) {
+            return Err(DropReason::IcmpErrorMalformed);
+        }
+        Ok(e)
+    }
+}
+
+/// What identifies a flow within its lease.
+#[derive(Debug, Clone, Copy)]
+struct FlowKey {
+    proto: u8,
+    host_port: u16,
+    partner_port: u16,
+    flags: u8,
+}
+
+impl FlowKey {
+    #[inline]
+    fn of(d: &Datagram, outbound: bool) -> Option<FlowKey> {
+        let (proto, src, dst, flags) = match d.transport {
+            Transport::Tcp { src_port, dst_port, flags } => (d.protocol, src_port, dst_port, flags),
+            Transport::Udp { src_port, dst_port } => (d.protocol, src_port, dst_port, 0),
+            Transport::Echo { ident, .. } => {
+                return Some(FlowKey { proto: d.protocol, host_port: ident, partner_port: 0, flags: 0 })
+            }
+            _ => return None,
+        };
+        let (host_port, partner_port) = if outbound { (src, dst) } else { (dst, src) };
+        Some(FlowKey { proto, host_port, partner_port, flags })
+    }
+}
+
+/// Writes `new` at address field `at` and updates the IPv4 header checksum and the transport
+/// checksum (when this datagram carries one that covers the addresses).
+#[inline]
+fn rewrite(pkt: &mut [u8], d: &Datagram, at: usize, new: IpAddr, delta: Delta) {
+    rewrite_ip_only(pkt, d, at, new, delta);
+    if let Some(c) = d.pseudo_checksum_offset() {
+        update_l4_checksum(pkt, c, d.protocol, delta);
+    }
+}
+
+/// Writes `new` at address field `at` and updates the IPv4 header checksum only.
+#[inline]
+fn rewrite_ip_only(pkt: &mut [u8], d: &Datagram, at: usize, new: IpAddr, delta: Delta) {
+    write_addr(pkt, at, new);
+    if d.is_v4() {
+        let c = read_u16(pkt, ipv4::CHECKSUM_OFFSET);
+        write_u16(pkt, ipv4::CHECKSUM_OFFSET, delta.apply(c));
+    }
+}
+
+#[inline]
+fn update_l4_checksum(pkt: &mut [u8], at: usize, proto: u8, delta: Delta) {
+    let old = read_u16(pkt, at);
+    let new = if proto == protocol::UDP { delta.apply_udp(old) } else { delta.apply(old) };
+    write_u16(pkt, at, new);
+}
+
+/// Rewrites an address of the packet embedded at `base`: its IPv4 header checksum and, when
+/// quoted, its transport checksum follow.
+fn rewrite_embedded(pkt: &mut [u8], base: usize, e: &Datagram, at: usize, new: IpAddr, delta: Delta) {
+    write_addr(pkt, base + at, new);
+    if e.is_v4() {
+        let c = read_u16(pkt, base + ipv4::CHECKSUM_OFFSET);
+        write_u16(pkt, base + ipv4::CHECKSUM_OFFSET, delta.apply(c));
+    }
+    if let Some(c) = e.pseudo_checksum_offset() {
+        if c + 2 <= e.len {
+            update_l4_checksum(pkt, base + c, e.protocol, delta);
+        }
+    }
+}
+
+/// The folded one's-complement sum over an ICMP message (with the ICMPv6 pseudo-header, from
+/// the addresses now in the packet): 0xffff when the checksum is right.
+fn icmp_sum(pkt: &[u8], d: &Datagram) -> u16 {
+    let msg = &pkt[d.l4..d.len];
+    checksum::fold(checksum::sum(msg, icmp_pseudo(pkt, d, msg.len())))
+}
+
+fn icmp_pseudo(pkt: &[u8], d: &Datagram, len: usize) -> u64 {
+    if d.is_v4() {
+        return 0;
+    }
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&pkt[wire::ipv6::SRC_OFFSET..wire::ipv6::SRC_OFFSET + 16]);
+    dst.copy_from_slice(&pkt[wire::ipv6::DST_OFFSET..wire::ipv6::DST_OFFSET + 16]);
+    checksum::pseudo_header_v6(&src, &dst, protocol::ICMPV6, len as u32)
+}
+
+/// Recomputes the ICMP checksum of a (verified, then rewritten) error message.
+fn fill_icmp_checksum(pkt: &mut [u8], d: &Datagram) {
+    let at = d.l4 + wire::IcmpPacket::<&[u8]>::CHECKSUM_OFFSET;
+    write_u16(pkt, at, 0);
+    let len = d.len - d.l4;
+    let c = checksum::checksum(&pkt[d.l4..d.len], icmp_pseudo(pkt, d, len));
+    write_u16(pkt, at, c);
+}

@@ -1,0 +1,441 @@
+//! Zero-copy views over IP packets, and the Internet checksum.
+//!
+//! One file per protocol (`ipv4`, `ipv6`, `transport` for TCP/UDP/ICMP), each with a
+//! `Packet<T: AsRef<[u8]>>`-style view whose accessors never panic once `new_checked`
+//! returned `Ok`. On top of them, [`parse`] validates a whole datagram in one pass and returns
+//! a small [`Datagram`] descriptor (addresses, offsets, ports, fragment position) that the
+//! translator works from without parsing again. [`parse_embedded`] does the same for the
+//! truncated packet quoted inside an ICMP error.
+//!
+//! Nothing here allocates, and nothing here knows about leases or devices.
+
+pub mod checksum;
+pub mod ipv4;
+pub mod ipv6;
+pub mod transport;
+
+pub use checksum::Delta;
+pub use transport::{icmpv4, icmpv6, protocol, tcp_flags, IcmpPacket, TcpPacket, UdpPacket};
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Why bytes are not a packet we can translate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum Error {
+    /// Fewer bytes than a header or length field requires.
+    #[error("packet truncated")]
+    Truncated,
+    /// The IP version nibble is neither 4 nor 6 (or not the one expected).
+    #[error("bad IP version")]
+    BadVersion,
+    /// IHL below 5, or a total length smaller than the header.
+    #[error("bad IP header or total length")]
+    BadHeaderLength,
+    /// TCP data offset out of range, or a UDP length field that disagrees with the datagram.
+    #[error("bad transport header")]
+    BadTransportHeader,
+    /// An IPv6 extension header in the wrong place or repeated.
+    #[error("bad IPv6 extension header")]
+    BadExtensionHeader,
+    /// More IPv6 extension headers than we walk.
+    #[error("IPv6 extension header chain too long")]
+    ExtensionChainTooLong,
+    /// An IPv6 routing header with segments left: the destination is not final.
+    #[error("IPv6 routing header with segments left")]
+    RoutingHeader,
+}
+
+/// Shorthand for results of this module.
+pub type Result<T> = core::result::Result<T, Error>;
+
+/// The position of a datagram in a fragmented original.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented.
+    Whole,
+    /// The first fragment: it carries the transport header.
+    First,
+    /// A later fragment: no transport header, only payload bytes.
+    Later,
+}
+
+/// The transport-layer facts the translator needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP, with its ports and flags byte.
+    Tcp {
+        /// Source port.
+        src_port: u16,
+        /// Destination port.
+        dst_port: u16,
+        /// Flags byte (FIN, SYN, RST, ACK, ...).
+        flags: u8,
+    },
+    /// UDP, with its ports.
+    Udp {
+        /// Source port.
+        src_port: u16,
+        /// Destination port.
+        dst_port: u16,
+    },
+    /// ICMP or ICMPv6 echo request or reply.
+    Echo {
+        /// Echo identifier.
+        ident: u16,
+        /// True for a reply.
+        reply: bool,
+    },
+    /// An ICMP or ICMPv6 error carrying an embedded packet after its 8-byte header.
+    IcmpError {
+        /// Message type.
+        msg_type: u8,
+        /// Message code.
+        code: u8,
+    },
+    /// An ICMP message type the translator does not forward (RFC 5508 REQ-11).
+    IcmpOther,
+    /// A later fragment: the transport header is in the first fragment.
+    Fragment,
+    /// A protocol the translator does not handle.
+    Other,
+}
+
+/// A validated datagram: everything the translator reads, with byte offsets for what it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Datagram {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// The upper-layer protocol number (after IPv6 extension headers).
+    pub protocol: u8,
+    /// Byte offset of the upper-layer header (of the payload, for a later fragment).
+    pub l4: usize,
+    /// Length of the datagram: the IP length field, or the bytes quoted for an embedded packet.
+    pub len: usize,
+    /// Position in a fragmented original.
+    pub fragment: Fragment,
+    /// What the transport header says.
+    pub transport: Transport,
+}
+
+impl Datagram {
+    /// True for IPv4.
+    pub fn is_v4(&self) -> bool {
+        self.src.is_ipv4()
+    }
+
+    /// Byte offset of the source address field.
+    pub fn src_offset(&self) -> usize {
+        if self.is_v4() {
+            ipv4::SRC_OFFSET
+        } else {
+            ipv6::SRC_OFFSET
+        }
+    }
+
+    /// Byte offset of the destination address field.
+    pub fn dst_offset(&self) -> usize {
+        if self.is_v4() {
+            ipv4::DST_OFFSET
+        } else {
+            ipv6::DST_OFFSET
+        }
+    }
+
+    /// Byte offset of the transport checksum that covers the addresses (TCP, UDP, ICMPv6),
+    /// when this datagram carries the transport header. ICMPv4 has no pseudo-header.
+    pub fn pseudo_checksum_offset(&self) -> Option<usize> {
+        if self.fragment == Fragment::Later {
+            return None;
+        }
+        let at = match self.protocol {
+            protocol::TCP => self.l4 + TcpPacket::<&[u8]>::CHECKSUM_OFFSET,
+            protocol::UDP => self.l4 + UdpPacket::<&[u8]>::CHECKSUM_OFFSET,
+            protocol::ICMPV6 => self.l4 + IcmpPacket::<&[u8]>::CHECKSUM_OFFSET,
+            _ => return None,
+        };
+        Some(at)
+    }
+}
+
+/// Validates a whole datagram (IPv4 or IPv6) and describes it.
+///
+/// Strict: every length field must agree with the bytes, the transport header must be complete
+/// in an unfragmented datagram or a first fragment. Bytes after the IP length are ignored.
+pub fn parse(buf: &[u8]) -> Result<Datagram> {
+    parse_inner(buf, false)
+}
+
+/// Describes the packet quoted inside an ICMP error: the IP header must be complete, the rest
+/// may be cut short (RFC 792 quotes the header and 8 bytes; RFC 4443 as much as fits).
+pub fn parse_embedded(buf: &[u8]) -> Result<Datagram> {
+    parse_inner(buf, true)
+}
+
+fn parse_inner(buf: &[u8], embedded: bool) -> Result<Datagram> {
+    let first = *buf.first().ok_or(Error::Truncated)?;
+    match first >> 4 {
+        4 => parse_v4(buf, embedded),
+        6 => parse_v6(buf, embedded),
+        _ => Err(Error::BadVersion),
+    }
+}
+
+fn parse_v4(buf: &[u8], embedded: bool) -> Result<Datagram> {
+    let p = ipv4::Packet::new_unchecked(buf);
+    let (hl, len) = if embedded {
+        if buf.len() < ipv4::MIN_HEADER_LEN {
+            return Err(Error::Truncated);
+        }
+        let hl = p.header_len();
+        if hl < ipv4::MIN_HEADER_LEN || usize::from(p.total_len()) < hl {
+            return Err(Error::BadHeaderLength);
+        }
+        if hl > buf.len() {
+            return Err(Error::Truncated);
+        }
+        (hl, buf.len().min(usize::from(p.total_len())))
+    } else {
+        p.check_len()?;
+        (p.header_len(), usize::from(p.total_len()))
+    };
+    let fragment = match (p.frag_offset(), p.more_frags()) {
+        (0, false) => Fragment::Whole,
+        (0, true) => Fragment::First,
+        _ => Fragment::Later,
+    };
+    let src = IpAddr::V4(p.src_addr());
+    let dst = IpAddr::V4(p.dst_addr());
+    finish(buf, src, dst, p.protocol(), hl, len, fragment, embedded)
+}
+
+fn parse_v6(buf: &[u8], embedded: bool) -> Result<Datagram> {
+    let p = ipv6::Packet::new_unchecked(buf);
+    let len = if embedded {
+        if buf.len() < ipv6::HEADER_LEN {
+            return Err(Error::Truncated);
+        }
+        buf.len().min(p.total_len())
+    } else {
+        p.check_len()?;
+        p.total_len()
+    };
+    let up = ipv6::walk_extensions(&buf[..len], p.next_header(), ipv6::HEADER_LEN)?;
+    if up.routing_pending {
+        return Err(Error::RoutingHeader);
+    }
+    let fragment = match (up.frag_offset, up.more_frags) {
+        (None, _) | (Some(0), false) => Fragment::Whole,
+        (Some(0), true) => Fragment::First,
+        _ => Fragment::Later,
+    };
+    let src = IpAddr::V6(p.src_addr());
+    let dst = IpAddr::V6(p.dst_addr());
+    finish(buf, src, dst, up.protocol, up.offset, len, fragment, embedded)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    buf: &[u8],
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: u8,
+    l4: usize,
+    len: usize,
+    fragment: Fragment,
+    embedded: bool,
+) -> Result<Datagram> {
+    let transport = if fragment == Fragment::Later {
+        Transport::Fragment
+    } else {
+        transport(&buf[l4..len], protocol, src.is_ipv4(), fragment, embedded)?
+    };
+    Ok(Datagram { src, dst, protocol, l4, len, fragment, transport })
+}
+
+fn transport(
+    seg: &[u8],
+    proto: u8,
+    v4: bool,
+    fragment: Fragment,
+    embedded: bool,
+) -> Result<Transport> {
+    // An embedded packet only needs its ports / identifier (the first 8 bytes, RFC 792).
+    match proto {
+        protocol::TCP if embedded => {
+            let h = seg.get(..8).ok_or(Error::Truncated)?;
+            Ok(Transport::Tcp {
+                src_port: u16::from_be_bytes([h[0], h[1]]),
+                dst_port: u16::from_be_bytes([h[2], h[3]]),
+                flags: seg.get(13).copied().unwrap_or(0),
+            })
+        }
+        protocol::TCP => {
+            let t = TcpPacket::new_checked(seg)?;
+            Ok(Transport::Tcp { src_port: t.src_port(), dst_port: t.dst_port(), flags: t.flags() })
+        }
+        protocol::UDP => {
+            let u = UdpPacket::new_checked(seg)?;
+            if !embedded && fragment == Fragment::Whole {
+                let l = usize::from(u.len_field());
+                if l < UdpPacket::<&[u8]>::HEADER_LEN || l > seg.len() {
+                    return Err(Error::BadTransportHeader);
+                }
+            }
+            Ok(Transport::Udp { src_port: u.src_port(), dst_port: u.dst_port() })
+        }
+        protocol::ICMP if v4 => Ok(icmp(IcmpPacket::new_checked(seg)?, true)),
+        protocol::ICMPV6 if !v4 => Ok(icmp(IcmpPacket::new_checked(seg)?, false)),
+        _ => Ok(Transport::Other),
+    }
+}
+
+fn icmp(i: IcmpPacket<&[u8]>, v4: bool) -> Transport {
+    let t = i.msg_type();
+    let (echo_req, echo_rep) =
+        if v4 { (icmpv4::ECHO_REQUEST, icmpv4::ECHO_REPLY) } else { (icmpv6::ECHO_REQUEST, icmpv6::ECHO_REPLY) };
+    let is_error = if v4 {
+        matches!(t, icmpv4::DEST_UNREACHABLE | icmpv4::TIME_EXCEEDED | icmpv4::PARAMETER_PROBLEM)
+    } else {
+        matches!(
+            t,
+            icmpv6::DEST_UNREACHABLE
+                | icmpv6::PACKET_TOO_BIG
+                | icmpv6::TIME_EXCEEDED
+                | icmpv6::PARAMETER_PROBLEM
+        )
+    };
+    if t == echo_req || t == echo_rep {
+        Transport::Echo { ident: i.echo_ident(), reply: t == echo_rep }
+    } else if is_error {
+        Transport::IcmpError { msg_type: t, code: i.code() }
+    } else {
+        Transport::IcmpOther
+    }
+}
+
+/// The address bytes of `a` (4 or 16 of them) as a slice of `buf`'s storage.
+pub fn addr_octets(a: &IpAddr, buf: &mut [u8; 16]) -> usize {
+    match a {
+        IpAddr::V4(v4) => {
+            buf[..4].copy_from_slice(&v4.octets());
+            4
+        }
+        IpAddr::V6(v6) => {
+            buf.copy_from_slice(&v6.octets());
+            16
+        }
+    }
+}
+
+/// The checksum delta of replacing address `old` by `new` (same family).
+pub fn addr_delta(old: IpAddr, new: IpAddr) -> Delta {
+    match (old, new) {
+        (IpAddr::V4(o), IpAddr::V4(n)) => Delta::new(&o.octets(), &n.octets()),
+        (IpAddr::V6(o), IpAddr::V6(n)) => Delta::new(&o.octets(), &n.octets()),
+        _ => Delta::default(),
+    }
+}
+
+/// Writes `a` at `at` in `buf` (4 or 16 bytes).
+pub fn write_addr(buf: &mut [u8], at: usize, a: IpAddr) {
+    match a {
+        IpAddr::V4(v4) => buf[at..at + 4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => buf[at..at + 16].copy_from_slice(&v6.octets()),
+    }
+}
+
+/// Reads a 16-bit big-endian field.
+pub fn read_u16(buf: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([buf[at], buf[at + 1]])
+}
+
+/// Writes a 16-bit big-endian field.
+pub fn write_u16(buf: &mut [u8], at: usize, v: u16) {
+    buf[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+/// The unspecified address of the same family as `a`.
+pub fn unspecified_like(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // IPv4 192.0.2.10 -> 203.0.113.5, TCP 40000 -> 443, SYN, no options, checksums not set.
+    static TCP4: [u8; 40] = [
+        0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0, 192, 0, 2, 10, 203, 0, 113, 5, 0x9c, 0x40,
+        0x01, 0xbb, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
+    ];
+
+    #[test]
+    fn parses_tcp_v4() {
+        let d = parse(&TCP4).unwrap();
+        assert_eq!(d.src, IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)));
+        assert_eq!(d.dst, IpAddr::V4(Ipv4Addr::new(203, 0, 113, 5)));
+        assert_eq!(d.l4, 20);
+        assert_eq!(d.len, 40);
+        assert_eq!(d.fragment, Fragment::Whole);
+        assert_eq!(d.transport, Transport::Tcp { src_port: 40000, dst_port: 443, flags: 0x02 });
+        assert_eq!(d.pseudo_checksum_offset(), Some(36));
+    }
+
+    #[test]
+    fn later_fragment_has_no_transport() {
+        let mut b = TCP4;
+        b[6] = 0x00;
+        b[7] = 0x03; // offset 24 bytes
+        let d = parse(&b).unwrap();
+        assert_eq!(d.fragment, Fragment::Later);
+        assert_eq!(d.transport, Transport::Fragment);
+        assert_eq!(d.pseudo_checksum_offset(), None);
+    }
+
+    #[test]
+    fn first_fragment_needs_whole_transport_header() {
+        let mut b = TCP4;
+        b[6] = 0x20; // MF
+        let d = parse(&b).unwrap();
+        assert_eq!(d.fragment, Fragment::First);
+        // A tiny first fragment (RFC 1858) that cuts the TCP header.
+        b[3] = 30;
+        assert_eq!(parse(&b[..30]).unwrap_err(), Error::Truncated);
+    }
+
+    #[test]
+    fn embedded_may_be_truncated() {
+        assert!(parse(&TCP4[..28]).is_err());
+        let d = parse_embedded(&TCP4[..28]).unwrap();
+        assert_eq!(d.len, 28);
+        assert_eq!(d.transport, Transport::Tcp { src_port: 40000, dst_port: 443, flags: 0 });
+        assert_eq!(parse_embedded(&TCP4[..24]).unwrap_err(), Error::Truncated);
+    }
+
+    #[test]
+    fn unknown_protocol_is_other() {
+        let mut b = TCP4;
+        b[9] = 47; // GRE
+        assert_eq!(parse(&b).unwrap().transport, Transport::Other);
+    }
+
+    #[test]
+    fn bad_udp_length() {
+        let mut b = TCP4;
+        b[9] = 17;
+        b[24] = 0;
+        b[25] = 100; // UDP length 100 > 20 bytes of payload
+        assert_eq!(parse(&b).unwrap_err(), Error::BadTransportHeader);
+    }
+
+    #[test]
+    fn empty_and_bad_version() {
+        assert_eq!(parse(&[]).unwrap_err(), Error::Truncated);
+        assert_eq!(parse(&[0x50; 40]).unwrap_err(), Error::BadVersion);
+    }
+}
