@@ -77,7 +77,8 @@ impl FlowEntry {
         use tcp_state::*;
         match self.proto {
             protocol::TCP => {
-                let closed = self.tcp & RST != 0 || self.tcp & (OUT_FIN | IN_FIN) == OUT_FIN | IN_FIN;
+                let closed =
+                    self.tcp & RST != 0 || self.tcp & (OUT_FIN | IN_FIN) == OUT_FIN | IN_FIN;
                 if closed && flags & tcp_flags::SYN != 0 {
                     // The 4-tuple is being reused by a new connection.
                     self.tcp = 0;
@@ -182,7 +183,8 @@ impl FlowTable {
         let h = self.hash(lease_idx, proto, host_port, partner_port);
         let (slab, hasher) = (&self.slab, &self.hasher);
         self.index.insert_unique(h, i, |&j| {
-            slab.get(j).map_or(0, |f| flow_hash(hasher, f.lease, f.proto, f.host_port, f.partner_port))
+            slab.get(j)
+                .map_or(0, |f| flow_hash(hasher, f.lease, f.proto, f.host_port, f.partner_port))
         });
         Ok((i, generation))
     }

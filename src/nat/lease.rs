@@ -178,10 +178,12 @@ impl LeaseTable {
         let (i, _) = self.slab.insert(entry).map_err(|_| DropReason::LeaseTableFull)?;
         let (slab, hs) = (&self.slab, &self.hasher);
         let key2 = |f: fn(&LeaseEntry) -> (IpAddr, IpAddr)| {
-            move |&j: &u32| slab.get(j).map_or(0, |l| {
-                let (a, b) = f(l);
-                h2(hs, a, b)
-            })
+            move |&j: &u32| {
+                slab.get(j).map_or(0, |l| {
+                    let (a, b) = f(l);
+                    h2(hs, a, b)
+                })
+            }
         };
         self.out.insert_unique(h2(hs, real, partner), i, key2(|l| (l.real, l.partner)));
         self.inb.insert_unique(h2(hs, virt, partner), i, key2(|l| (l.virt, l.partner)));
@@ -192,7 +194,13 @@ impl LeaseTable {
     }
 
     /// Removes lease `i` from the slab and every index, and quarantines its address.
-    pub fn remove(&mut self, i: u32, now: u64, quarantine_ms: u64, mapping: Mapping) -> Option<LeaseEntry> {
+    pub fn remove(
+        &mut self,
+        i: u32,
+        now: u64,
+        quarantine_ms: u64,
+        mapping: Mapping,
+    ) -> Option<LeaseEntry> {
         let l = self.slab.get(i)?.clone();
         let hs = &self.hasher;
         for (table, h) in [
@@ -243,7 +251,8 @@ impl LeaseTable {
                     return self.get(i).map(|l| l.virt).ok_or(DropReason::PoolExhausted);
                 }
                 let free = |v: IpAddr| {
-                    self.on_virtual(v).next().is_none() && !self.quarantine.blocks(v, None, real, now)
+                    self.on_virtual(v).next().is_none()
+                        && !self.quarantine.blocks(v, None, real, now)
                 };
                 if let Some(v) = self.quarantine.previous(real, None, now) {
                     if free(v) {
@@ -343,7 +352,8 @@ impl Quarantine {
     /// True when `virt` is quarantined against `partner` (or against everyone) for a host
     /// other than `real`.
     pub fn blocks(&self, virt: IpAddr, partner: Option<IpAddr>, real: IpAddr, now: u64) -> bool {
-        let hit = |k| matches!(self.by_virtual.get(&k), Some(&(r, until)) if r != real && until > now);
+        let hit =
+            |k| matches!(self.by_virtual.get(&k), Some(&(r, until)) if r != real && until > now);
         hit((virt, None)) || (partner.is_some() && hit((virt, partner)))
     }
 

@@ -179,7 +179,9 @@ impl Config {
                 return Err(ConfigError::TimeoutBelowFloor { name, floor });
             }
         }
-        if self.max_leases == 0 || self.max_flows == 0 || self.max_leases > u32::MAX as usize / 2
+        if self.max_leases == 0
+            || self.max_flows == 0
+            || self.max_leases > u32::MAX as usize / 2
             || self.max_flows > u32::MAX as usize / 2
         {
             return Err(ConfigError::Capacity);
@@ -666,12 +668,12 @@ impl Translator {
             self.push_event(LeaseEvent::Updated(view.clone()));
             return Ok(view);
         }
-        let i = self
-            .create_lease(real, partner, None, Origin::Explicit, now_ms, until)
-            .map_err(|r| match r {
+        let i = self.create_lease(real, partner, None, Origin::Explicit, now_ms, until).map_err(
+            |r| match r {
                 DropReason::LeaseTableFull => LeaseError::TableFull,
                 _ => LeaseError::PoolExhausted,
-            })?;
+            },
+        )?;
         self.lease_view(i).ok_or(LeaseError::NoSuchLease)
     }
 
@@ -798,12 +800,19 @@ impl Translator {
             }
             return;
         }
-        let li = f.lease;
+        let (li, ended) = (f.lease, f.expires);
         let Some(lease) = self.leases.get_mut(li) else { return };
         self.flows.remove(i, lease);
         self.counters.flows_ended += 1;
+        // The idle time counts from when the last flow ended, not from when we noticed.
+        self.idle_lease(li, ended);
+    }
+
+    /// Starts the idle countdown of an implicit lease that has no flow left.
+    pub(crate) fn idle_lease(&mut self, li: u32, since: u64) {
+        let Some(lease) = self.leases.get_mut(li) else { return };
         if lease.flows == 0 && lease.origin == Origin::Implicit {
-            let e = now.saturating_add(self.lease_idle_ms);
+            let e = since.saturating_add(self.lease_idle_ms);
             lease.expires = e;
             self.schedule_lease(li, e);
         }
@@ -917,3 +926,9 @@ fn is_unicast(a: IpAddr) -> bool {
         IpAddr::V6(v) => !(v.is_unspecified() || v.is_loopback() || v.is_multicast()),
     }
 }
+
+#[cfg(test)]
+#[rustfmt::skip]
+mod vectors;
+#[cfg(test)]
+mod tests;

@@ -102,7 +102,11 @@ impl Pool {
                 }),
                 IpNet::V6(n) => v6.push(Range {
                     start: u128::from(n.network()),
-                    size: if n.prefix_len() == 0 { u128::MAX } else { 1u128 << (128 - n.prefix_len()) },
+                    size: if n.prefix_len() == 0 {
+                        u128::MAX
+                    } else {
+                        1u128 << (128 - n.prefix_len())
+                    },
                     prefix_len: n.prefix_len(),
                 }),
             }
@@ -170,7 +174,15 @@ impl Pool {
     pub fn candidates<'a, R: RngCore>(&'a self, v4: bool, rng: &'a mut R) -> Candidates<'a, R> {
         let total = self.span(v4);
         let scan = total.min(SCAN_LIMIT);
-        Candidates { pool: self, v4, rng, total, probes: RANDOM_PROBES, scan_left: scan, cursor: None }
+        Candidates {
+            pool: self,
+            v4,
+            rng,
+            total,
+            probes: RANDOM_PROBES,
+            scan_left: scan,
+            cursor: None,
+        }
     }
 
     fn nth(&self, v4: bool, mut i: u128) -> IpAddr {

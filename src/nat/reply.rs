@@ -55,8 +55,12 @@ impl Translator {
                 buf[head..head + quote].copy_from_slice(&pkt[..quote]);
                 let len = ICMP_HEADER + quote;
                 ipv6::emit_header(buf, src, host, protocol::ICMPV6, len, 64);
-                let pseudo =
-                    checksum::pseudo_header_v6(&src.octets(), &host.octets(), protocol::ICMPV6, len as u32);
+                let pseudo = checksum::pseudo_header_v6(
+                    &src.octets(),
+                    &host.octets(),
+                    protocol::ICMPV6,
+                    len as u32,
+                );
                 let icmp = &mut buf[ipv6::HEADER_LEN..head + quote];
                 icmp[..ICMP_HEADER].fill(0);
                 icmp[0] = icmpv6::DEST_UNREACHABLE;

@@ -78,14 +78,15 @@ impl Translator {
         if !super::is_unicast(d.dst) {
             return Err(DropReason::NotOurs);
         }
+        let key = FlowKey::of(d, true);
         let li = match self.leases.find_out(d.src, d.dst) {
             Some(i) => i,
             None => {
-                let idle = now.saturating_add(self.lease_idle_ms);
-                self.create_lease(d.src, d.dst, None, Origin::Implicit, now, idle)?
+                let expires = self.implicit_expiry(key.is_some(), now);
+                self.create_lease(d.src, d.dst, None, Origin::Implicit, now, expires)?
             }
         };
-        if let Some(k) = FlowKey::of(d, true) {
+        if let Some(k) = key {
             self.track(li, k, true, now)?;
         }
         let l = self.leases.get(li).ok_or(DropReason::NoLease)?;
@@ -102,11 +103,12 @@ impl Translator {
             Transport::Other => return Err(DropReason::UnsupportedProtocol),
             _ => {}
         }
+        let key = FlowKey::of(d, false);
         let li = match self.leases.find_in(d.dst, d.src) {
             Some(i) => i,
-            None => self.admit(d.dst, d.src, now)?,
+            None => self.admit(d.dst, d.src, key.is_some(), now)?,
         };
-        if let Some(k) = FlowKey::of(d, false) {
+        if let Some(k) = key {
             self.track(li, k, false, now)?;
         }
         let l = self.leases.get(li).ok_or(DropReason::NoLease)?;
@@ -117,7 +119,13 @@ impl Translator {
 
     /// A sender that is not a partner of `virt`: refused under `partner` filtering; under
     /// `any`, given a lease of its own to the host behind `virt` (when exactly one host is).
-    fn admit(&mut self, virt: IpAddr, sender: IpAddr, now: u64) -> Result<u32, DropReason> {
+    fn admit(
+        &mut self,
+        virt: IpAddr,
+        sender: IpAddr,
+        with_flow: bool,
+        now: u64,
+    ) -> Result<u32, DropReason> {
         let held = self.leases.on_virtual(virt).next().is_some();
         let refused = if held { DropReason::Filtered } else { DropReason::NoLease };
         if self.config.filtering == Filtering::Partner {
@@ -129,8 +137,18 @@ impl Translator {
             // this one in would give the two directions different addresses.
             return Err(DropReason::Filtered);
         }
-        let idle = now.saturating_add(self.lease_idle_ms);
-        self.create_lease(host, sender, Some(virt), Origin::Implicit, now, idle)
+        let expires = self.implicit_expiry(with_flow, now);
+        self.create_lease(host, sender, Some(virt), Origin::Implicit, now, expires)
+    }
+
+    /// The expiry of a new implicit lease: none while the flow about to be made lives, else
+    /// the idle time (a later fragment that arrived first has no flow yet).
+    fn implicit_expiry(&self, with_flow: bool, now: u64) -> u64 {
+        if with_flow {
+            NEVER
+        } else {
+            now.saturating_add(self.lease_idle_ms)
+        }
     }
 
     /// Finds or creates the flow and refreshes its timer.
@@ -140,7 +158,15 @@ impl Translator {
             Some(fi) => fi,
             None => {
                 let lease = self.leases.get_mut(li).ok_or(DropReason::NoLease)?;
-                let (fi, _) = self.flows.insert(li, lease, k.proto, k.host_port, k.partner_port)?;
+                let inserted = self.flows.insert(li, lease, k.proto, k.host_port, k.partner_port);
+                let (fi, _) = match inserted {
+                    Ok(f) => f,
+                    Err(e) => {
+                        // A lease made for this packet must not outlive it without a flow.
+                        self.idle_lease(li, now);
+                        return Err(e);
+                    }
+                };
                 if lease.origin == Origin::Implicit {
                     lease.expires = NEVER;
                 }
@@ -232,7 +258,12 @@ impl FlowKey {
             Transport::Tcp { src_port, dst_port, flags } => (d.protocol, src_port, dst_port, flags),
             Transport::Udp { src_port, dst_port } => (d.protocol, src_port, dst_port, 0),
             Transport::Echo { ident, .. } => {
-                return Some(FlowKey { proto: d.protocol, host_port: ident, partner_port: 0, flags: 0 })
+                return Some(FlowKey {
+                    proto: d.protocol,
+                    host_port: ident,
+                    partner_port: 0,
+                    flags: 0,
+                })
             }
             _ => return None,
         };
@@ -270,7 +301,14 @@ fn update_l4_checksum(pkt: &mut [u8], at: usize, proto: u8, delta: Delta) {
 
 /// Rewrites an address of the packet embedded at `base`: its IPv4 header checksum and, when
 /// quoted, its transport checksum follow.
-fn rewrite_embedded(pkt: &mut [u8], base: usize, e: &Datagram, at: usize, new: IpAddr, delta: Delta) {
+fn rewrite_embedded(
+    pkt: &mut [u8],
+    base: usize,
+    e: &Datagram,
+    at: usize,
+    new: IpAddr,
+    delta: Delta,
+) {
     write_addr(pkt, base + at, new);
     if e.is_v4() {
         let c = read_u16(pkt, base + ipv4::CHECKSUM_OFFSET);

@@ -293,8 +293,11 @@ fn transport(
 
 fn icmp(i: IcmpPacket<&[u8]>, v4: bool) -> Transport {
     let t = i.msg_type();
-    let (echo_req, echo_rep) =
-        if v4 { (icmpv4::ECHO_REQUEST, icmpv4::ECHO_REPLY) } else { (icmpv6::ECHO_REQUEST, icmpv6::ECHO_REPLY) };
+    let (echo_req, echo_rep) = if v4 {
+        (icmpv4::ECHO_REQUEST, icmpv4::ECHO_REPLY)
+    } else {
+        (icmpv6::ECHO_REQUEST, icmpv6::ECHO_REPLY)
+    };
     let is_error = if v4 {
         matches!(t, icmpv4::DEST_UNREACHABLE | icmpv4::TIME_EXCEEDED | icmpv4::PARAMETER_PROBLEM)
     } else {
