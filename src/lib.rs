@@ -11,5 +11,8 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod config;
+pub mod control;
+pub mod gateway;
 pub mod nat;
 pub mod wire;

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every test of vipgate: installs what the tests need (Debian packages), checks
+# formatting and lints, then runs the unit, property, integration (network namespace) and
+# doc tests, and the benches once in test mode. Run as root: the namespace tests create
+# network namespaces and TUN devices, and fail (never skip) without them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the tests use: ip (namespaces, veth, routes), ping, a packet capture.
+need=()
+for pkg in iproute2 iputils-ping tcpdump; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    echo "test.sh: installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "test.sh: run as root: the gateway tests need network namespaces and /dev/net/tun" >&2
+    exit 1
+fi
+
+# The byte-literal vectors must match their generator (an independent oracle).
+python3 tests/vectors/gen_packets.py | diff -q - src/nat/vectors.rs >/dev/null || {
+    echo "test.sh: src/nat/vectors.rs differs from tests/vectors/gen_packets.py output" >&2
+    exit 1
+}
+
+cargo fmt --check
+cargo clippy --all-targets --quiet -- -D warnings
+cargo test --all-targets
+cargo test --doc

@@ -1,0 +1,368 @@
+//! The gateway's configuration: command-line flags and a TOML file with the same keys.
+//!
+//! One struct, [`GatewaySettings`], is both the clap flag set and the file schema: every flag
+//! `--some-key` is the file key `some-key` and vice versa. Flags override the file; what
+//! neither gives takes the embedded default. [`GatewaySettings::resolve`] checks everything
+//! and turns it into a [`GatewayConfig`], or says in one sentence what is wrong.
+
+use crate::nat::{self, Filtering, Mapping, Timeouts};
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default TUN device name.
+pub const DEFAULT_TUN: &str = "vip0";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/vipgate";
+/// Default control socket.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/vipgate/control.sock";
+/// Default routing table of the gateway's routes.
+pub const DEFAULT_ROUTE_TABLE: u32 = 7443;
+/// Default priority of the first of the gateway's policy rules.
+pub const DEFAULT_RULE_PRIORITY: u32 = 7443;
+
+/// `--mapping` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MappingArg {
+    /// A different virtual address per partner (partners cannot correlate a host).
+    PerPartner,
+    /// One virtual address per host for all partners (what hole punching needs).
+    PerHost,
+}
+
+/// `--filtering` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FilteringArg {
+    /// Only a lease's partners may send to its virtual address.
+    Partner,
+    /// Anyone may (a new sender gets its own lease to the host).
+    Any,
+}
+
+/// Every setting of `vipgate gateway`, as flags and as TOML keys.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct GatewaySettings {
+    /// Real (served) prefix: hosts in it go out under virtual addresses. Repeatable.
+    /// Required (flag or file).
+    #[arg(long = "lan", value_name = "PREFIX")]
+    #[serde(default)]
+    pub lan: Vec<IpNet>,
+
+    /// Pool prefix the virtual addresses come from (IPv4 and/or IPv6). Repeatable. Required.
+    #[arg(long = "pool", value_name = "PREFIX")]
+    #[serde(default)]
+    pub pool: Vec<IpNet>,
+
+    /// Pool addresses never handed out. Repeatable.
+    #[arg(long = "exclude", value_name = "PREFIX")]
+    #[serde(default)]
+    pub exclude: Vec<IpNet>,
+
+    /// TUN device to create [default: vip0].
+    #[arg(long, value_name = "NAME")]
+    pub tun: Option<String>,
+
+    /// How a host's virtual address is chosen [default: per-partner].
+    #[arg(long, value_enum)]
+    pub mapping: Option<MappingArg>,
+
+    /// Who may send to a virtual address [default: partner].
+    #[arg(long, value_enum)]
+    pub filtering: Option<FilteringArg>,
+
+    /// Seconds an implicit lease outlives its last flow [default: 0].
+    #[arg(long, value_name = "SECS")]
+    pub lease_idle: Option<u64>,
+
+    /// Seconds a released address is held back from other hosts (RFC 6888 REQ-8)
+    /// [default: 120].
+    #[arg(long, value_name = "SECS")]
+    pub quarantine: Option<u64>,
+
+    /// UDP idle timeout in seconds, at least 120 (RFC 4787 REQ-5) [default: 300].
+    #[arg(long, value_name = "SECS")]
+    pub udp_timeout: Option<u64>,
+
+    /// Established TCP idle timeout in seconds, at least 7440 (RFC 5382 REQ-5)
+    /// [default: 7440].
+    #[arg(long, value_name = "SECS")]
+    pub tcp_established_timeout: Option<u64>,
+
+    /// Opening/closing TCP idle timeout in seconds, at least 240 [default: 240].
+    #[arg(long, value_name = "SECS")]
+    pub tcp_transitory_timeout: Option<u64>,
+
+    /// ICMP echo idle timeout in seconds, at least 60 (RFC 5508 REQ-2) [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub icmp_timeout: Option<u64>,
+
+    /// Most leases at once; more are refused with ICMP 3/13, never evicted [default: 65536].
+    #[arg(long, value_name = "N")]
+    pub max_leases: Option<usize>,
+
+    /// Most flows at once [default: 1048576].
+    #[arg(long, value_name = "N")]
+    pub max_flows: Option<usize>,
+
+    /// Source address of the ICMP errors the gateway sends [default: 192.0.0.8, RFC 7600].
+    #[arg(long, value_name = "ADDR")]
+    pub icmp_source_v4: Option<Ipv4Addr>,
+
+    /// Source address of the ICMPv6 errors the gateway sends [default: the first address
+    /// of the first IPv6 pool, which is never handed out].
+    #[arg(long, value_name = "ADDR")]
+    pub icmp_source_v6: Option<Ipv6Addr>,
+
+    /// Directory of the gateway's durable state [default: /var/lib/vipgate].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Unix socket for `vipgate leases` and `vipgate stats` (mode 0600)
+    /// [default: /run/vipgate/control.sock].
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
+    /// Serve Prometheus metrics over HTTP on this address, e.g. 127.0.0.1:9477
+    /// [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Routing table for the gateway's routes [default: 7443].
+    #[arg(long, value_name = "N")]
+    pub route_table: Option<u32>,
+
+    /// Priority of the first of the gateway's policy rules; it uses this and the next 3
+    /// [default: 7443].
+    #[arg(long, value_name = "N")]
+    pub rule_priority: Option<u32>,
+
+    /// error, warn, info, debug or trace [default: info].
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// The checked gateway configuration.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// The translator's configuration.
+    pub nat: nat::Config,
+    /// TUN device name.
+    pub tun: String,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Control socket path.
+    pub control_socket: PathBuf,
+    /// Metrics listen address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Routing table.
+    pub route_table: u32,
+    /// First rule priority.
+    pub rule_priority: u32,
+    /// Log level.
+    pub log_level: log::LevelFilter,
+}
+
+impl GatewaySettings {
+    /// Reads a TOML file of settings; errors name the file and the line.
+    pub fn from_file(path: &Path) -> Result<GatewaySettings> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            let line = e.span().map(|s| text[..s.start].lines().count().max(1));
+            let msg = e.message().trim_end().to_string();
+            match line {
+                Some(l) => anyhow::anyhow!("{}: line {l}: {msg}", path.display()),
+                None => anyhow::anyhow!("{}: {msg}", path.display()),
+            }
+        })
+    }
+
+    /// `self` (flags) over `file`: a flag given wins; repeatable flags replace the file's list.
+    pub fn over(self, file: GatewaySettings) -> GatewaySettings {
+        fn list<T>(a: Vec<T>, b: Vec<T>) -> Vec<T> {
+            if a.is_empty() {
+                b
+            } else {
+                a
+            }
+        }
+        GatewaySettings {
+            lan: list(self.lan, file.lan),
+            pool: list(self.pool, file.pool),
+            exclude: list(self.exclude, file.exclude),
+            tun: self.tun.or(file.tun),
+            mapping: self.mapping.or(file.mapping),
+            filtering: self.filtering.or(file.filtering),
+            lease_idle: self.lease_idle.or(file.lease_idle),
+            quarantine: self.quarantine.or(file.quarantine),
+            udp_timeout: self.udp_timeout.or(file.udp_timeout),
+            tcp_established_timeout: self.tcp_established_timeout.or(file.tcp_established_timeout),
+            tcp_transitory_timeout: self.tcp_transitory_timeout.or(file.tcp_transitory_timeout),
+            icmp_timeout: self.icmp_timeout.or(file.icmp_timeout),
+            max_leases: self.max_leases.or(file.max_leases),
+            max_flows: self.max_flows.or(file.max_flows),
+            icmp_source_v4: self.icmp_source_v4.or(file.icmp_source_v4),
+            icmp_source_v6: self.icmp_source_v6.or(file.icmp_source_v6),
+            state_dir: self.state_dir.or(file.state_dir),
+            control_socket: self.control_socket.or(file.control_socket),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            route_table: self.route_table.or(file.route_table),
+            rule_priority: self.rule_priority.or(file.rule_priority),
+            log_level: self.log_level.or(file.log_level),
+        }
+    }
+
+    /// Checks the settings and fills in defaults.
+    pub fn resolve(self) -> Result<GatewayConfig> {
+        if self.lan.is_empty() || self.pool.is_empty() {
+            let missing = match (self.lan.is_empty(), self.pool.is_empty()) {
+                (true, true) => "--lan and --pool are",
+                (true, false) => "--lan is",
+                _ => "--pool is",
+            };
+            bail!(
+                "{missing} required: say which real prefixes to serve and which pool to rent \
+                 from, e.g. `vipgate gateway --lan 192.0.2.0/24 --pool 198.18.0.0/24`"
+            );
+        }
+        let mut nat = nat::Config::new(self.lan.clone(), self.pool.clone());
+        nat.exclude = self.exclude.clone();
+        nat.mapping = match self.mapping.unwrap_or(MappingArg::PerPartner) {
+            MappingArg::PerPartner => Mapping::PerPartner,
+            MappingArg::PerHost => Mapping::PerHost,
+        };
+        nat.filtering = match self.filtering.unwrap_or(FilteringArg::Partner) {
+            FilteringArg::Partner => Filtering::Partner,
+            FilteringArg::Any => Filtering::Any,
+        };
+        let d = Timeouts::default();
+        let secs = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_secs);
+        nat.timeouts = Timeouts {
+            udp: secs(self.udp_timeout, d.udp),
+            tcp_established: secs(self.tcp_established_timeout, d.tcp_established),
+            tcp_transitory: secs(self.tcp_transitory_timeout, d.tcp_transitory),
+            icmp_query: secs(self.icmp_timeout, d.icmp_query),
+            lease_idle: secs(self.lease_idle, d.lease_idle),
+            quarantine: secs(self.quarantine, d.quarantine),
+        };
+        if let Some(n) = self.max_leases {
+            nat.max_leases = n;
+        }
+        if let Some(n) = self.max_flows {
+            nat.max_flows = n;
+        }
+        if let Some(a) = self.icmp_source_v4 {
+            nat.icmp_source_v4 = a;
+        }
+        nat.icmp_source_v6 = self.icmp_source_v6.or_else(|| {
+            self.pool.iter().find_map(|p| match p {
+                IpNet::V6(n) => Some(n.network()),
+                IpNet::V4(_) => None,
+            })
+        });
+        if let Some(v6) = nat.icmp_source_v6 {
+            // The pool's first address is never handed out; keep it that way if it was given.
+            nat.exclude.push(IpNet::from(std::net::IpAddr::V6(v6)));
+        }
+        nat.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let tun = self.tun.unwrap_or_else(|| DEFAULT_TUN.to_string());
+        if tun.is_empty() || tun.len() > 15 || tun.contains(['/', ' ']) {
+            bail!(
+                "--tun {tun:?} is not a valid interface name (1 to 15 characters, no '/' or space)"
+            );
+        }
+        let log_level = match self.log_level.as_deref().unwrap_or("info") {
+            l => l.parse().map_err(|_| {
+                anyhow::anyhow!("--log-level {l:?}: use error, warn, info, debug or trace")
+            })?,
+        };
+        Ok(GatewayConfig {
+            nat,
+            tun,
+            state_dir: self.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            control_socket: self.control_socket.unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
+            metrics_listen: self.metrics_listen,
+            route_table: self.route_table.unwrap_or(DEFAULT_ROUTE_TABLE),
+            rule_priority: self.rule_priority.unwrap_or(DEFAULT_RULE_PRIORITY),
+            log_level,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> Result<GatewaySettings> {
+        let dir = std::env::temp_dir().join(format!("vipgate-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(format!("{}.toml", text.len()));
+        std::fs::write(&p, text).unwrap();
+        GatewaySettings::from_file(&p)
+    }
+
+    #[test]
+    fn file_keys_are_flag_names() {
+        let s = file(
+            "lan = [\"192.0.2.0/24\"]\npool = [\"198.18.0.0/24\", \"2001:db8:ff::/64\"]\n\
+             mapping = \"per-host\"\nfiltering = \"any\"\nlease-idle = 30\ntun = \"vg1\"\n\
+             metrics-listen = \"127.0.0.1:9477\"\n",
+        )
+        .unwrap();
+        let c = s.resolve().unwrap();
+        assert_eq!(c.tun, "vg1");
+        assert_eq!(c.nat.mapping, Mapping::PerHost);
+        assert_eq!(c.nat.filtering, Filtering::Any);
+        assert_eq!(c.nat.timeouts.lease_idle, Duration::from_secs(30));
+        assert_eq!(c.nat.icmp_source_v6, Some("2001:db8:ff::".parse().unwrap()));
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9477".parse().unwrap()));
+    }
+
+    #[test]
+    fn unknown_key_names_its_line() {
+        let e = file("lan = [\"192.0.2.0/24\"]\n\npools = [\"198.18.0.0/24\"]\n").unwrap_err();
+        let m = format!("{e:#}");
+        assert!(m.contains("line 3") && m.contains("pools"), "{m}");
+    }
+
+    #[test]
+    fn bad_prefix_names_its_line() {
+        let e = file("lan = [\"192.0.2.0/24\"]\npool = [\"198.18.0.0/33\"]\n").unwrap_err();
+        assert!(format!("{e:#}").contains("line 2"), "{e:#}");
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let f =
+            GatewaySettings { tun: Some("a".into()), lease_idle: Some(5), ..Default::default() };
+        let flags = GatewaySettings { tun: Some("b".into()), ..Default::default() };
+        let m = flags.over(f);
+        assert_eq!((m.tun.as_deref(), m.lease_idle), (Some("b"), Some(5)));
+    }
+
+    #[test]
+    fn required_and_invalid() {
+        let e = GatewaySettings::default().resolve().unwrap_err().to_string();
+        assert!(e.contains("--lan and --pool are required") && e.contains("e.g."), "{e}");
+        let s = GatewaySettings {
+            lan: vec!["192.0.2.0/24".parse().unwrap()],
+            pool: vec!["192.0.2.0/25".parse().unwrap()],
+            ..Default::default()
+        };
+        assert!(s.resolve().unwrap_err().to_string().contains("overlaps"));
+        let s = GatewaySettings {
+            lan: vec!["192.0.2.0/24".parse().unwrap()],
+            pool: vec!["198.18.0.0/24".parse().unwrap()],
+            udp_timeout: Some(30),
+            ..Default::default()
+        };
+        assert!(s.resolve().unwrap_err().to_string().contains("udp timeout below"));
+    }
+}

@@ -1,0 +1,266 @@
+//! The local control socket: one JSON request per line, one JSON reply per line, over a Unix
+//! socket of mode 0600 (only root reaches it). `vipgate leases` and `vipgate stats` are its
+//! clients; the tables it shows are never exposed on a network port.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::IpAddr;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Largest request line accepted.
+pub const MAX_REQUEST: usize = 4096;
+
+/// A request on the control socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// The current leases.
+    Leases,
+    /// Counters and table sizes.
+    Stats,
+}
+
+/// One lease as the control socket shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// The host's real address.
+    pub real: IpAddr,
+    /// The virtual address.
+    #[serde(rename = "virtual")]
+    pub virtual_addr: IpAddr,
+    /// The partner.
+    pub partner: IpAddr,
+    /// "explicit" or "implicit".
+    pub origin: String,
+    /// Creation time, RFC 3339.
+    pub created: String,
+    /// End time, RFC 3339, when known.
+    pub expires: Option<String>,
+    /// Live flows.
+    pub flows: u32,
+}
+
+impl LeaseRecord {
+    /// The record of a translator lease.
+    pub fn of(l: &crate::nat::Lease, now: Instant) -> LeaseRecord {
+        LeaseRecord {
+            real: l.real,
+            virtual_addr: l.virtual_addr,
+            partner: l.partner,
+            origin: match l.origin {
+                crate::nat::Origin::Explicit => "explicit".into(),
+                crate::nat::Origin::Implicit => "implicit".into(),
+            },
+            created: rfc3339(l.created, now),
+            expires: l.expires.map(|e| rfc3339(e, now)),
+            flows: l.flows,
+        }
+    }
+}
+
+/// The wall-clock time of monotonic instant `t`, RFC 3339 (UTC, seconds).
+pub fn rfc3339(t: Instant, now: Instant) -> String {
+    let wall = SystemTime::now();
+    let at = if t <= now { wall - (now - t) } else { wall + (t - now) };
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// Counters and table sizes of a running gateway.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Seconds since start.
+    pub uptime_secs: u64,
+    /// Leases held.
+    pub leases: usize,
+    /// Flows held.
+    pub flows: usize,
+    /// Addresses in quarantine.
+    pub quarantined: usize,
+    /// Packets read from the TUN.
+    pub tun_rx: u64,
+    /// Packets written to the TUN.
+    pub tun_tx: u64,
+    /// Failed TUN writes.
+    pub tun_write_errors: u64,
+    /// Packets forwarded host → partner.
+    pub outbound: u64,
+    /// Packets forwarded partner → host.
+    pub inbound: u64,
+    /// Packets hairpinned host → host.
+    pub hairpinned: u64,
+    /// ICMP errors translated.
+    pub icmp_errors_translated: u64,
+    /// ICMP errors originated (pool exhausted, tables full).
+    pub replies: u64,
+    /// ICMP errors suppressed by the rate limit.
+    pub replies_rate_limited: u64,
+    /// Leases created.
+    pub leases_created: u64,
+    /// Leases ended.
+    pub leases_ended: u64,
+    /// Flows created.
+    pub flows_created: u64,
+    /// Flows ended.
+    pub flows_ended: u64,
+    /// Lease events lost.
+    pub events_lost: u64,
+    /// Drops per reason.
+    pub drops: BTreeMap<String, u64>,
+}
+
+impl Stats {
+    /// Fills the translator's part of the stats.
+    pub fn from_translator(t: &crate::nat::Translator) -> Stats {
+        let c = t.counters();
+        let (leases, flows, quarantined) = t.table_sizes();
+        Stats {
+            leases,
+            flows,
+            quarantined,
+            outbound: c.outbound,
+            inbound: c.inbound,
+            hairpinned: c.hairpinned,
+            icmp_errors_translated: c.icmp_errors_translated,
+            replies: c.replies,
+            replies_rate_limited: c.replies_rate_limited,
+            leases_created: c.leases_created,
+            leases_ended: c.leases_ended,
+            flows_created: c.flows_created,
+            flows_ended: c.flows_ended,
+            events_lost: c.events_lost,
+            drops: crate::nat::DropReason::ALL
+                .iter()
+                .map(|r| (r.as_str().to_string(), c.dropped(*r)))
+                .collect(),
+            ..Stats::default()
+        }
+    }
+
+    /// Prometheus text exposition format (version 0.0.4).
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write as _;
+        let mut o = String::with_capacity(4096);
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(o, "# HELP vipgate_{name} {help}\n# TYPE vipgate_{name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(o, "vipgate_{name}{labels} {v}");
+            }
+        };
+        let out = [
+            ("{direction=\"outbound\"}", self.outbound),
+            ("{direction=\"inbound\"}", self.inbound),
+            ("{direction=\"hairpin\"}", self.hairpinned),
+        ];
+        metric("packets_forwarded_total", "counter", "Packets translated and forwarded.", &out);
+        let drops: Vec<(String, u64)> =
+            self.drops.iter().map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v)).collect();
+        let drops: Vec<(&str, u64)> = drops.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        metric("packets_dropped_total", "counter", "Packets dropped, by reason.", &drops);
+        metric(
+            "icmp_errors_translated_total",
+            "counter",
+            "ICMP errors translated.",
+            &[("", self.icmp_errors_translated)],
+        );
+        metric(
+            "icmp_errors_sent_total",
+            "counter",
+            "ICMP errors originated by the gateway.",
+            &[("", self.replies)],
+        );
+        metric(
+            "icmp_errors_rate_limited_total",
+            "counter",
+            "ICMP errors not sent (rate limit).",
+            &[("", self.replies_rate_limited)],
+        );
+        metric(
+            "tun_packets_read_total",
+            "counter",
+            "Packets read from the TUN device.",
+            &[("", self.tun_rx)],
+        );
+        metric(
+            "tun_packets_written_total",
+            "counter",
+            "Packets written to the TUN device.",
+            &[("", self.tun_tx)],
+        );
+        metric(
+            "tun_write_errors_total",
+            "counter",
+            "Failed writes to the TUN device.",
+            &[("", self.tun_write_errors)],
+        );
+        metric("leases", "gauge", "Leases held.", &[("", self.leases as u64)]);
+        metric("flows", "gauge", "Flows held.", &[("", self.flows as u64)]);
+        metric(
+            "quarantined_addresses",
+            "gauge",
+            "Addresses in quarantine.",
+            &[("", self.quarantined as u64)],
+        );
+        metric("leases_created_total", "counter", "Leases created.", &[("", self.leases_created)]);
+        metric("leases_ended_total", "counter", "Leases ended.", &[("", self.leases_ended)]);
+        metric("flows_created_total", "counter", "Flows created.", &[("", self.flows_created)]);
+        metric("flows_ended_total", "counter", "Flows ended.", &[("", self.flows_ended)]);
+        metric(
+            "uptime_seconds",
+            "gauge",
+            "Seconds since the gateway started.",
+            &[("", self.uptime_secs)],
+        );
+        o
+    }
+}
+
+/// Sends one request to the daemon at `socket` and returns its JSON reply.
+pub fn query(socket: &Path, req: &Request) -> Result<serde_json::Value> {
+    let mut s = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the gateway at {} (is `vipgate gateway` running? see --control-socket)",
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).context("no reply from the gateway")?;
+    let v: serde_json::Value =
+        serde_json::from_str(&reply).context("malformed reply from the gateway")?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        bail!("the gateway refused: {e}");
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format() {
+        assert_eq!(serde_json::to_string(&Request::Leases).unwrap(), r#"{"cmd":"leases"}"#);
+        let r: Request = serde_json::from_str(r#"{"cmd":"stats"}"#).unwrap();
+        assert_eq!(r, Request::Stats);
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"rm -rf"}"#).is_err());
+    }
+
+    #[test]
+    fn prometheus_text() {
+        let mut s = Stats { outbound: 5, leases: 2, ..Stats::default() };
+        s.drops.insert("filtered".into(), 3);
+        let t = s.prometheus();
+        assert!(t.contains("# TYPE vipgate_packets_forwarded_total counter"));
+        assert!(t.contains("vipgate_packets_forwarded_total{direction=\"outbound\"} 5"));
+        assert!(t.contains("vipgate_packets_dropped_total{reason=\"filtered\"} 3"));
+        assert!(t.contains("vipgate_leases 2\n"));
+    }
+}

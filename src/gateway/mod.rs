@@ -1,0 +1,518 @@
+//! `vipgate gateway`: the TUN device, the routing that steers traffic into it, and the
+//! single-threaded mio loop that drives the translator.
+//!
+//! The loop drains the TUN until `WouldBlock` in batches of at most [`BATCH`] packets per
+//! turn, translates each packet in place in one reused buffer and writes it back (no
+//! allocation and no syscall per packet beyond the read and the write), runs expiry at the
+//! translator's next deadline, logs lease creation and deletion (the RFC 6888 §4 mapping log),
+//! and serves the local control socket and the optional metrics endpoint between batches.
+
+pub mod routing;
+pub mod tun;
+
+use crate::config::GatewayConfig;
+use crate::control::{self, LeaseRecord, Request, Stats};
+use crate::nat::{DropReason, LeaseEvent, Origin, Translator, Verdict};
+use anyhow::{Context, Result};
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use routing::Routing;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tun::TunDevice;
+
+/// Most packets handled per turn of the loop before other sources get their turn.
+pub const BATCH: usize = 64;
+const TUN: Token = Token(0);
+const CONTROL: Token = Token(1);
+const METRICS: Token = Token(2);
+const SIGNALS: Token = Token(3);
+const FIRST_CONN: usize = 16;
+const MAX_CONNS: usize = 64;
+const CONN_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_CONN_INPUT: usize = 8192;
+/// How often dropped-packet counts are summarised in the log (bounds log volume).
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs the gateway until SIGINT or SIGTERM; removes what it installed on the way out.
+pub fn run(cfg: GatewayConfig) -> Result<()> {
+    routing::preflight(&cfg.nat.lan, &cfg.nat.pools)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.state_dir)
+        .with_context(|| format!("cannot create state directory {}", cfg.state_dir.display()))?;
+    let control = bind_control(&cfg.control_socket)?;
+    let metrics = match cfg.metrics_listen {
+        Some(a) => Some(
+            TcpListener::bind(a).with_context(|| format!("cannot listen for metrics on {a}"))?,
+        ),
+        None => None,
+    };
+    let routing = Routing {
+        tun: cfg.tun.clone(),
+        table: cfg.route_table,
+        priority: cfg.rule_priority,
+        lan: cfg.nat.lan.clone(),
+        pools: cfg.nat.pools.clone(),
+    };
+    let leftovers = routing.remove()?;
+    if leftovers > 0 {
+        warn!(
+            "removed {leftovers} policy rules left by a previous run (priorities {}..{})",
+            cfg.rule_priority,
+            cfg.rule_priority + routing::RULE_BAND - 1
+        );
+    }
+    let tun = TunDevice::open(&cfg.tun)?;
+    let _cleanup = Cleanup { routing: routing.clone(), socket: cfg.control_socket.clone() };
+    routing.install()?;
+
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .context("cannot read /dev/urandom")?;
+    let start = Instant::now();
+    let nat = Translator::new(cfg.nat.clone(), seed, start).map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let show = |v: &[ipnet::IpNet]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
+    info!(
+        "vipgate gateway {}: TUN {}, serving {} from pool {}",
+        env!("CARGO_PKG_VERSION"),
+        tun.name(),
+        show(&cfg.nat.lan),
+        show(&cfg.nat.pools)
+    );
+    info!(
+        "mapping {:?}, filtering {:?}; up to {} leases and {} flows",
+        cfg.nat.mapping, cfg.nat.filtering, cfg.nat.max_leases, cfg.nat.max_flows
+    );
+    info!(
+        "control socket {}; metrics {}; routing table {}, rule priorities {}..{}",
+        cfg.control_socket.display(),
+        cfg.metrics_listen.map_or("off".to_string(), |a| format!("http://{a}/metrics")),
+        cfg.route_table,
+        cfg.rule_priority,
+        cfg.rule_priority + routing::RULE_BAND - 1
+    );
+
+    let mut gw = Gateway {
+        nat,
+        tun,
+        buf: vec![0u8; 65536].into_boxed_slice(),
+        stats: Stats::default(),
+        start,
+        conns: Vec::new(),
+        last_drops: [0; DropReason::COUNT],
+    };
+    gw.run(control, metrics)?;
+    info!("stopped; removing TUN {}, its routes and rules", cfg.tun);
+    Ok(())
+}
+
+/// Removes the routing and the control socket however the gateway ends.
+struct Cleanup {
+    routing: Routing,
+    socket: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Err(e) = self.routing.remove() {
+            warn!("cleanup: {e:#}");
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn bind_control(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another gateway answers on {}: stop it or give this one another --control-socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+enum ConnStream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl ConnStream {
+    fn source(&mut self) -> &mut dyn mio::event::Source {
+        match self {
+            ConnStream::Unix(s) => s,
+            ConnStream::Tcp(s) => s,
+        }
+    }
+}
+
+impl Read for ConnStream {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            ConnStream::Unix(s) => s.read(b),
+            ConnStream::Tcp(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for ConnStream {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            ConnStream::Unix(s) => s.write(b),
+            ConnStream::Tcp(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A control or metrics connection: one request in, one reply out, then closed.
+struct Conn {
+    stream: ConnStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    written: usize,
+    deadline: Instant,
+    done: bool,
+}
+
+struct Gateway {
+    nat: Translator,
+    tun: TunDevice,
+    buf: Box<[u8]>,
+    stats: Stats,
+    start: Instant,
+    conns: Vec<Option<Conn>>,
+    last_drops: [u64; DropReason::COUNT],
+}
+
+impl Gateway {
+    fn run(&mut self, control: UnixListener, metrics: Option<TcpListener>) -> Result<()> {
+        let mut control = control;
+        let mut metrics = metrics;
+        let mut poll = Poll::new()?;
+        let mut events = Events::with_capacity(256);
+        let fd = self.tun.as_raw_fd();
+        poll.registry().register(&mut SourceFd(&fd), TUN, Interest::READABLE)?;
+        poll.registry().register(&mut control, CONTROL, Interest::READABLE)?;
+        if let Some(m) = metrics.as_mut() {
+            poll.registry().register(m, METRICS, Interest::READABLE)?;
+        }
+        let mut signals = signal_hook_mio::v1_0::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])?;
+        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        info!("ready");
+
+        let mut tun_pending = true;
+        let mut next_report = Instant::now() + REPORT_EVERY;
+        loop {
+            let now = Instant::now();
+            let timeout = if tun_pending {
+                Some(Duration::ZERO)
+            } else {
+                let mut next = next_report;
+                if let Some(t) = self.nat.poll_timeout() {
+                    next = next.min(t);
+                }
+                if let Some(t) = self.conns.iter().flatten().map(|c| c.deadline).min() {
+                    next = next.min(t);
+                }
+                Some(next.saturating_duration_since(now))
+            };
+            match poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).context("poll failed"),
+            }
+            let mut stop = false;
+            for ev in events.iter() {
+                match ev.token() {
+                    TUN => tun_pending = true,
+                    CONTROL => self.accept(&mut poll, |_| {
+                        let (s, _) = control.accept()?;
+                        Ok(ConnStream::Unix(s))
+                    }),
+                    METRICS => {
+                        if let Some(m) = metrics.as_mut() {
+                            self.accept(&mut poll, |_| {
+                                let (s, _) = m.accept()?;
+                                Ok(ConnStream::Tcp(s))
+                            });
+                        }
+                    }
+                    SIGNALS => {
+                        for sig in signals.pending() {
+                            info!("signal {sig}: shutting down");
+                            stop = true;
+                        }
+                    }
+                    Token(t) => self.serve(&mut poll, t - FIRST_CONN),
+                }
+            }
+            let now = Instant::now();
+            if tun_pending {
+                tun_pending = self.drain_tun(now);
+            }
+            if self.nat.poll_timeout().is_some_and(|t| t <= now) {
+                self.nat.handle_timeout(now);
+            }
+            self.log_lease_events(now);
+            self.expire_conns(&mut poll, now);
+            if now >= next_report {
+                self.report_drops();
+                next_report = now + REPORT_EVERY;
+            }
+            if stop {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads, translates and writes back up to [`BATCH`] packets. True when packets may be
+    /// left (the batch filled up before `WouldBlock`).
+    fn drain_tun(&mut self, now: Instant) -> bool {
+        for _ in 0..BATCH {
+            let n = match self.tun.recv(&mut self.buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("TUN read failed: {e}");
+                    return false;
+                }
+            };
+            self.stats.tun_rx += 1;
+            let packet = &mut self.buf[..n];
+            let out: &[u8] = match self.nat.translate(packet, now) {
+                Verdict::Forward(_) => packet,
+                Verdict::Reply(_, reply) => reply,
+                Verdict::Drop(_) => continue,
+            };
+            match self.tun.send(out) {
+                Ok(_) => self.stats.tun_tx += 1,
+                Err(_) => self.stats.tun_write_errors += 1,
+            }
+        }
+        true
+    }
+
+    fn log_lease_events(&mut self, now: Instant) {
+        while let Some(e) = self.nat.poll_event() {
+            let (what, l, why) = match &e {
+                LeaseEvent::Created(l) => ("created", l, None),
+                LeaseEvent::Updated(l) => ("updated", l, None),
+                LeaseEvent::Ended(l, r) => ("ended", l, Some(*r)),
+            };
+            let origin = if l.origin == Origin::Explicit { "explicit" } else { "implicit" };
+            let expires = l.expires.map(|t| control::rfc3339(t, now)).unwrap_or_else(|| "-".into());
+            match why {
+                None => info!(
+                    "lease {what}: real={} virtual={} partner={} origin={origin} expires={expires}",
+                    l.real, l.virtual_addr, l.partner
+                ),
+                Some(r) => info!(
+                    "lease {what}: real={} virtual={} partner={} origin={origin} reason={r:?}",
+                    l.real, l.virtual_addr, l.partner
+                ),
+            }
+        }
+    }
+
+    /// Logs what was dropped since the last report, once per [`REPORT_EVERY`] at most.
+    fn report_drops(&mut self) {
+        let c = self.nat.counters();
+        let mut parts = Vec::new();
+        for r in DropReason::ALL {
+            let d = c.dropped(r) - self.last_drops[r as usize];
+            if d > 0 {
+                parts.push(format!("{}={d}", r.as_str()));
+            }
+            self.last_drops[r as usize] = c.dropped(r);
+        }
+        if !parts.is_empty() {
+            info!("dropped in the last {}s: {}", REPORT_EVERY.as_secs(), parts.join(" "));
+        }
+    }
+
+    fn accept(&mut self, poll: &mut Poll, mut accept: impl FnMut(()) -> io::Result<ConnStream>) {
+        loop {
+            let mut stream = match accept(()) {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    debug!("accept failed: {e}");
+                    return;
+                }
+            };
+            let slot = match self.conns.iter().position(Option::is_none) {
+                Some(i) => i,
+                None if self.conns.len() < MAX_CONNS => {
+                    self.conns.push(None);
+                    self.conns.len() - 1
+                }
+                None => {
+                    debug!("too many control connections; closing a new one");
+                    continue;
+                }
+            };
+            let token = Token(FIRST_CONN + slot);
+            if poll.registry().register(stream.source(), token, Interest::READABLE).is_err() {
+                continue;
+            }
+            self.conns[slot] = Some(Conn {
+                stream,
+                input: Vec::new(),
+                output: Vec::new(),
+                written: 0,
+                deadline: Instant::now() + CONN_TIMEOUT,
+                done: false,
+            });
+        }
+    }
+
+    fn serve(&mut self, poll: &mut Poll, slot: usize) {
+        let Some(Some(mut c)) = self.conns.get_mut(slot).map(Option::take) else { return };
+        let keep = self.progress(&mut c);
+        if keep {
+            let interest =
+                if c.output.is_empty() { Interest::READABLE } else { Interest::WRITABLE };
+            let _ =
+                poll.registry().reregister(c.stream.source(), Token(FIRST_CONN + slot), interest);
+            self.conns[slot] = Some(c);
+        } else {
+            let _ = poll.registry().deregister(c.stream.source());
+        }
+    }
+
+    /// Moves a connection forward; false when it is finished or broken.
+    fn progress(&mut self, c: &mut Conn) -> bool {
+        if c.output.is_empty() {
+            let mut chunk = [0u8; 1024];
+            loop {
+                match c.stream.read(&mut chunk) {
+                    Ok(0) => return false,
+                    Ok(n) => c.input.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return false,
+                }
+                if c.input.len() > MAX_CONN_INPUT {
+                    break;
+                }
+            }
+            match self.respond(c) {
+                Some(out) => c.output = out,
+                None => return c.input.len() <= MAX_CONN_INPUT,
+            }
+        }
+        while c.written < c.output.len() {
+            match c.stream.write(&c.output[c.written..]) {
+                Ok(n) => c.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+        }
+        c.done = true;
+        false
+    }
+
+    /// The reply to a complete request, or `None` while the request is incomplete.
+    fn respond(&mut self, c: &Conn) -> Option<Vec<u8>> {
+        let now = Instant::now();
+        match c.stream {
+            ConnStream::Unix(_) => {
+                let end = c.input.iter().position(|&b| b == b'\n');
+                let line = match end {
+                    Some(i) => &c.input[..i],
+                    None if c.input.len() > control::MAX_REQUEST => {
+                        return Some(error_line("request line too long"))
+                    }
+                    None => return None,
+                };
+                let reply = match serde_json::from_slice::<Request>(line) {
+                    Ok(Request::Leases) => {
+                        let v: Vec<LeaseRecord> =
+                            self.nat.leases().map(|l| LeaseRecord::of(&l, now)).collect();
+                        serde_json::to_vec(&serde_json::json!({ "leases": v }))
+                    }
+                    Ok(Request::Stats) => serde_json::to_vec(&self.stats_now(now)),
+                    Err(e) => return Some(error_line(&format!("bad request: {e}"))),
+                };
+                let mut out = reply.unwrap_or_else(|e| error_line(&e.to_string()));
+                out.push(b'\n');
+                Some(out)
+            }
+            ConnStream::Tcp(_) => {
+                let head_end = c.input.windows(4).position(|w| w == b"\r\n\r\n");
+                if head_end.is_none() && c.input.len() <= MAX_CONN_INPUT {
+                    return None;
+                }
+                let get = c.input.starts_with(b"GET /metrics ") || c.input.starts_with(b"GET / ");
+                let (status, body) = if get {
+                    ("200 OK", self.stats_now(now).prometheus())
+                } else {
+                    ("404 Not Found", "only GET /metrics is served here\n".to_string())
+                };
+                Some(
+                    format!(
+                        "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .into_bytes(),
+                )
+            }
+        }
+    }
+
+    fn stats_now(&self, now: Instant) -> Stats {
+        Stats {
+            uptime_secs: now.saturating_duration_since(self.start).as_secs(),
+            tun_rx: self.stats.tun_rx,
+            tun_tx: self.stats.tun_tx,
+            tun_write_errors: self.stats.tun_write_errors,
+            ..Stats::from_translator(&self.nat)
+        }
+    }
+
+    fn expire_conns(&mut self, poll: &mut Poll, now: Instant) {
+        for slot in self.conns.iter_mut() {
+            if slot.as_ref().is_some_and(|c| c.deadline <= now || c.done) {
+                if let Some(mut c) = slot.take() {
+                    let _ = poll.registry().deregister(c.stream.source());
+                }
+            }
+        }
+    }
+}
+
+fn error_line(msg: &str) -> Vec<u8> {
+    let mut v = serde_json::to_vec(&serde_json::json!({ "error": msg })).unwrap_or_default();
+    v.push(b'\n');
+    v
+}

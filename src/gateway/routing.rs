@@ -1,0 +1,241 @@
+//! What the gateway checks and changes in the kernel: preflight checks that refuse to start
+//! with one clear sentence, and the policy rules and routes that steer traffic into the TUN.
+//!
+//! Everything the gateway installs lives in its own routing table and its own band of four
+//! rule priorities (both configurable), for each address family it serves:
+//!
+//! | priority | rule                       | why                                             |
+//! |----------|----------------------------|-------------------------------------------------|
+//! | P        | `iif TUN lookup main`      | packets the daemon wrote back route normally    |
+//! | P+1      | `to POOL lookup T`         | traffic to virtual addresses (incl. the box's    |
+//! |          |                            | own ICMP errors) goes into the TUN              |
+//! | P+2      | `iif lo lookup main`       | the box's own traffic is never translated       |
+//! | P+3      | `from LAN lookup T`        | hosts' traffic goes into the TUN                |
+//!
+//! Table T holds one route per family: `default dev TUN`. Tear-down deletes exactly the rules
+//! in the band and flushes table T; start-up does the same first, to clear what a crashed run
+//! left behind. Nothing else is touched.
+
+use anyhow::{bail, Context, Result};
+use ipnet::IpNet;
+use std::net::IpAddr;
+use std::process::Command;
+
+/// Number of rule priorities the gateway uses, from the configured first one.
+pub const RULE_BAND: u32 = 4;
+
+/// Runs `ip` with `args`; the error carries its stderr.
+pub fn ip(args: &[&str]) -> Result<String> {
+    let out =
+        Command::new("ip").args(args).output().context("cannot run `ip` (install iproute2)")?;
+    if !out.status.success() {
+        bail!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The address families a set of prefixes spans: "-4", "-6".
+pub fn families(nets: &[IpNet]) -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if nets.iter().any(|n| matches!(n, IpNet::V4(_))) {
+        f.push("-4");
+    }
+    if nets.iter().any(|n| matches!(n, IpNet::V6(_))) {
+        f.push("-6");
+    }
+    f
+}
+
+fn read_sys(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+}
+
+/// Refuses to start, with one sentence saying what to do, when the box cannot run the
+/// gateway as configured.
+pub fn preflight(lan: &[IpNet], pools: &[IpNet]) -> Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_NET_ADMIN: u64 = 1 << 12;
+    if cap_eff & CAP_NET_ADMIN == 0 {
+        bail!("vipgate gateway needs CAP_NET_ADMIN to create the TUN device and its routes: run it as root");
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        bail!("/dev/net/tun is missing: load the tun module (`modprobe tun`) or give the container the device");
+    }
+    let mut all = lan.to_vec();
+    all.extend_from_slice(pools);
+    for fam in families(pools) {
+        let (path, name) = if fam == "-4" {
+            ("/proc/sys/net/ipv4/ip_forward", "net.ipv4.ip_forward")
+        } else {
+            ("/proc/sys/net/ipv6/conf/all/forwarding", "net.ipv6.conf.all.forwarding")
+        };
+        if read_sys(path).as_deref() != Some("1") {
+            bail!(
+                "IP forwarding is off for {}: enable it with `sysctl -w {name}=1`",
+                if fam == "-4" { "IPv4" } else { "IPv6" }
+            );
+        }
+    }
+    if families(pools).contains(&"-4")
+        && read_sys("/proc/sys/net/ipv4/conf/all/rp_filter").as_deref() == Some("1")
+    {
+        bail!(
+            "strict reverse-path filtering (net.ipv4.conf.all.rp_filter=1) would drop the \
+             translated packets coming back from the TUN: set it to 2 (loose) or 0"
+        );
+    }
+    for local in local_addresses()? {
+        if let Some(p) = pools.iter().find(|p| p.contains(&local)) {
+            bail!("pool {p} contains {local}, an address of this box: choose a pool of addresses nobody uses");
+        }
+    }
+    Ok(())
+}
+
+/// Every address configured on the box's interfaces.
+pub fn local_addresses() -> Result<Vec<IpAddr>> {
+    let json = ip(&["-j", "addr", "show"])?;
+    let v: serde_json::Value =
+        serde_json::from_str(&json).context("cannot parse `ip -j addr show`")?;
+    let mut out = Vec::new();
+    for link in v.as_array().into_iter().flatten() {
+        for a in link["addr_info"].as_array().into_iter().flatten() {
+            if let Some(ip) = a["local"].as_str().and_then(|s| s.parse().ok()) {
+                out.push(ip);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The routing state the gateway owns.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// TUN device name.
+    pub tun: String,
+    /// Table number.
+    pub table: u32,
+    /// First rule priority.
+    pub priority: u32,
+    /// Served prefixes.
+    pub lan: Vec<IpNet>,
+    /// Pool prefixes.
+    pub pools: Vec<IpNet>,
+}
+
+impl Routing {
+    fn all_families(&self) -> Vec<&'static str> {
+        let mut all = self.lan.clone();
+        all.extend_from_slice(&self.pools);
+        families(&all)
+    }
+
+    /// Brings the TUN up, disables reverse-path filtering on it, and installs the rules and
+    /// routes. On failure, removes whatever it installed.
+    pub fn install(&self) -> Result<()> {
+        let r = self.try_install();
+        if r.is_err() {
+            let _ = self.remove();
+        }
+        r
+    }
+
+    fn try_install(&self) -> Result<()> {
+        let (tun, t, p) = (self.tun.as_str(), self.table.to_string(), self.priority);
+        if self.all_families().contains(&"-6") {
+            // No link-local address or router solicitations on the TUN.
+            let _ = ip(&["link", "set", "dev", tun, "addrgenmode", "none"]);
+        }
+        ip(&["link", "set", "dev", tun, "up"])?;
+        let rp = format!("/proc/sys/net/ipv4/conf/{tun}/rp_filter");
+        if std::path::Path::new(&rp).exists() {
+            std::fs::write(&rp, "0").with_context(|| format!("cannot write {rp}"))?;
+        }
+        for fam in self.all_families() {
+            let prio = |k: u32| (p + k).to_string();
+            ip(&[fam, "route", "replace", "default", "dev", tun, "table", &t])?;
+            ip(&[fam, "rule", "add", "priority", &prio(0), "iif", tun, "lookup", "main"])?;
+            for pool in self.pools.iter().filter(|n| fam_of(n) == fam) {
+                ip(&[
+                    fam,
+                    "rule",
+                    "add",
+                    "priority",
+                    &prio(1),
+                    "to",
+                    &pool.to_string(),
+                    "lookup",
+                    &t,
+                ])?;
+            }
+            ip(&[fam, "rule", "add", "priority", &prio(2), "iif", "lo", "lookup", "main"])?;
+            for lan in self.lan.iter().filter(|n| fam_of(n) == fam) {
+                ip(&[
+                    fam,
+                    "rule",
+                    "add",
+                    "priority",
+                    &prio(3),
+                    "from",
+                    &lan.to_string(),
+                    "lookup",
+                    &t,
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every rule in the gateway's priority band and flushes its table, for both
+    /// families. Returns how many rules it deleted.
+    pub fn remove(&self) -> Result<usize> {
+        let t = self.table.to_string();
+        let mut deleted = 0;
+        for fam in ["-4", "-6"] {
+            for k in 0..RULE_BAND {
+                let prio = (self.priority + k).to_string();
+                // `ip rule del priority N` deletes one rule at a time.
+                while ip(&[fam, "rule", "del", "priority", &prio]).is_ok() {
+                    deleted += 1;
+                }
+            }
+            // Flushing an empty or unknown table is not an error worth reporting.
+            let _ = ip(&[fam, "route", "flush", "table", &t]);
+        }
+        Ok(deleted)
+    }
+
+    /// True when no rule of the band and no route of the table is left.
+    pub fn is_clean(&self) -> Result<bool> {
+        for fam in ["-4", "-6"] {
+            let rules = ip(&[fam, "rule", "show"])?;
+            let band = self.priority..self.priority + RULE_BAND;
+            if rules.lines().any(|l| {
+                l.split(':')
+                    .next()
+                    .and_then(|n| n.trim().parse::<u32>().ok())
+                    .is_some_and(|n| band.contains(&n))
+            }) {
+                return Ok(false);
+            }
+            let routes =
+                ip(&[fam, "route", "show", "table", &self.table.to_string()]).unwrap_or_default();
+            if !routes.trim().is_empty() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn fam_of(n: &IpNet) -> &'static str {
+    match n {
+        IpNet::V4(_) => "-4",
+        IpNet::V6(_) => "-6",
+    }
+}

@@ -1,0 +1,3 @@
+//! Helpers shared by integration tests. Each helper lives in its own, distinctly named file.
+
+pub mod packets;
