@@ -175,7 +175,7 @@ impl GatewaySettings {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         toml::from_str(&text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start].lines().count().max(1));
+            let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
             let msg = e.message().trim_end().to_string();
             match line {
                 Some(l) => anyhow::anyhow!("{}: line {l}: {msg}", path.display()),
@@ -278,11 +278,10 @@ impl GatewaySettings {
                 "--tun {tun:?} is not a valid interface name (1 to 15 characters, no '/' or space)"
             );
         }
-        let log_level = match self.log_level.as_deref().unwrap_or("info") {
-            l => l.parse().map_err(|_| {
-                anyhow::anyhow!("--log-level {l:?}: use error, warn, info, debug or trace")
-            })?,
-        };
+        let l = self.log_level.as_deref().unwrap_or("info");
+        let log_level = l.parse().map_err(|_| {
+            anyhow::anyhow!("--log-level {l:?}: use error, warn, info, debug or trace")
+        })?;
         Ok(GatewayConfig {
             nat,
             tun,

@@ -86,6 +86,8 @@ pub struct Stats {
     pub tun_tx: u64,
     /// Failed TUN writes.
     pub tun_write_errors: u64,
+    /// Packets not about any lease, written back unchanged (the box's own ICMP).
+    pub passed_through: u64,
     /// Packets forwarded host → partner.
     pub outbound: u64,
     /// Packets forwarded partner → host.
@@ -195,6 +197,12 @@ impl Stats {
             "counter",
             "Failed writes to the TUN device.",
             &[("", self.tun_write_errors)],
+        );
+        metric(
+            "packets_passed_total",
+            "counter",
+            "Packets not about any lease, passed on unchanged.",
+            &[("", self.passed_through)],
         );
         metric("leases", "gauge", "Leases held.", &[("", self.leases as u64)]);
         metric("flows", "gauge", "Flows held.", &[("", self.flows as u64)]);

@@ -28,7 +28,7 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         #[command(flatten)]
-        settings: GatewaySettings,
+        settings: Box<GatewaySettings>,
     },
     /// Show the leases of the running gateway.
     Leases {
@@ -68,7 +68,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(p) => GatewaySettings::from_file(p)?,
                 None => GatewaySettings::default(),
             };
-            let cfg = settings.over(file).resolve()?;
+            let cfg = (*settings).over(file).resolve()?;
             env_logger::Builder::new().filter_level(cfg.log_level).format_target(false).init();
             vipgate::gateway::run(cfg)
         }
@@ -118,6 +118,7 @@ fn run(cli: Cli) -> Result<()> {
                 ("TUN packets read", s.tun_rx),
                 ("TUN packets written", s.tun_tx),
                 ("TUN write errors", s.tun_write_errors),
+                ("passed on unchanged", s.passed_through),
                 ("leases created", s.leases_created),
                 ("leases ended", s.leases_ended),
             ];

@@ -52,9 +52,9 @@ pub struct Params {
 
 impl Params {
     /// The benchmark's trace: 120,000 packets, 15,000 pairs known up front plus about
-    /// 3,600 opened by the trace.
+    /// 3,500 opened by the trace (18,474 pairs, 46,199 flows in all).
     pub const STANDARD: Params = Params {
-        seed: 0x5eed_0f_7ace,
+        seed: 0x5eed_7ace,
         packets: 120_000,
         old_pairs: 15_000,
         new_pair_per_mille: 30,

@@ -89,7 +89,7 @@ pub fn run(cfg: GatewayConfig) -> Result<()> {
         show(&cfg.nat.pools)
     );
     info!(
-        "mapping {:?}, filtering {:?}; up to {} leases and {} flows",
+        "mapping {}, filtering {}; up to {} leases and {} flows",
         cfg.nat.mapping, cfg.nat.filtering, cfg.nat.max_leases, cfg.nat.max_flows
     );
     info!(
@@ -310,6 +310,12 @@ impl Gateway {
             let out: &[u8] = match self.nat.translate(packet, now) {
                 Verdict::Forward(_) => packet,
                 Verdict::Reply(_, reply) => reply,
+                // Untouched and not about any lease (the box's own ICMP, LAN to LAN): it
+                // goes on as it came.
+                Verdict::Drop(DropReason::NotOurs) => {
+                    self.stats.passed_through += 1;
+                    packet
+                }
                 Verdict::Drop(_) => continue,
             };
             match self.tun.send(out) {
@@ -491,13 +497,17 @@ impl Gateway {
     }
 
     fn stats_now(&self, now: Instant) -> Stats {
-        Stats {
+        let mut s = Stats {
             uptime_secs: now.saturating_duration_since(self.start).as_secs(),
             tun_rx: self.stats.tun_rx,
             tun_tx: self.stats.tun_tx,
             tun_write_errors: self.stats.tun_write_errors,
+            passed_through: self.stats.passed_through,
             ..Stats::from_translator(&self.nat)
-        }
+        };
+        // The gateway passes every `not_ours` packet on unchanged: it is not a drop here.
+        s.drops.remove(DropReason::NotOurs.as_str());
+        s
     }
 
     fn expire_conns(&mut self, poll: &mut Poll, now: Instant) {

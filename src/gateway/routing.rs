@@ -1,20 +1,24 @@
 //! What the gateway checks and changes in the kernel: preflight checks that refuse to start
 //! with one clear sentence, and the policy rules and routes that steer traffic into the TUN.
 //!
-//! Everything the gateway installs lives in its own routing table and its own band of four
+//! Everything the gateway installs lives in its own routing table and its own band of five
 //! rule priorities (both configurable), for each address family it serves:
 //!
-//! | priority | rule                       | why                                             |
-//! |----------|----------------------------|-------------------------------------------------|
-//! | P        | `iif TUN lookup main`      | packets the daemon wrote back route normally    |
-//! | P+1      | `to POOL lookup T`         | traffic to virtual addresses (incl. the box's    |
-//! |          |                            | own ICMP errors) goes into the TUN              |
-//! | P+2      | `iif lo lookup main`       | the box's own traffic is never translated       |
-//! | P+3      | `from LAN lookup T`        | hosts' traffic goes into the TUN                |
+//! | priority | rule                          | why                                          |
+//! |----------|-------------------------------|----------------------------------------------|
+//! | P        | `iif TUN lookup main`         | packets the daemon wrote back route normally |
+//! | P+1      | `to POOL lookup T`            | traffic to virtual addresses (the box's own  |
+//! |          |                               | ICMP errors included) goes into the TUN      |
+//! | P+2      | `iif lo ipproto icmp lookup T`| the box's own ICMP passes the translator, so |
+//! |          | (IPv6: `ipv6-icmp`, to global | an error it raises about a translated packet |
+//! |          | unicast 2000::/3 only)        | never shows a host's real address outside    |
+//! | P+3      | `iif lo lookup main`          | the box's other traffic bypasses the TUN     |
+//! | P+4      | `from LAN lookup T`           | hosts' traffic goes into the TUN             |
 //!
-//! Table T holds one route per family: `default dev TUN`. Tear-down deletes exactly the rules
-//! in the band and flushes table T; start-up does the same first, to clear what a crashed run
-//! left behind. Nothing else is touched.
+//! Table T holds one route per family: `default dev TUN`. The box's own ICMP that is not about
+//! a lease comes back out of the translator unchanged (see `DropReason::NotOurs`). Tear-down
+//! deletes exactly the rules in the band and flushes table T; start-up does the same first,
+//! to clear what a crashed run left behind. Nothing else is touched.
 
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
@@ -22,7 +26,7 @@ use std::net::IpAddr;
 use std::process::Command;
 
 /// Number of rule priorities the gateway uses, from the configured first one.
-pub const RULE_BAND: u32 = 4;
+pub const RULE_BAND: u32 = 5;
 
 /// Runs `ip` with `args`; the error carries its stderr.
 pub fn ip(args: &[&str]) -> Result<String> {
@@ -152,40 +156,38 @@ impl Routing {
             let _ = ip(&["link", "set", "dev", tun, "addrgenmode", "none"]);
         }
         ip(&["link", "set", "dev", tun, "up"])?;
-        let rp = format!("/proc/sys/net/ipv4/conf/{tun}/rp_filter");
-        if std::path::Path::new(&rp).exists() {
-            std::fs::write(&rp, "0").with_context(|| format!("cannot write {rp}"))?;
+        // Packets written back carry partners' sources (reverse-path filtering would drop
+        // them) and, for translated ICMP errors the box raised itself, the box's own address
+        // (a "martian" unless accept_local is on).
+        for (knob, value) in [("rp_filter", "0"), ("accept_local", "1")] {
+            let path = format!("/proc/sys/net/ipv4/conf/{tun}/{knob}");
+            if std::path::Path::new(&path).exists() {
+                std::fs::write(&path, value).with_context(|| format!("cannot write {path}"))?;
+            }
         }
         for fam in self.all_families() {
-            let prio = |k: u32| (p + k).to_string();
+            let rule = |k: u32, selector: &[&str], table: &str| -> Result<String> {
+                let prio = (p + k).to_string();
+                let mut args = vec![fam, "rule", "add", "priority", prio.as_str()];
+                args.extend_from_slice(selector);
+                args.extend(["lookup", table]);
+                ip(&args)
+            };
             ip(&[fam, "route", "replace", "default", "dev", tun, "table", &t])?;
-            ip(&[fam, "rule", "add", "priority", &prio(0), "iif", tun, "lookup", "main"])?;
+            rule(0, &["iif", tun], "main")?;
             for pool in self.pools.iter().filter(|n| fam_of(n) == fam) {
-                ip(&[
-                    fam,
-                    "rule",
-                    "add",
-                    "priority",
-                    &prio(1),
-                    "to",
-                    &pool.to_string(),
-                    "lookup",
-                    &t,
-                ])?;
+                rule(1, &["to", &pool.to_string()], &t)?;
             }
-            ip(&[fam, "rule", "add", "priority", &prio(2), "iif", "lo", "lookup", "main"])?;
+            if fam == "-4" {
+                rule(2, &["iif", "lo", "ipproto", "icmp"], &t)?;
+            } else {
+                // Global unicast only: the box's router advertisements and neighbour
+                // discovery stay out of the TUN.
+                rule(2, &["iif", "lo", "ipproto", "ipv6-icmp", "to", "2000::/3"], &t)?;
+            }
+            rule(3, &["iif", "lo"], "main")?;
             for lan in self.lan.iter().filter(|n| fam_of(n) == fam) {
-                ip(&[
-                    fam,
-                    "rule",
-                    "add",
-                    "priority",
-                    &prio(3),
-                    "from",
-                    &lan.to_string(),
-                    "lookup",
-                    &t,
-                ])?;
+                rule(4, &["from", &lan.to_string()], &t)?;
             }
         }
         Ok(())

@@ -63,6 +63,15 @@ pub enum Mapping {
     PerHost,
 }
 
+impl std::fmt::Display for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mapping::PerPartner => "per-partner",
+            Mapping::PerHost => "per-host",
+        })
+    }
+}
+
 /// Who may send to a virtual address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Filtering {
@@ -71,6 +80,15 @@ pub enum Filtering {
     Partner,
     /// Anyone (endpoint-independent filtering); a new sender gets its own lease.
     Any,
+}
+
+impl std::fmt::Display for Filtering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Filtering::Partner => "partner",
+            Filtering::Any => "any",
+        })
+    }
 }
 
 /// Idle timers. The defaults are the RFC floors; [`Config::validate`] refuses lower values.
@@ -248,7 +266,8 @@ pub enum DropReason {
     IcmpErrorMalformed,
     /// An ICMP error whose embedded packet matches no lease (RFC 5508 REQ-4).
     IcmpErrorNoLease,
-    /// Neither from a served prefix nor to a pool address (or LAN to LAN).
+    /// Neither from a served prefix nor to a pool address (or LAN to LAN), or an ICMP error
+    /// about neither. The packet is left untouched: a driver may pass it on unchanged.
     NotOurs,
     /// To a leased virtual address from a sender that is not its partner.
     Filtered,
@@ -510,6 +529,7 @@ pub struct Translator {
     reply_tokens: u32,
     reply_refill_ms: u64,
     reply_buf: Box<[u8; reply::MAX_REPLY]>,
+    hairpin_scratch: Box<[u8]>,
 }
 
 impl Translator {
@@ -535,6 +555,7 @@ impl Translator {
             reply_tokens: config.icmp_rate,
             reply_refill_ms: 0,
             reply_buf: Box::new([0u8; reply::MAX_REPLY]),
+            hairpin_scratch: vec![0u8; 65536].into_boxed_slice(),
             config,
         })
     }

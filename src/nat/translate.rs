@@ -48,17 +48,28 @@ impl Translator {
 
     fn route(&mut self, pkt: &mut [u8], now: u64) -> Result<Direction, DropReason> {
         let d = wire::parse(pkt)?;
+        if let Transport::IcmpError { .. } = d.transport {
+            return self.route_error(pkt, &d);
+        }
         let to_pool = self.pool.contains(d.dst);
         if self.lan.contains(d.src) {
             if self.lan.contains(d.dst) {
                 return Err(DropReason::NotOurs);
             }
-            let virt = self.outbound(pkt, &d, now)?;
-            if to_pool {
-                self.inbound(pkt, &Datagram { src: virt, ..d }, now)?;
-                return Ok(Direction::Hairpin);
+            if !to_pool {
+                self.outbound(pkt, &d, now)?;
+                return Ok(Direction::Outbound);
             }
-            Ok(Direction::Outbound)
+            // Hairpin: if the second leg refuses, the sender must get its packet back as it
+            // sent it (an ICMP error quotes it, and goes to its real address).
+            let saved = &mut self.hairpin_scratch[..d.len];
+            saved.copy_from_slice(&pkt[..d.len]);
+            let virt = self.outbound(pkt, &d, now)?;
+            if let Err(e) = self.inbound(pkt, &Datagram { src: virt, ..d }, now) {
+                pkt[..d.len].copy_from_slice(&self.hairpin_scratch[..d.len]);
+                return Err(e);
+            }
+            Ok(Direction::Hairpin)
         } else if to_pool {
             self.inbound(pkt, &d, now)?;
             Ok(Direction::Inbound)
@@ -67,10 +78,41 @@ impl Translator {
         }
     }
 
+    /// ICMP errors go where their embedded packet says, whoever sent them (a host, a router
+    /// on either side, or the gateway box itself): about a packet that left under a virtual
+    /// address → back to the host; about a packet delivered to a host → out under the
+    /// virtual address its partner knows; both → a hairpin. Never creates or refreshes state
+    /// (RFC 5508 REQ-6).
+    fn route_error(&mut self, pkt: &mut [u8], d: &Datagram) -> Result<Direction, DropReason> {
+        let e = self.embedded(pkt, d)?;
+        if e.src != d.dst {
+            // An error goes back to the sender of the packet it quotes.
+            return Err(DropReason::IcmpErrorMalformed);
+        }
+        match (self.pool.contains(e.src), self.lan.contains(e.dst)) {
+            (true, false) => {
+                self.inbound_error(pkt, d, &e)?;
+                Ok(Direction::Inbound)
+            }
+            (false, true) => {
+                self.outbound_error(pkt, d, &e)?;
+                Ok(Direction::Outbound)
+            }
+            (true, true) => {
+                let virt = self.outbound_error(pkt, d, &e)?;
+                let d2 = Datagram { src: virt, ..*d };
+                let e2 = wire::parse_embedded(&pkt[d.l4 + ICMP_EMBEDDED..d.len])
+                    .map_err(|_| DropReason::IcmpErrorMalformed)?;
+                self.inbound_error(pkt, &d2, &e2)?;
+                Ok(Direction::Hairpin)
+            }
+            (false, false) => Err(DropReason::NotOurs),
+        }
+    }
+
     /// Host → partner. Returns the virtual source written.
     fn outbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<IpAddr, DropReason> {
         match d.transport {
-            Transport::IcmpError { .. } => return self.outbound_error(pkt, d),
             Transport::IcmpOther => return Err(DropReason::IcmpUnsupported),
             Transport::Other => return Err(DropReason::UnsupportedProtocol),
             _ => {}
@@ -98,7 +140,6 @@ impl Translator {
     /// Partner → host.
     fn inbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<(), DropReason> {
         match d.transport {
-            Transport::IcmpError { .. } => return self.inbound_error(pkt, d),
             Transport::IcmpOther => return Err(DropReason::IcmpUnsupported),
             Transport::Other => return Err(DropReason::UnsupportedProtocol),
             _ => {}
@@ -188,18 +229,25 @@ impl Translator {
     /// An ICMP error from a host about a packet it got from a partner: the embedded packet's
     /// destination (the host) becomes the virtual address the partner knows, and so does the
     /// outer source. Never creates or refreshes state (RFC 5508 REQ-6).
-    fn outbound_error(&mut self, pkt: &mut [u8], d: &Datagram) -> Result<IpAddr, DropReason> {
-        let e = self.embedded(pkt, d)?;
-        if e.src != d.dst {
-            return Err(DropReason::IcmpErrorMalformed);
-        }
+    ///
+    /// The outer source is rewritten too when it is a served address (the host, a router in
+    /// the LAN, or the gateway's own LAN address): nothing of the LAN shows outside. Another
+    /// source (the gateway's WAN address) is left: it is a router on the path.
+    fn outbound_error(
+        &mut self,
+        pkt: &mut [u8],
+        d: &Datagram,
+        e: &Datagram,
+    ) -> Result<IpAddr, DropReason> {
         let li = self.leases.find_out(e.dst, e.src).ok_or(DropReason::IcmpErrorNoLease)?;
         let l = self.leases.get(li).ok_or(DropReason::IcmpErrorNoLease)?;
         let (virt, delta) = (l.virt, l.delta);
         let base = d.l4 + ICMP_EMBEDDED;
-        rewrite_embedded(pkt, base, &e, e.dst_offset(), virt, delta);
-        let outer = if d.src == e.dst { delta } else { addr_delta(d.src, virt) };
-        rewrite_ip_only(pkt, d, d.src_offset(), virt, outer);
+        rewrite_embedded(pkt, base, e, e.dst_offset(), virt, delta);
+        if self.lan.contains(d.src) {
+            let outer = if d.src == e.dst { delta } else { addr_delta(d.src, virt) };
+            rewrite_ip_only(pkt, d, d.src_offset(), virt, outer);
+        }
         fill_icmp_checksum(pkt, d);
         self.counters.icmp_errors_translated += 1;
         Ok(virt)
@@ -209,16 +257,17 @@ impl Translator {
     /// under a virtual address: the embedded source and the outer destination go back to the
     /// host's real address. No filtering on the outer source: the embedded packet must match a
     /// lease (RFC 5508 REQ-4).
-    fn inbound_error(&mut self, pkt: &mut [u8], d: &Datagram) -> Result<(), DropReason> {
-        let e = self.embedded(pkt, d)?;
-        if e.src != d.dst {
-            return Err(DropReason::IcmpErrorMalformed);
-        }
+    fn inbound_error(
+        &mut self,
+        pkt: &mut [u8],
+        d: &Datagram,
+        e: &Datagram,
+    ) -> Result<(), DropReason> {
         let li = self.leases.find_in(e.src, e.dst).ok_or(DropReason::IcmpErrorNoLease)?;
         let l = self.leases.get(li).ok_or(DropReason::IcmpErrorNoLease)?;
         let (real, delta) = (l.real, l.delta.negate());
         let base = d.l4 + ICMP_EMBEDDED;
-        rewrite_embedded(pkt, base, &e, e.src_offset(), real, delta);
+        rewrite_embedded(pkt, base, e, e.src_offset(), real, delta);
         rewrite_ip_only(pkt, d, d.dst_offset(), real, delta);
         fill_icmp_checksum(pkt, d);
         self.counters.icmp_errors_translated += 1;

@@ -77,12 +77,6 @@ impl Delta {
         Delta(fold(u64::from(!old) + u64::from(new)))
     }
 
-    /// The delta of both rewrites together.
-    #[must_use]
-    pub fn add(self, other: Delta) -> Delta {
-        Delta(fold(u64::from(self.0) + u64::from(other.0)))
-    }
-
     /// The delta that undoes this one.
     #[must_use]
     pub fn negate(self) -> Delta {
@@ -116,6 +110,15 @@ impl Delta {
     /// True when the rewrite does not change any checksum.
     pub fn is_zero(self) -> bool {
         self.0 == 0 || self.0 == 0xffff
+    }
+}
+
+impl std::ops::Add for Delta {
+    type Output = Delta;
+
+    /// The delta of both rewrites together.
+    fn add(self, other: Delta) -> Delta {
+        Delta(fold(u64::from(self.0) + u64::from(other.0)))
     }
 }
 

@@ -262,7 +262,7 @@ mod tests {
     #[test]
     fn routing_header_with_segments_left() {
         // Fixed header, then routing header type 0 with segments left 1 and one address.
-        let mut b = vec![0u8; 40 + 24 + 8];
+        let mut b = [0u8; 40 + 24 + 8];
         b[0] = 0x60;
         b[5] = 32;
         b[6] = next_header::ROUTING;
@@ -281,7 +281,7 @@ mod tests {
         b[5] = 0x40; // payload length 64 > 24 available
         assert_eq!(Packet::new_checked(&b[..]).unwrap_err(), Error::Truncated);
         // Nine destination-options headers in a row.
-        let mut b = vec![0u8; 40 + 9 * 8 + 8];
+        let mut b = [0u8; 40 + 9 * 8 + 8];
         b[0] = 0x60;
         let pl = (b.len() - 40) as u16;
         b[4..6].copy_from_slice(&pl.to_be_bytes());

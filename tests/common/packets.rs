@@ -12,8 +12,7 @@
 
 use etherparse::{
     IpDscp, IpEcn, IpHeaders, IpNumber, Ipv4Header, Ipv4Options, Ipv6Extensions, Ipv6FlowLabel,
-    Ipv6Header, Ipv6RawExtHeader, NetSlice, PacketBuilder, SlicedPacket, TcpHeader,
-    TransportSlice,
+    Ipv6Header, Ipv6RawExtHeader, NetSlice, PacketBuilder, SlicedPacket, TcpHeader, TransportSlice,
 };
 use proptest::prelude::*;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -223,9 +222,17 @@ pub struct TcpSpec {
 pub enum Kind {
     Tcp(TcpSpec),
     /// `no_checksum`: IPv4 only, the checksum field is 0 ("not computed").
-    Udp { src_port: u16, dst_port: u16, no_checksum: bool },
+    Udp {
+        src_port: u16,
+        dst_port: u16,
+        no_checksum: bool,
+    },
     /// ICMP or ICMPv6 echo.
-    Echo { ident: u16, seq: u16, reply: bool },
+    Echo {
+        ident: u16,
+        seq: u16,
+        reply: bool,
+    },
 }
 
 /// A packet between `host` and `partner`, buildable with any addresses.
@@ -288,7 +295,9 @@ impl Spec {
             Kind::Udp { src_port, dst_port, no_checksum } => {
                 Kind::Udp { src_port: *dst_port, dst_port: *src_port, no_checksum: *no_checksum }
             }
-            Kind::Echo { ident, seq, reply } => Kind::Echo { ident: *ident, seq: *seq, reply: !reply },
+            Kind::Echo { ident, seq, reply } => {
+                Kind::Echo { ident: *ident, seq: *seq, reply: !reply }
+            }
         };
         r
     }
@@ -302,8 +311,8 @@ impl Spec {
     pub fn build(&self, src: IpAddr, dst: IpAddr) -> Vec<u8> {
         let ip = match (src, dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
-                let mut h = Ipv4Header::new(0, self.ttl, IpNumber::UDP, s.octets(), d.octets())
-                    .unwrap();
+                let mut h =
+                    Ipv4Header::new(0, self.ttl, IpNumber::UDP, s.octets(), d.octets()).unwrap();
                 h.identification = self.ident;
                 h.dont_fragment = self.dont_fragment;
                 h.dscp = IpDscp::try_new(self.tos >> 2).unwrap();
@@ -361,12 +370,18 @@ impl Spec {
             }
             Kind::Echo { ident, seq, reply } => {
                 match (src.is_ipv4(), reply) {
-                    (true, false) => b.icmpv4_echo_request(*ident, *seq).write(&mut out, &self.payload),
-                    (true, true) => b.icmpv4_echo_reply(*ident, *seq).write(&mut out, &self.payload),
+                    (true, false) => {
+                        b.icmpv4_echo_request(*ident, *seq).write(&mut out, &self.payload)
+                    }
+                    (true, true) => {
+                        b.icmpv4_echo_reply(*ident, *seq).write(&mut out, &self.payload)
+                    }
                     (false, false) => {
                         b.icmpv6_echo_request(*ident, *seq).write(&mut out, &self.payload)
                     }
-                    (false, true) => b.icmpv6_echo_reply(*ident, *seq).write(&mut out, &self.payload),
+                    (false, true) => {
+                        b.icmpv6_echo_reply(*ident, *seq).write(&mut out, &self.payload)
+                    }
                 }
                 .unwrap();
             }
@@ -384,9 +399,8 @@ pub fn host_v4() -> impl Strategy<Value = IpAddr> {
 }
 
 pub fn host_v6() -> impl Strategy<Value = IpAddr> {
-    any::<[u16; 5]>().prop_map(|w| {
-        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, w[0], w[1], w[2], w[3], w[4]))
-    })
+    any::<[u16; 5]>()
+        .prop_map(|w| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, w[0], w[1], w[2], w[3], w[4])))
 }
 
 pub fn partner_v4() -> impl Strategy<Value = IpAddr> {
@@ -396,9 +410,8 @@ pub fn partner_v4() -> impl Strategy<Value = IpAddr> {
 }
 
 pub fn partner_v6() -> impl Strategy<Value = IpAddr> {
-    any::<[u16; 5]>().prop_map(|w| {
-        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 2, w[0], w[1], w[2], w[3], w[4]))
-    })
+    any::<[u16; 5]>()
+        .prop_map(|w| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 2, w[0], w[1], w[2], w[3], w[4])))
 }
 
 /// Valid TCP option sequences (MSS, SACK-permitted, window scale, timestamps, NOP), padded
@@ -489,12 +502,7 @@ impl Shape {
 }
 
 fn kind(shape: Shape) -> BoxedStrategy<Kind> {
-    let tcp = (
-        any::<(u16, u16, u32, u32)>(),
-        0u16..0x200,
-        any::<(u16, u16)>(),
-        tcp_options(),
-    )
+    let tcp = (any::<(u16, u16, u32, u32)>(), 0u16..0x200, any::<(u16, u16)>(), tcp_options())
         .prop_map(|((src_port, dst_port, seq, ack), flags, (window, urgent), options)| {
             Kind::Tcp(TcpSpec { src_port, dst_port, seq, ack, flags, window, urgent, options })
         });
@@ -535,30 +543,28 @@ pub fn spec(shape: Shape) -> BoxedStrategy<Spec> {
         (1u8..=255, any::<u16>(), any::<bool>(), any::<u8>(), any::<u32>()),
         (extras, ip_options(), v6_option_payload(), v6_option_payload()),
     )
-        .prop_map(
-            |(v6, (h4, h6, p4, p6), mut kind, payload, misc, (extras, ipo, hbh, dst))| {
-                let (ttl, ident, dont_fragment, tos, flow_label) = misc;
-                if v6 {
-                    if let Kind::Udp { no_checksum, .. } = &mut kind {
-                        *no_checksum = false;
-                    }
+        .prop_map(|(v6, (h4, h6, p4, p6), mut kind, payload, misc, (extras, ipo, hbh, dst))| {
+            let (ttl, ident, dont_fragment, tos, flow_label) = misc;
+            if v6 {
+                if let Kind::Udp { no_checksum, .. } = &mut kind {
+                    *no_checksum = false;
                 }
-                Spec {
-                    host: if v6 { h6 } else { h4 },
-                    partner: if v6 { p6 } else { p4 },
-                    kind,
-                    payload,
-                    ttl,
-                    ident,
-                    dont_fragment,
-                    tos,
-                    flow_label,
-                    ip_options: if !v6 && extras != 0 { ipo } else { Vec::new() },
-                    hop_by_hop: (v6 && extras & 1 != 0).then_some(hbh),
-                    dest_opts: (v6 && extras & 2 != 0).then_some(dst),
-                }
-            },
-        )
+            }
+            Spec {
+                host: if v6 { h6 } else { h4 },
+                partner: if v6 { p6 } else { p4 },
+                kind,
+                payload,
+                ttl,
+                ident,
+                dont_fragment,
+                tos,
+                flow_label,
+                ip_options: if !v6 && extras != 0 { ipo } else { Vec::new() },
+                hop_by_hop: (v6 && extras & 1 != 0).then_some(hbh),
+                dest_opts: (v6 && extras & 2 != 0).then_some(dst),
+            }
+        })
         .boxed()
 }
 
@@ -615,7 +621,10 @@ pub fn check_checksums(pkt: &[u8]) -> Result<Checked, String> {
             }
             .unwrap();
             if t.checksum() != want {
-                return Err(format!("TCP checksum {:#06x}, full recomputation {want:#06x}", t.checksum()));
+                return Err(format!(
+                    "TCP checksum {:#06x}, full recomputation {want:#06x}",
+                    t.checksum()
+                ));
             }
             Ok(Checked::AllValid)
         }
@@ -631,14 +640,20 @@ pub fn check_checksums(pkt: &[u8]) -> Result<Checked, String> {
             }
             .unwrap();
             if u.checksum() != want {
-                return Err(format!("UDP checksum {:#06x}, full recomputation {want:#06x}", u.checksum()));
+                return Err(format!(
+                    "UDP checksum {:#06x}, full recomputation {want:#06x}",
+                    u.checksum()
+                ));
             }
             Ok(Checked::AllValid)
         }
         Some(TransportSlice::Icmpv4(i)) => {
             let want = recompute(i.slice(), 2, 0);
             if i.checksum() != want {
-                return Err(format!("ICMP checksum {:#06x}, full recomputation {want:#06x}", i.checksum()));
+                return Err(format!(
+                    "ICMP checksum {:#06x}, full recomputation {want:#06x}",
+                    i.checksum()
+                ));
             }
             Ok(Checked::AllValid)
         }
@@ -721,7 +736,14 @@ pub fn fragment(full: &[u8], l4: usize, off: usize, len: usize, more: bool, id: 
 }
 
 /// An ICMP (IPv4) or ICMPv6 error from `src` to `dst` quoting `quote`, built by etherparse.
-pub fn icmp_error(src: IpAddr, dst: IpAddr, ty: u8, code: u8, rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+pub fn icmp_error(
+    src: IpAddr,
+    dst: IpAddr,
+    ty: u8,
+    code: u8,
+    rest: [u8; 4],
+    quote: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::new();
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 61)
