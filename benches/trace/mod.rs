@@ -15,8 +15,7 @@
 //! checksums), and translates it right away, so the first packet of a pair creates the lease
 //! that its replies are then addressed to. The translator's choices are deterministic (seeded
 //! with [`SEED`]), so a fresh translator prepared the same way ([`open_pairs`] with the same
-//! [`opening_packets`]) picks the same
-//! virtual addresses and accepts the same packets.
+//! [`opening_packets`]) picks the same virtual addresses and accepts the same packets.
 
 use etherparse::PacketBuilder;
 use std::collections::HashSet;
@@ -326,8 +325,8 @@ impl Trace {
         )
     }
 
-    /// Appends one packet of `flow` to `out`. `to` is where an inbound reply goes (the
-    /// pair's virtual address); `opening` makes a TCP packet a SYN.
+    /// Appends one packet of `flow` to `out`: outbound, or with `inbound_to` the partner's
+    /// reply to that address (the pair's virtual address); `opening` makes a TCP packet a SYN.
     fn build(
         &self,
         out: &mut Vec<u8>,
