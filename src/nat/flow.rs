@@ -8,6 +8,7 @@
 
 use super::lease::{LeaseEntry, NIL};
 use super::slab::Slab;
+use super::wheel::{Links, Timed, Wheel};
 use super::{DropReason, Timeouts};
 
 /// The flow timers in milliseconds, computed once from [`Timeouts`].
@@ -63,10 +64,18 @@ pub struct FlowEntry {
     pub partner_port: u16,
     /// Idle deadline (ms since the translator's epoch).
     pub expires: u64,
-    /// Deadline of the timer entry that is current for this flow.
-    pub scheduled: u64,
+    wheel: Links,
     prev: u32,
     next: u32,
+}
+
+impl Timed for FlowEntry {
+    fn links(&mut self) -> &mut Links {
+        &mut self.wheel
+    }
+    fn deadline(&self) -> u64 {
+        self.expires
+    }
 }
 
 impl FlowEntry {
@@ -121,16 +130,39 @@ pub struct FlowTable {
     pub(crate) slab: Slab<FlowEntry>,
     index: HashTable<u32>,
     hasher: FixedState,
+    wheel: Wheel,
 }
 
 impl FlowTable {
-    /// A table for at most `cap` flows, its memory reserved up front.
+    /// A table for at most `cap` flows, its memory reserved up front. The index gets twice
+    /// the room, so churn at full capacity rehashes in place instead of allocating.
     pub fn new(cap: usize, hash_seed: u64) -> FlowTable {
         FlowTable {
             slab: Slab::with_capacity(cap),
-            index: HashTable::with_capacity(cap),
+            index: HashTable::with_capacity(2 * cap),
             hasher: FixedState::with_seed(hash_seed),
+            wheel: Wheel::new(),
         }
+    }
+
+    /// Sets flow `i`'s idle deadline: stored in the entry; the wheel only moves when the
+    /// deadline comes earlier than the slot the flow sits in.
+    #[inline]
+    pub fn set_expires(&mut self, i: u32, expires: u64) {
+        if let Some(f) = self.slab.get_mut(i) {
+            f.expires = expires;
+            self.wheel.advance(&mut self.slab, i, expires);
+        }
+    }
+
+    /// Pushes the flows idle by `now` to `due` (still in the table).
+    pub fn expire(&mut self, now: u64, due: &mut Vec<u32>) {
+        self.wheel.expire(&mut self.slab, now, due);
+    }
+
+    /// The earliest moment a flow may be due.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.wheel.next_deadline()
     }
 
     #[inline]
@@ -169,8 +201,8 @@ impl FlowTable {
             tcp: 0,
             host_port,
             partner_port,
-            expires: 0,
-            scheduled: super::NEVER,
+            expires: super::NEVER,
+            wheel: Links::default(),
             prev: NIL,
             next: lease.flow_head,
         };
@@ -191,6 +223,7 @@ impl FlowTable {
 
     /// Removes flow `i`, unlinking it from `lease` (which must be its owner).
     pub fn remove(&mut self, i: u32, lease: &mut LeaseEntry) -> Option<FlowEntry> {
+        self.wheel.cancel(&mut self.slab, i);
         let f = self.slab.get(i)?.clone();
         let h = self.hash(f.lease, f.proto, f.host_port, f.partner_port);
         if let Ok(e) = self.index.find_entry(h, |&j| j == i) {
@@ -243,7 +276,7 @@ mod tests {
             host_port: 1,
             partner_port: 2,
             expires: 0,
-            scheduled: 0,
+            wheel: Links::default(),
             prev: NIL,
             next: NIL,
         }

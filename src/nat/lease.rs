@@ -10,7 +10,8 @@
 
 use super::pool::Pool;
 use super::slab::Slab;
-use super::{DropReason, Mapping, Origin, NEVER};
+use super::wheel::{Links, Timed, Wheel};
+use super::{DropReason, Mapping, Origin};
 use crate::wire::{addr_delta, Delta};
 use foldhash::fast::FixedState;
 use hashbrown::HashTable;
@@ -39,12 +40,20 @@ pub struct LeaseEntry {
     pub created: u64,
     /// When the lease ends ([`NEVER`] while an implicit lease has flows).
     pub expires: u64,
-    /// Deadline of the timer entry that is current for this lease.
-    pub scheduled: u64,
+    wheel: Links,
     /// Live flows.
     pub flows: u32,
     /// First flow of the lease's intrusive flow list.
     pub flow_head: u32,
+}
+
+impl Timed for LeaseEntry {
+    fn links(&mut self) -> &mut Links {
+        &mut self.wheel
+    }
+    fn deadline(&self) -> u64 {
+        self.expires
+    }
 }
 
 /// The lease table.
@@ -55,6 +64,7 @@ pub struct LeaseTable {
     by_real: HashTable<u32>,
     by_virtual: HashTable<u32>,
     hasher: FixedState,
+    wheel: Wheel,
     pub(crate) quarantine: Quarantine,
 }
 
@@ -67,15 +77,17 @@ fn h1(hasher: &FixedState, a: IpAddr) -> u64 {
 }
 
 impl LeaseTable {
-    /// A table for at most `cap` leases, its memory reserved up front.
+    /// A table for at most `cap` leases, its memory reserved up front. Indexes get twice the
+    /// room, so churn at full capacity rehashes in place instead of allocating.
     pub fn new(cap: usize, hash_seed: u64) -> LeaseTable {
         LeaseTable {
             slab: Slab::with_capacity(cap),
-            out: HashTable::with_capacity(cap),
-            inb: HashTable::with_capacity(cap),
-            by_real: HashTable::with_capacity(cap),
-            by_virtual: HashTable::with_capacity(cap),
+            out: HashTable::with_capacity(2 * cap),
+            inb: HashTable::with_capacity(2 * cap),
+            by_real: HashTable::with_capacity(2 * cap),
+            by_virtual: HashTable::with_capacity(2 * cap),
             hasher: FixedState::with_seed(hash_seed),
+            wheel: Wheel::new(),
             quarantine: Quarantine::new(cap, hash_seed ^ 0x9e37_79b9_7f4a_7c15),
         }
     }
@@ -146,6 +158,24 @@ impl LeaseTable {
         self.slab.get_mut(i)
     }
 
+    /// Sets lease `i`'s end and moves it on the wheel.
+    pub fn set_expires(&mut self, i: u32, expires: u64) {
+        if let Some(l) = self.slab.get_mut(i) {
+            l.expires = expires;
+            self.wheel.schedule(&mut self.slab, i, expires);
+        }
+    }
+
+    /// Pushes the leases ended by `now` to `due` (still in the table).
+    pub fn expire(&mut self, now: u64, due: &mut Vec<u32>) {
+        self.wheel.expire(&mut self.slab, now, due);
+    }
+
+    /// The earliest moment a lease may end.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.wheel.next_deadline()
+    }
+
     /// Number of leases.
     pub fn len(&self) -> usize {
         self.slab.len()
@@ -171,11 +201,12 @@ impl LeaseTable {
             delta: addr_delta(real, virt),
             created: now,
             expires,
-            scheduled: NEVER,
+            wheel: Links::default(),
             flows: 0,
             flow_head: NIL,
         };
         let (i, _) = self.slab.insert(entry).map_err(|_| DropReason::LeaseTableFull)?;
+        self.wheel.schedule(&mut self.slab, i, expires);
         let (slab, hs) = (&self.slab, &self.hasher);
         let key2 = |f: fn(&LeaseEntry) -> (IpAddr, IpAddr)| {
             move |&j: &u32| {
@@ -293,7 +324,8 @@ impl LeaseTable {
         }
     }
 
-    /// Bytes reserved by the table, quarantine included.
+    /// Bytes reserved by the table and its indexes (the quarantine not included: it grows
+    /// with ended leases, see [`Quarantine::allocation_size`]).
     pub fn allocation_size(&self) -> usize {
         self.slab.allocation_size()
             + self.out.allocation_size()
@@ -318,12 +350,15 @@ pub struct Quarantine {
 }
 
 impl Quarantine {
+    /// A quarantine of at most `cap` entries. Its memory grows with use (entries are added
+    /// when leases end, never on the packet path), so an idle quarantine costs little.
     fn new(cap: usize, seed: u64) -> Quarantine {
         let cap = cap.max(16);
+        let initial = cap.min(1024);
         Quarantine {
-            by_virtual: HashMap::with_capacity_and_hasher(cap, FixedState::with_seed(seed)),
-            by_host: HashMap::with_capacity_and_hasher(cap, FixedState::with_seed(seed ^ 1)),
-            fifo: VecDeque::with_capacity(cap),
+            by_virtual: HashMap::with_capacity_and_hasher(initial, FixedState::with_seed(seed)),
+            by_host: HashMap::with_capacity_and_hasher(initial, FixedState::with_seed(seed ^ 1)),
+            fifo: VecDeque::with_capacity(initial),
             cap,
             evicted: 0,
         }

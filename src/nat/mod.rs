@@ -36,6 +36,7 @@ mod pool;
 mod reply;
 mod slab;
 mod translate;
+mod wheel;
 
 pub use flow::tcp_state;
 pub use pool::{Pool, PrefixSet};
@@ -45,8 +46,7 @@ use ipnet::IpNet;
 use lease::LeaseTable;
 use rand_chacha::ChaCha12Rng;
 use rand_core::{RngCore, SeedableRng};
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
@@ -505,12 +505,6 @@ pub enum LeaseError {
     Conflict,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum TimerKind {
-    Lease,
-    Flow,
-}
-
 /// The translator: owns the pools, the lease table and the flow table.
 pub struct Translator {
     config: Config,
@@ -518,7 +512,8 @@ pub struct Translator {
     pool: Pool,
     leases: LeaseTable,
     flows: FlowTable,
-    timers: BinaryHeap<Reverse<(u64, TimerKind, u32, u32)>>,
+    /// Scratch list of due flows / leases for `handle_timeout`.
+    due: Vec<u32>,
     events: VecDeque<LeaseEvent>,
     counters: Counters,
     rng: ChaCha12Rng,
@@ -544,7 +539,7 @@ impl Translator {
             pool: Pool::new(&config.pools, &config.exclude),
             leases: LeaseTable::new(config.max_leases, h1),
             flows: FlowTable::new(config.max_flows, h2),
-            timers: BinaryHeap::with_capacity(config.max_leases + config.max_flows),
+            due: Vec::with_capacity(1024),
             events: VecDeque::with_capacity(config.event_capacity),
             counters: Counters::default(),
             rng,
@@ -683,8 +678,7 @@ impl Translator {
                 Origin::Implicit => until,
             };
             l.origin = Origin::Explicit;
-            l.expires = expires;
-            self.schedule_lease(i, expires);
+            self.leases.set_expires(i, expires);
             let view = self.lease_view(i).ok_or(LeaseError::NoSuchLease)?;
             self.push_event(LeaseEvent::Updated(view.clone()));
             return Ok(view);
@@ -760,8 +754,7 @@ impl Translator {
         let until = self.ms(now).saturating_add(ttl.as_millis() as u64);
         let l = self.leases.get_mut(i).ok_or(LeaseError::NoSuchLease)?;
         l.origin = Origin::Explicit;
-        l.expires = until;
-        self.schedule_lease(i, until);
+        self.leases.set_expires(i, until);
         let view = self.lease_view(i).ok_or(LeaseError::NoSuchLease)?;
         self.push_event(LeaseEvent::Updated(view.clone()));
         Ok(view)
@@ -780,103 +773,52 @@ impl Translator {
         self.events.pop_front()
     }
 
-    /// When [`Translator::handle_timeout`] should next be called.
+    /// When [`Translator::handle_timeout`] should next be called (never later than the
+    /// next deadline; at most one tick of the timer wheel early).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let heap = self.timers.peek().map(|Reverse((d, ..))| *d);
-        let q = self.leases.quarantine.next_deadline();
-        let next = match (heap, q) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        next.and_then(|ms| self.instant(ms))
+        [self.flows.next_deadline(), self.leases.next_deadline(), self.leases.quarantine.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+            .and_then(|ms| self.instant(ms))
     }
 
     /// Ends every flow, lease and quarantine entry whose time has come.
     pub fn handle_timeout(&mut self, now: Instant) {
         let now_ms = self.ms(now);
-        while let Some(&Reverse((deadline, kind, i, generation))) = self.timers.peek() {
-            if deadline > now_ms {
-                break;
-            }
-            self.timers.pop();
-            match kind {
-                TimerKind::Flow => self.flow_timer(i, generation, deadline, now_ms),
-                TimerKind::Lease => self.lease_timer(i, generation, deadline, now_ms),
-            }
+        let mut due = std::mem::take(&mut self.due);
+        due.clear();
+        self.flows.expire(now_ms, &mut due);
+        for &fi in &due {
+            let Some(f) = self.flows.slab.get(fi) else { continue };
+            let (li, ended) = (f.lease, f.expires);
+            let Some(lease) = self.leases.get_mut(li) else { continue };
+            self.flows.remove(fi, lease);
+            self.counters.flows_ended += 1;
+            // The idle time counts from when the last flow ended, not from when we noticed.
+            self.idle_lease(li, ended);
         }
+        due.clear();
+        self.leases.expire(now_ms, &mut due);
+        for &li in &due {
+            let reason = match self.leases.get(li).map(|l| l.origin) {
+                Some(Origin::Explicit) => EndReason::Expired,
+                Some(Origin::Implicit) => EndReason::Idle,
+                None => continue,
+            };
+            self.end_lease(li, now_ms, reason);
+        }
+        due.clear();
+        self.due = due;
         self.leases.quarantine.expire(now_ms);
         self.counters.quarantine_evicted = self.leases.quarantine.evicted;
     }
 
-    fn flow_timer(&mut self, i: u32, generation: u32, deadline: u64, now: u64) {
-        let Some(f) = self.flows.slab.get_checked(i, generation) else { return };
-        if f.scheduled != deadline {
-            return; // superseded by an earlier entry
-        }
-        if f.expires > now {
-            let e = f.expires;
-            self.push_timer(e, TimerKind::Flow, i, generation);
-            if let Some(f) = self.flows.get_mut(i) {
-                f.scheduled = e;
-            }
-            return;
-        }
-        let (li, ended) = (f.lease, f.expires);
-        let Some(lease) = self.leases.get_mut(li) else { return };
-        self.flows.remove(i, lease);
-        self.counters.flows_ended += 1;
-        // The idle time counts from when the last flow ended, not from when we noticed.
-        self.idle_lease(li, ended);
-    }
-
     /// Starts the idle countdown of an implicit lease that has no flow left.
     pub(crate) fn idle_lease(&mut self, li: u32, since: u64) {
-        let Some(lease) = self.leases.get_mut(li) else { return };
+        let Some(lease) = self.leases.get(li) else { return };
         if lease.flows == 0 && lease.origin == Origin::Implicit {
-            let e = since.saturating_add(self.lease_idle_ms);
-            lease.expires = e;
-            self.schedule_lease(li, e);
-        }
-    }
-
-    fn lease_timer(&mut self, i: u32, generation: u32, deadline: u64, now: u64) {
-        let Some(l) = self.leases.slab.get_checked(i, generation) else { return };
-        if l.scheduled != deadline {
-            return;
-        }
-        if l.expires > now {
-            if l.expires != NEVER {
-                let e = l.expires;
-                self.schedule_lease_at(i, e);
-            } else if let Some(l) = self.leases.get_mut(i) {
-                l.scheduled = NEVER;
-            }
-            return;
-        }
-        let reason = match l.origin {
-            Origin::Explicit => EndReason::Expired,
-            Origin::Implicit => EndReason::Idle,
-        };
-        self.end_lease(i, now, reason);
-    }
-
-    fn push_timer(&mut self, deadline: u64, kind: TimerKind, i: u32, generation: u32) {
-        self.timers.push(Reverse((deadline, kind, i, generation)));
-    }
-
-    /// Makes sure a timer entry fires no later than `expires` for lease `i`.
-    fn schedule_lease(&mut self, i: u32, expires: u64) {
-        let Some(l) = self.leases.get(i) else { return };
-        if expires != NEVER && expires < l.scheduled {
-            self.schedule_lease_at(i, expires);
-        }
-    }
-
-    fn schedule_lease_at(&mut self, i: u32, at: u64) {
-        let generation = self.leases.slab.generation(i);
-        self.push_timer(at, TimerKind::Lease, i, generation);
-        if let Some(l) = self.leases.get_mut(i) {
-            l.scheduled = at;
+            self.leases.set_expires(li, since.saturating_add(self.lease_idle_ms));
         }
     }
 
@@ -911,7 +853,6 @@ impl Translator {
         };
         let i = self.leases.insert(real, virt, partner, origin, now, expires)?;
         self.counters.leases_created += 1;
-        self.schedule_lease(i, expires);
         if let Some(view) = self.lease_view(i) {
             self.push_event(LeaseEvent::Created(view));
         }

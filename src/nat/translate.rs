@@ -217,12 +217,7 @@ impl Translator {
         };
         let f = self.flows.get_mut(fi).ok_or(DropReason::NoLease)?;
         let expires = now.saturating_add(f.touch(k.flags, outbound, &self.flow_timeouts));
-        f.expires = expires;
-        if expires < f.scheduled {
-            f.scheduled = expires;
-            let generation = self.flows.slab.generation(fi);
-            self.push_timer(expires, super::TimerKind::Flow, fi, generation);
-        }
+        self.flows.set_expires(fi, expires);
         Ok(())
     }
 
