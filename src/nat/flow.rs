@@ -3,8 +3,12 @@
 //! UDP 300 s (RFC 4787 REQ-5), TCP established 7440 s and transitory 240 s (RFC 5382 REQ-5,
 //! RFC 7857 §3.1-3.2), ICMP query 60 s (RFC 5508 REQ-2).
 //!
-//! A flow's lifetime keeps an implicit lease alive. Flows of a lease are linked in an
-//! intrusive list so ending a lease ends its flows without scanning the table.
+//! The flow is what a packet looks up: two indexes find it from the packet's own fields,
+//! outbound by *(real, partner, protocol, ports)* and inbound by *(virtual, partner,
+//! protocol, ports)*, and its first cache line holds everything the rewrite needs (the three
+//! addresses, the ports, the checksum delta, the deadline). The lease is only consulted when
+//! a flow is made. A flow's lifetime keeps an implicit lease alive; the flows of a lease are
+//! linked in an intrusive list so ending a lease ends its flows without a scan.
 
 use super::lease::{LeaseEntry, NIL};
 use super::slab::Slab;
@@ -31,9 +35,21 @@ impl From<&Timeouts> for FlowTimeouts {
     }
 }
 use crate::wire::{protocol, tcp_flags};
+use crate::wire::Delta;
 use foldhash::fast::FixedState;
 use hashbrown::HashTable;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hasher};
+use std::net::IpAddr;
+
+/// An address as the hot path holds it: IPv6 as is, IPv4 mapped (`::ffff:a.b.c.d`). The
+/// family always comes from the packet at hand, so the mapping is never ambiguous.
+#[inline]
+pub fn wide(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
 
 /// TCP state bits kept per flow (enough for RFC 7857 §3's timer choice).
 pub mod tcp_state {
@@ -49,24 +65,33 @@ pub mod tcp_state {
     pub const RST: u8 = 0x10;
 }
 
-/// One flow as the table stores it.
-#[derive(Debug, Clone)]
+/// One flow as the table stores it. The first 64 bytes are what a packet reads and writes.
+#[derive(Debug, Clone, Default)]
+#[repr(C)]
 pub struct FlowEntry {
-    /// Owning lease (slab index).
-    pub lease: u32,
-    /// IP protocol (TCP, UDP, ICMP, ICMPv6).
-    pub proto: u8,
-    /// TCP state bits ([`tcp_state`]); 0 for other protocols.
-    pub tcp: u8,
+    /// The host's real address.
+    pub real: u128,
+    /// The virtual address.
+    pub virt: u128,
+    /// The partner's address.
+    pub partner: u128,
+    /// Idle deadline (ms since the translator's epoch).
+    pub expires: u64,
     /// Port (or echo identifier) on the host's side.
     pub host_port: u16,
     /// Port on the partner's side (0 for echo).
     pub partner_port: u16,
-    /// Idle deadline (ms since the translator's epoch).
-    pub expires: u64,
-    wheel: Links,
+    /// Checksum delta of rewriting `real` into `virt` (negate for the way back).
+    pub delta: Delta,
+    /// IP protocol (TCP, UDP, ICMP, ICMPv6).
+    pub proto: u8,
+    /// TCP state bits ([`tcp_state`]); 0 for other protocols.
+    pub tcp: u8,
+    /// Owning lease (slab index).
+    pub lease: u32,
     prev: u32,
     next: u32,
+    wheel: Links,
 }
 
 impl Timed for FlowEntry {
@@ -115,34 +140,62 @@ impl FlowEntry {
     }
 }
 
-/// The hash of a flow key: the four fields packed into one word, then foldhash.
+/// The hash of a flow key: addresses, protocol and ports, through foldhash.
 #[inline]
-fn flow_hash(hasher: &FixedState, lease: u32, proto: u8, host_port: u16, partner_port: u16) -> u64 {
-    let k = (u64::from(lease) << 32)
-        | (u64::from(proto) << 24)
-        | (u64::from(host_port) << 8)
-        | u64::from(partner_port >> 8);
-    hasher.hash_one((k, partner_port as u8))
+fn flow_hash(hasher: &FixedState, addr: u128, partner: u128, proto: u8, hp: u16, pp: u16) -> u64 {
+    let mut h = hasher.build_hasher();
+    h.write_u128(addr);
+    h.write_u128(partner);
+    h.write_u64((u64::from(proto) << 32) | (u64::from(hp) << 16) | u64::from(pp));
+    h.finish()
 }
 
 /// The flow table.
 pub struct FlowTable {
     pub(crate) slab: Slab<FlowEntry>,
-    index: HashTable<u32>,
+    out: HashTable<u32>,
+    inb: HashTable<u32>,
     hasher: FixedState,
     wheel: Wheel,
 }
 
 impl FlowTable {
-    /// A table for at most `cap` flows, its memory reserved up front. The index gets twice
+    /// A table for at most `cap` flows, its memory reserved up front. The indexes get twice
     /// the room, so churn at full capacity rehashes in place instead of allocating.
     pub fn new(cap: usize, hash_seed: u64) -> FlowTable {
         FlowTable {
             slab: Slab::with_capacity(cap),
-            index: HashTable::with_capacity(2 * cap),
+            out: HashTable::with_capacity(2 * cap),
+            inb: HashTable::with_capacity(2 * cap),
             hasher: FixedState::with_seed(hash_seed),
             wheel: Wheel::new(),
         }
+    }
+
+    /// The flow of an outbound packet: `real` → `partner`.
+    #[inline]
+    pub fn find_out(&self, real: u128, partner: u128, proto: u8, hp: u16, pp: u16) -> Option<u32> {
+        let slab = &self.slab;
+        let h = flow_hash(&self.hasher, real, partner, proto, hp, pp);
+        let eq = |&i: &u32| {
+            slab.peek(i).is_some_and(|f| {
+                f.real == real && f.partner == partner && f.host_port == hp && f.partner_port == pp && f.proto == proto
+            })
+        };
+        self.out.find(h, eq).copied()
+    }
+
+    /// The flow of an inbound packet: `partner` → `virt`.
+    #[inline]
+    pub fn find_in(&self, virt: u128, partner: u128, proto: u8, hp: u16, pp: u16) -> Option<u32> {
+        let slab = &self.slab;
+        let h = flow_hash(&self.hasher, virt, partner, proto, hp, pp);
+        let eq = |&i: &u32| {
+            slab.peek(i).is_some_and(|f| {
+                f.virt == virt && f.partner == partner && f.host_port == hp && f.partner_port == pp && f.proto == proto
+            })
+        };
+        self.inb.find(h, eq).copied()
     }
 
     /// Sets flow `i`'s idle deadline: stored in the entry; the wheel only moves when the
@@ -165,27 +218,6 @@ impl FlowTable {
         self.wheel.next_deadline()
     }
 
-    #[inline]
-    fn hash(&self, lease: u32, proto: u8, host_port: u16, partner_port: u16) -> u64 {
-        flow_hash(&self.hasher, lease, proto, host_port, partner_port)
-    }
-
-    /// The flow with this key.
-    #[inline]
-    pub fn find(&self, lease: u32, proto: u8, host_port: u16, partner_port: u16) -> Option<u32> {
-        let slab = &self.slab;
-        self.index
-            .find(self.hash(lease, proto, host_port, partner_port), |&i| {
-                slab.get(i).is_some_and(|f| {
-                    f.lease == lease
-                        && f.host_port == host_port
-                        && f.partner_port == partner_port
-                        && f.proto == proto
-                })
-            })
-            .copied()
-    }
-
     /// Creates a flow of `lease` (slab index `lease_idx`) and links it into the lease's list.
     pub fn insert(
         &mut self,
@@ -194,39 +226,53 @@ impl FlowTable {
         proto: u8,
         host_port: u16,
         partner_port: u16,
-    ) -> Result<(u32, u32), DropReason> {
+    ) -> Result<u32, DropReason> {
         let entry = FlowEntry {
-            lease: lease_idx,
-            proto,
-            tcp: 0,
+            real: wide(lease.real),
+            virt: wide(lease.virt),
+            partner: wide(lease.partner),
+            expires: super::NEVER,
             host_port,
             partner_port,
-            expires: super::NEVER,
-            wheel: Links::default(),
+            delta: lease.delta,
+            proto,
+            tcp: 0,
+            lease: lease_idx,
             prev: NIL,
             next: lease.flow_head,
+            wheel: Links::default(),
         };
-        let (i, generation) = self.slab.insert(entry).map_err(|_| DropReason::FlowTableFull)?;
+        let (i, _) = self.slab.insert(entry).map_err(|_| DropReason::FlowTableFull)?;
         if let Some(head) = self.slab.get_mut(lease.flow_head) {
             head.prev = i;
         }
         lease.flow_head = i;
         lease.flows += 1;
-        let h = self.hash(lease_idx, proto, host_port, partner_port);
         let (slab, hasher) = (&self.slab, &self.hasher);
-        self.index.insert_unique(h, i, |&j| {
-            slab.get(j)
-                .map_or(0, |f| flow_hash(hasher, f.lease, f.proto, f.host_port, f.partner_port))
-        });
-        Ok((i, generation))
+        let Some(f) = slab.get(i) else { return Err(DropReason::FlowTableFull) };
+        let rehash_out = |&j: &u32| {
+            slab.peek(j).map_or(0, |f| flow_hash(hasher, f.real, f.partner, f.proto, f.host_port, f.partner_port))
+        };
+        let rehash_in = |&j: &u32| {
+            slab.peek(j).map_or(0, |f| flow_hash(hasher, f.virt, f.partner, f.proto, f.host_port, f.partner_port))
+        };
+        let ho = flow_hash(hasher, f.real, f.partner, proto, host_port, partner_port);
+        let hi = flow_hash(hasher, f.virt, f.partner, proto, host_port, partner_port);
+        self.out.insert_unique(ho, i, rehash_out);
+        self.inb.insert_unique(hi, i, rehash_in);
+        Ok(i)
     }
 
     /// Removes flow `i`, unlinking it from `lease` (which must be its owner).
     pub fn remove(&mut self, i: u32, lease: &mut LeaseEntry) -> Option<FlowEntry> {
         self.wheel.cancel(&mut self.slab, i);
         let f = self.slab.get(i)?.clone();
-        let h = self.hash(f.lease, f.proto, f.host_port, f.partner_port);
-        if let Ok(e) = self.index.find_entry(h, |&j| j == i) {
+        let ho = flow_hash(&self.hasher, f.real, f.partner, f.proto, f.host_port, f.partner_port);
+        let hi = flow_hash(&self.hasher, f.virt, f.partner, f.proto, f.host_port, f.partner_port);
+        if let Ok(e) = self.out.find_entry(ho, |&j| j == i) {
+            e.remove();
+        }
+        if let Ok(e) = self.inb.find_entry(hi, |&j| j == i) {
             e.remove();
         }
         if let Some(p) = self.slab.get_mut(f.prev) {
@@ -259,7 +305,7 @@ impl FlowTable {
 
     /// Bytes reserved by the table.
     pub fn allocation_size(&self) -> usize {
-        self.slab.allocation_size() + self.index.allocation_size()
+        self.slab.allocation_size() + self.out.allocation_size() + self.inb.allocation_size()
     }
 }
 
@@ -269,17 +315,7 @@ mod tests {
     use super::*;
 
     fn flow(proto: u8) -> FlowEntry {
-        FlowEntry {
-            lease: 0,
-            proto,
-            tcp: 0,
-            host_port: 1,
-            partner_port: 2,
-            expires: 0,
-            wheel: Links::default(),
-            prev: NIL,
-            next: NIL,
-        }
+        FlowEntry { proto, ..FlowEntry::default() }
     }
 
     #[test]

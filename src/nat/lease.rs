@@ -47,6 +47,24 @@ pub struct LeaseEntry {
     pub flow_head: u32,
 }
 
+impl Default for LeaseEntry {
+    fn default() -> LeaseEntry {
+        let none = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+        LeaseEntry {
+            real: none,
+            virt: none,
+            partner: none,
+            origin: Origin::Implicit,
+            delta: Delta::default(),
+            created: 0,
+            expires: 0,
+            wheel: Links::default(),
+            flows: 0,
+            flow_head: NIL,
+        }
+    }
+}
+
 impl Timed for LeaseEntry {
     fn links(&mut self) -> &mut Links {
         &mut self.wheel

@@ -421,10 +421,11 @@ impl Counters {
 }
 
 /// How a lease came to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Origin {
     /// Rented by the host (or restored as such); lives until its TTL.
     Explicit,
+    #[default]
     /// Made by the gateway on a first packet; lives while its flows live.
     Implicit,
 }

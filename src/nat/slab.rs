@@ -1,26 +1,31 @@
 //! A fixed-capacity slab with generation counters, so a stale handle never reaches a new
 //! occupant of a reused slot.
+//!
+//! Values sit in one dense array with no per-slot header (a 96-byte flow stays 96 bytes); a
+//! separate array of generations says which slots are occupied (odd generation) and bumps on
+//! every insert and removal. A freed slot keeps a default value until it is reused.
 
 /// A slab of `T` addressed by `u32` indices, with a generation per slot.
 #[derive(Debug)]
 pub struct Slab<T> {
-    slots: Vec<Slot<T>>,
+    values: Vec<T>,
+    generations: Vec<u32>,
     free: Vec<u32>,
     len: usize,
     cap: usize,
-}
-
-#[derive(Debug)]
-struct Slot<T> {
-    generation: u32,
-    value: Option<T>,
 }
 
 impl<T> Slab<T> {
     /// A slab that never holds more than `cap` values; its memory is reserved up front so
     /// inserting never allocates.
     pub fn with_capacity(cap: usize) -> Slab<T> {
-        Slab { slots: Vec::with_capacity(cap), free: Vec::with_capacity(cap), len: 0, cap }
+        Slab {
+            values: Vec::with_capacity(cap),
+            generations: Vec::with_capacity(cap),
+            free: Vec::with_capacity(cap),
+            len: 0,
+            cap,
+        }
     }
 
     /// Number of values held.
@@ -40,61 +45,91 @@ impl<T> Slab<T> {
         }
         self.len += 1;
         if let Some(i) = self.free.pop() {
-            let slot = &mut self.slots[i as usize];
-            slot.value = Some(value);
-            return Ok((i, slot.generation));
+            self.values[i as usize] = value;
+            let g = &mut self.generations[i as usize];
+            *g = g.wrapping_add(1);
+            return Ok((i, *g));
         }
-        let i = self.slots.len() as u32;
-        self.slots.push(Slot { generation: 0, value: Some(value) });
-        Ok((i, 0))
+        let i = self.values.len() as u32;
+        self.values.push(value);
+        self.generations.push(1);
+        Ok((i, 1))
     }
 
-    /// Removes the value at `i`, bumping the slot's generation.
-    pub fn remove(&mut self, i: u32) -> Option<T> {
-        let slot = self.slots.get_mut(i as usize)?;
-        let v = slot.value.take()?;
-        slot.generation = slot.generation.wrapping_add(1);
-        self.free.push(i);
-        self.len -= 1;
-        Some(v)
+    fn occupied(&self, i: u32) -> bool {
+        self.generations.get(i as usize).is_some_and(|g| g & 1 == 1)
     }
 
     /// The value at `i`.
     #[inline]
     pub fn get(&self, i: u32) -> Option<&T> {
-        self.slots.get(i as usize)?.value.as_ref()
+        if self.occupied(i) {
+            self.values.get(i as usize)
+        } else {
+            None
+        }
     }
 
     /// The value at `i`, mutable.
     #[inline]
     pub fn get_mut(&mut self, i: u32) -> Option<&mut T> {
-        self.slots.get_mut(i as usize)?.value.as_mut()
+        if self.occupied(i) {
+            self.values.get_mut(i as usize)
+        } else {
+            None
+        }
+    }
+
+    /// The value at `i` without the occupancy check: for indexes, which only ever hold
+    /// occupied slots. A freed slot reads as `T::default()` (or a stale value until reused).
+    #[inline]
+    pub fn peek(&self, i: u32) -> Option<&T> {
+        self.values.get(i as usize)
     }
 
     /// The value at `i` if its generation is still `generation`.
     pub fn get_checked(&self, i: u32, generation: u32) -> Option<&T> {
-        let slot = self.slots.get(i as usize)?;
-        if slot.generation != generation {
+        if self.generations.get(i as usize) != Some(&generation) {
             return None;
         }
-        slot.value.as_ref()
+        self.get(i)
     }
 
     /// The current generation of slot `i`.
     pub fn generation(&self, i: u32) -> u32 {
-        self.slots.get(i as usize).map_or(0, |s| s.generation)
+        self.generations.get(i as usize).copied().unwrap_or(0)
     }
 
     /// Iterates over occupied slots.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
-        self.slots.iter().enumerate().filter_map(|(i, s)| s.value.as_ref().map(|v| (i as u32, v)))
+        self.values
+            .iter()
+            .zip(&self.generations)
+            .enumerate()
+            .filter(|(_, (_, g))| *g & 1 == 1)
+            .map(|(i, (v, _))| (i as u32, v))
     }
 
     /// Bytes reserved by the slab.
     pub fn allocation_size(&self) -> usize {
-        self.slots.capacity() * std::mem::size_of::<Slot<T>>()
-            + self.free.capacity() * std::mem::size_of::<u32>()
+        self.values.capacity() * std::mem::size_of::<T>()
+            + (self.generations.capacity() + self.free.capacity()) * std::mem::size_of::<u32>()
     }
+}
+
+impl<T: Default> Slab<T> {
+    /// Removes the value at `i`, bumping the slot's generation.
+    pub fn remove(&mut self, i: u32) -> Option<T> {
+        let g = self.generations.get_mut(i as usize)?;
+        if *g & 1 == 0 {
+            return None;
+        }
+        *g = g.wrapping_add(1);
+        self.free.push(i);
+        self.len -= 1;
+        Some(std::mem::take(&mut self.values[i as usize]))
+    }
+
 }
 
 #[cfg(test)]
@@ -103,7 +138,7 @@ mod tests {
 
     #[test]
     fn insert_remove_reuse_bumps_generation() {
-        let mut s = Slab::with_capacity(2);
+        let mut s: Slab<&str> = Slab::with_capacity(2);
         let (a, ga) = s.insert("a").unwrap();
         let (b, _) = s.insert("b").unwrap();
         assert_eq!(s.insert("c"), Err("c"));

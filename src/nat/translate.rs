@@ -7,6 +7,7 @@
 //! lease's precomputed delta (RFC 1624); ICMP errors get their embedded packet translated the
 //! other way (RFC 5508 REQ-3..5) and their ICMP checksum recomputed after verification.
 
+use super::flow::wide;
 use super::{Direction, DropReason, Filtering, Origin, Translator, Verdict, NEVER};
 use crate::wire::{
     self, addr_delta, checksum, ipv4, protocol, read_u16, write_addr, write_u16, Datagram, Delta,
@@ -111,6 +112,7 @@ impl Translator {
     }
 
     /// Host → partner. Returns the virtual source written.
+    #[inline]
     fn outbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<IpAddr, DropReason> {
         match d.transport {
             Transport::IcmpOther => return Err(DropReason::IcmpUnsupported),
@@ -120,42 +122,75 @@ impl Translator {
         if !super::is_unicast(d.dst) {
             return Err(DropReason::NotOurs);
         }
-        let key = FlowKey::of(d, true);
-        let li = match self.leases.find_out(d.src, d.dst) {
-            Some(i) => i,
+        let Some(k) = FlowKey::of(d, true) else {
+            // A later fragment: no ports, so the lease alone (RFC 4787 REQ-14: it may come
+            // first and make the lease).
+            let li = self.lease_out(d.src, d.dst, false, now)?;
+            let l = self.leases.get(li).ok_or(DropReason::NoLease)?;
+            let (virt, delta) = (l.virt, l.delta);
+            rewrite(pkt, d, d.src_offset(), wide(virt), delta);
+            return Ok(virt);
+        };
+        let (real, partner) = (wide(d.src), wide(d.dst));
+        let fi = match self.flows.find_out(real, partner, k.proto, k.host_port, k.partner_port) {
+            Some(fi) => fi,
             None => {
-                let expires = self.implicit_expiry(key.is_some(), now);
-                self.create_lease(d.src, d.dst, None, Origin::Implicit, now, expires)?
+                let li = self.lease_out(d.src, d.dst, true, now)?;
+                self.new_flow(li, k, now)?
             }
         };
-        if let Some(k) = key {
-            self.track(li, k, true, now)?;
-        }
-        let l = self.leases.get(li).ok_or(DropReason::NoLease)?;
-        let (virt, delta) = (l.virt, l.delta);
+        let (virt, delta) = self.touch_flow(fi, k.flags, true, now)?;
         rewrite(pkt, d, d.src_offset(), virt, delta);
-        Ok(virt)
+        Ok(narrow(virt, d.is_v4()))
     }
 
     /// Partner → host.
+    #[inline]
     fn inbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<(), DropReason> {
         match d.transport {
             Transport::IcmpOther => return Err(DropReason::IcmpUnsupported),
             Transport::Other => return Err(DropReason::UnsupportedProtocol),
             _ => {}
         }
-        let key = FlowKey::of(d, false);
-        let li = match self.leases.find_in(d.dst, d.src) {
-            Some(i) => i,
-            None => self.admit(d.dst, d.src, key.is_some(), now)?,
+        let Some(k) = FlowKey::of(d, false) else {
+            let li = self.lease_in(d.dst, d.src, false, now)?;
+            let l = self.leases.get(li).ok_or(DropReason::NoLease)?;
+            let (real, delta) = (l.real, l.delta.negate());
+            rewrite(pkt, d, d.dst_offset(), wide(real), delta);
+            return Ok(());
         };
-        if let Some(k) = key {
-            self.track(li, k, false, now)?;
-        }
-        let l = self.leases.get(li).ok_or(DropReason::NoLease)?;
-        let (real, delta) = (l.real, l.delta.negate());
-        rewrite(pkt, d, d.dst_offset(), real, delta);
+        let (virt, partner) = (wide(d.dst), wide(d.src));
+        let fi = match self.flows.find_in(virt, partner, k.proto, k.host_port, k.partner_port) {
+            Some(fi) => fi,
+            None => {
+                let li = self.lease_in(d.dst, d.src, true, now)?;
+                self.new_flow(li, k, now)?
+            }
+        };
+        let f = self.flows.get_mut(fi).ok_or(DropReason::NoLease)?;
+        let real = f.real;
+        let (_, delta) = self.touch_flow(fi, k.flags, false, now)?;
+        rewrite(pkt, d, d.dst_offset(), real, delta.negate());
         Ok(())
+    }
+
+    /// The lease for `real` → `partner`, made implicitly when there is none.
+    fn lease_out(&mut self, real: IpAddr, partner: IpAddr, with_flow: bool, now: u64) -> Result<u32, DropReason> {
+        match self.leases.find_out(real, partner) {
+            Some(i) => Ok(i),
+            None => {
+                let expires = self.implicit_expiry(with_flow, now);
+                self.create_lease(real, partner, None, Origin::Implicit, now, expires)
+            }
+        }
+    }
+
+    /// The lease `sender` reaches through `virt`, subject to filtering.
+    fn lease_in(&mut self, virt: IpAddr, sender: IpAddr, with_flow: bool, now: u64) -> Result<u32, DropReason> {
+        match self.leases.find_in(virt, sender) {
+            Some(i) => Ok(i),
+            None => self.admit(virt, sender, with_flow, now),
+        }
     }
 
     /// A sender that is not a partner of `virt`: refused under `partner` filtering; under
@@ -192,38 +227,38 @@ impl Translator {
         }
     }
 
-    /// Finds or creates the flow and refreshes its timer.
-    #[inline]
-    fn track(&mut self, li: u32, k: FlowKey, outbound: bool, now: u64) -> Result<(), DropReason> {
-        let fi = match self.flows.find(li, k.proto, k.host_port, k.partner_port) {
-            Some(fi) => fi,
-            None => {
-                let lease = self.leases.get_mut(li).ok_or(DropReason::NoLease)?;
-                let inserted = self.flows.insert(li, lease, k.proto, k.host_port, k.partner_port);
-                let (fi, _) = match inserted {
-                    Ok(f) => f,
-                    Err(e) => {
-                        // A lease made for this packet must not outlive it without a flow.
-                        self.idle_lease(li, now);
-                        return Err(e);
-                    }
-                };
+    /// Makes a flow of lease `li`.
+    fn new_flow(&mut self, li: u32, k: FlowKey, now: u64) -> Result<u32, DropReason> {
+        let lease = self.leases.get_mut(li).ok_or(DropReason::NoLease)?;
+        match self.flows.insert(li, lease, k.proto, k.host_port, k.partner_port) {
+            Ok(fi) => {
                 if lease.origin == Origin::Implicit {
                     lease.expires = NEVER;
                 }
                 self.counters.flows_created += 1;
-                fi
+                Ok(fi)
             }
-        };
+            Err(e) => {
+                // A lease made for this packet must not outlive it without a flow.
+                self.idle_lease(li, now);
+                Err(e)
+            }
+        }
+    }
+
+    /// Refreshes flow `fi` with a packet's TCP flags; returns its virtual address and delta.
+    #[inline]
+    fn touch_flow(&mut self, fi: u32, flags: u8, outbound: bool, now: u64) -> Result<(u128, Delta), DropReason> {
         let f = self.flows.get_mut(fi).ok_or(DropReason::NoLease)?;
-        let expires = now.saturating_add(f.touch(k.flags, outbound, &self.flow_timeouts));
+        let expires = now.saturating_add(f.touch(flags, outbound, &self.flow_timeouts));
+        let out = (f.virt, f.delta);
         self.flows.set_expires(fi, expires);
-        Ok(())
+        Ok(out)
     }
 
     /// An ICMP error from a host about a packet it got from a partner: the embedded packet's
-    /// destination (the host) becomes the virtual address the partner knows, and so does the
-    /// outer source. Never creates or refreshes state (RFC 5508 REQ-6).
+    /// destination (the host) becomes the virtual address the partner knows. Never creates
+    /// or refreshes state (RFC 5508 REQ-6).
     ///
     /// The outer source is rewritten too when it is a served address (the host, a router in
     /// the LAN, or the gateway's own LAN address): nothing of the LAN shows outside. Another
@@ -319,10 +354,26 @@ impl FlowKey {
 /// Writes `new` at address field `at` and updates the IPv4 header checksum and the transport
 /// checksum (when this datagram carries one that covers the addresses).
 #[inline]
-fn rewrite(pkt: &mut [u8], d: &Datagram, at: usize, new: IpAddr, delta: Delta) {
-    rewrite_ip_only(pkt, d, at, new, delta);
+fn rewrite(pkt: &mut [u8], d: &Datagram, at: usize, new: u128, delta: Delta) {
+    if d.is_v4() {
+        pkt[at..at + 4].copy_from_slice(&(new as u32).to_be_bytes());
+        let c = read_u16(pkt, ipv4::CHECKSUM_OFFSET);
+        write_u16(pkt, ipv4::CHECKSUM_OFFSET, delta.apply(c));
+    } else {
+        pkt[at..at + 16].copy_from_slice(&new.to_be_bytes());
+    }
     if let Some(c) = d.pseudo_checksum_offset() {
         update_l4_checksum(pkt, c, d.protocol, delta);
+    }
+}
+
+/// The address `a` (as [`wide`] holds it) in the packet's family.
+#[inline]
+fn narrow(a: u128, v4: bool) -> IpAddr {
+    if v4 {
+        IpAddr::V4(std::net::Ipv4Addr::from(a as u32))
+    } else {
+        IpAddr::V6(std::net::Ipv6Addr::from(a))
     }
 }
 
