@@ -217,6 +217,8 @@ struct Fixture {
     open_old: Packets,
     /// The trace addressed to a translator prepared by [`fresh_with_old_pairs`].
     with_new_pairs: Packets,
+    /// The established trace in flow trains of 8 (see `Packets::in_bursts`).
+    bursty: Packets,
 }
 
 /// A fresh translator that holds only the pairs the trace does not open itself (`open_old`
@@ -257,7 +259,8 @@ impl Fixture {
         let with_new_pairs = trace::materialize(&trace, &mut probe, now);
         drop(probe);
 
-        Fixture { now, established: (t, packets), open_all, open_old, with_new_pairs }
+        let bursty = packets.in_bursts(8);
+        Fixture { now, established: (t, packets), open_all, open_old, with_new_pairs, bursty }
     }
 
     /// The checks the benchmarks rely on: replays translate every packet, the established
@@ -361,8 +364,10 @@ fn benches(c: &mut Criterion, fx: &mut Fixture) {
     let mut g = c.benchmark_group("translate");
     g.sample_size(20).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
     let (t, packets) = &mut fx.established;
+    let bursty = &fx.bursty;
     g.throughput(Throughput::Elements(packets.len() as u64));
     g.bench_function("established", |b| b.iter(|| replay(t, packets, now, &mut scratch)));
+    g.bench_function("established_bursts_of_8", |b| b.iter(|| replay(t, bursty, now, &mut scratch)));
     g.bench_function("established_full_copy", |b| {
         b.iter(|| replay_copying(t, packets, now, &mut scratch, true))
     });

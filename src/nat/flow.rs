@@ -41,13 +41,17 @@ use hashbrown::HashTable;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 
-/// An address as the hot path holds it: IPv6 as is, IPv4 mapped (`::ffff:a.b.c.d`). The
-/// family always comes from the packet at hand, so the mapping is never ambiguous.
+/// An address as the hot path holds it: 16 bytes, IPv6 as is, IPv4 mapped (`::ffff:a.b.c.d`,
+/// the address in the last 4 bytes). The family always comes from the packet at hand, so the
+/// mapping is never ambiguous. A byte array (not `u128`) keeps flows 8-byte aligned.
+pub type Wide = [u8; 16];
+
+/// `a` as a [`Wide`] address.
 #[inline]
-pub fn wide(a: IpAddr) -> u128 {
+pub fn wide(a: IpAddr) -> Wide {
     match a {
-        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
-        IpAddr::V6(v6) => u128::from(v6),
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
     }
 }
 
@@ -70,11 +74,11 @@ pub mod tcp_state {
 #[repr(C)]
 pub struct FlowEntry {
     /// The host's real address.
-    pub real: u128,
+    pub real: Wide,
     /// The virtual address.
-    pub virt: u128,
+    pub virt: Wide,
     /// The partner's address.
-    pub partner: u128,
+    pub partner: Wide,
     /// Idle deadline (ms since the translator's epoch).
     pub expires: u64,
     /// Port (or echo identifier) on the host's side.
@@ -142,10 +146,10 @@ impl FlowEntry {
 
 /// The hash of a flow key: addresses, protocol and ports, through foldhash.
 #[inline]
-fn flow_hash(hasher: &FixedState, addr: u128, partner: u128, proto: u8, hp: u16, pp: u16) -> u64 {
+fn flow_hash(hasher: &FixedState, addr: Wide, partner: Wide, proto: u8, hp: u16, pp: u16) -> u64 {
     let mut h = hasher.build_hasher();
-    h.write_u128(addr);
-    h.write_u128(partner);
+    h.write_u128(u128::from_ne_bytes(addr));
+    h.write_u128(u128::from_ne_bytes(partner));
     h.write_u64((u64::from(proto) << 32) | (u64::from(hp) << 16) | u64::from(pp));
     h.finish()
 }
@@ -174,7 +178,7 @@ impl FlowTable {
 
     /// The flow of an outbound packet: `real` → `partner`.
     #[inline]
-    pub fn find_out(&self, real: u128, partner: u128, proto: u8, hp: u16, pp: u16) -> Option<u32> {
+    pub fn find_out(&self, real: Wide, partner: Wide, proto: u8, hp: u16, pp: u16) -> Option<u32> {
         let slab = &self.slab;
         let h = flow_hash(&self.hasher, real, partner, proto, hp, pp);
         let eq = |&i: &u32| {
@@ -187,7 +191,7 @@ impl FlowTable {
 
     /// The flow of an inbound packet: `partner` → `virt`.
     #[inline]
-    pub fn find_in(&self, virt: u128, partner: u128, proto: u8, hp: u16, pp: u16) -> Option<u32> {
+    pub fn find_in(&self, virt: Wide, partner: Wide, proto: u8, hp: u16, pp: u16) -> Option<u32> {
         let slab = &self.slab;
         let h = flow_hash(&self.hasher, virt, partner, proto, hp, pp);
         let eq = |&i: &u32| {

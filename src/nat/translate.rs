@@ -7,7 +7,7 @@
 //! lease's precomputed delta (RFC 1624); ICMP errors get their embedded packet translated the
 //! other way (RFC 5508 REQ-3..5) and their ICMP checksum recomputed after verification.
 
-use super::flow::wide;
+use super::flow::{wide, Wide};
 use super::{Direction, DropReason, Filtering, Origin, Translator, Verdict, NEVER};
 use crate::wire::{
     self, addr_delta, checksum, ipv4, protocol, read_u16, write_addr, write_u16, Datagram, Delta,
@@ -248,7 +248,7 @@ impl Translator {
 
     /// Refreshes flow `fi` with a packet's TCP flags; returns its virtual address and delta.
     #[inline]
-    fn touch_flow(&mut self, fi: u32, flags: u8, outbound: bool, now: u64) -> Result<(u128, Delta), DropReason> {
+    fn touch_flow(&mut self, fi: u32, flags: u8, outbound: bool, now: u64) -> Result<(Wide, Delta), DropReason> {
         let f = self.flows.get_mut(fi).ok_or(DropReason::NoLease)?;
         let expires = now.saturating_add(f.touch(flags, outbound, &self.flow_timeouts));
         let out = (f.virt, f.delta);
@@ -354,13 +354,13 @@ impl FlowKey {
 /// Writes `new` at address field `at` and updates the IPv4 header checksum and the transport
 /// checksum (when this datagram carries one that covers the addresses).
 #[inline]
-fn rewrite(pkt: &mut [u8], d: &Datagram, at: usize, new: u128, delta: Delta) {
+fn rewrite(pkt: &mut [u8], d: &Datagram, at: usize, new: Wide, delta: Delta) {
     if d.is_v4() {
-        pkt[at..at + 4].copy_from_slice(&(new as u32).to_be_bytes());
+        pkt[at..at + 4].copy_from_slice(&new[12..]);
         let c = read_u16(pkt, ipv4::CHECKSUM_OFFSET);
         write_u16(pkt, ipv4::CHECKSUM_OFFSET, delta.apply(c));
     } else {
-        pkt[at..at + 16].copy_from_slice(&new.to_be_bytes());
+        pkt[at..at + 16].copy_from_slice(&new);
     }
     if let Some(c) = d.pseudo_checksum_offset() {
         update_l4_checksum(pkt, c, d.protocol, delta);
@@ -369,9 +369,9 @@ fn rewrite(pkt: &mut [u8], d: &Datagram, at: usize, new: u128, delta: Delta) {
 
 /// The address `a` (as [`wide`] holds it) in the packet's family.
 #[inline]
-fn narrow(a: u128, v4: bool) -> IpAddr {
+fn narrow(a: Wide, v4: bool) -> IpAddr {
     if v4 {
-        IpAddr::V4(std::net::Ipv4Addr::from(a as u32))
+        IpAddr::V4(std::net::Ipv4Addr::new(a[12], a[13], a[14], a[15]))
     } else {
         IpAddr::V6(std::net::Ipv6Addr::from(a))
     }

@@ -22,13 +22,14 @@ const WORDS: usize = SLOTS / 64;
 pub struct Links {
     prev: u32,
     next: u32,
-    /// The tick whose slot holds the entry, or `u64::MAX` when unscheduled.
-    tick: u64,
+    /// The tick whose slot holds the entry, or `u32::MAX` when unscheduled (ticks are
+    /// seconds since the translator started: u32 lasts 136 years).
+    tick: u32,
 }
 
 impl Default for Links {
     fn default() -> Links {
-        Links { prev: NIL, next: NIL, tick: u64::MAX }
+        Links { prev: NIL, next: NIL, tick: u32::MAX }
     }
 }
 
@@ -49,7 +50,7 @@ pub struct Wheel {
 }
 
 fn tick_of(deadline: u64) -> u64 {
-    deadline.div_ceil(TICK_MS)
+    deadline.div_ceil(TICK_MS).min(u64::from(u32::MAX - 1))
 }
 
 impl Wheel {
@@ -73,7 +74,7 @@ impl Wheel {
         let s = Self::slot(tick);
         let head = self.heads[s];
         if let Some(e) = slab.get_mut(i) {
-            *e.links() = Links { prev: NIL, next: head, tick };
+            *e.links() = Links { prev: NIL, next: head, tick: tick as u32 };
         }
         if let Some(h) = slab.get_mut(head) {
             h.links().prev = i;
@@ -87,7 +88,7 @@ impl Wheel {
     #[inline]
     pub fn advance<T: Timed>(&mut self, slab: &mut Slab<T>, i: u32, deadline: u64) {
         let Some(e) = slab.get_mut(i) else { return };
-        if tick_of(deadline) < e.links().tick {
+        if tick_of(deadline) < u64::from(e.links().tick) {
             self.schedule(slab, i, deadline);
         }
     }
@@ -96,14 +97,14 @@ impl Wheel {
     pub fn cancel<T: Timed>(&mut self, slab: &mut Slab<T>, i: u32) {
         let Some(e) = slab.get_mut(i) else { return };
         let l = *e.links();
-        if l.tick == u64::MAX {
+        if l.tick == u32::MAX {
             return;
         }
         *e.links() = Links::default();
         if let Some(p) = slab.get_mut(l.prev) {
             p.links().next = l.next;
         } else {
-            let s = Self::slot(l.tick);
+            let s = Self::slot(u64::from(l.tick));
             self.heads[s] = l.next;
             if l.next == NIL {
                 self.occupied[s / 64] &= !(1 << (s % 64));
