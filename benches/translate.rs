@@ -388,6 +388,12 @@ fn benches(c: &mut Criterion, fx: &mut Fixture) {
     let bursty = &fx.bursty;
     g.throughput(Throughput::Elements(packets.len() as u64));
     g.bench_function("established", |b| b.iter(|| replay(t, packets, now, &mut scratch)));
+    let hot = packets.prefix(1000);
+    g.throughput(Throughput::Elements(hot.len() as u64));
+    g.bench_function("established_first_1000_cache_resident", |b| {
+        b.iter(|| replay(t, &hot, now, &mut scratch))
+    });
+    g.throughput(Throughput::Elements(packets.len() as u64));
     let mut batch = vec![[0u8; 2048]; 16];
     g.bench_function("established_batched_16", |b| {
         b.iter(|| replay_batched(t, packets, now, &mut batch))

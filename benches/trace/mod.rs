@@ -464,6 +464,17 @@ impl Packets {
         self.spans.iter().map(|&(at, len)| &self.bytes[at as usize..at as usize + usize::from(len)])
     }
 
+    /// The first `n` packets (for a cache-resident replay).
+    pub fn prefix(&self, n: usize) -> Packets {
+        Packets {
+            bytes: self.bytes.clone(),
+            spans: self.spans[..n.min(self.spans.len())].to_vec(),
+            outbound: 0,
+            inbound: 0,
+            opening: 0,
+        }
+    }
+
     /// The same packets in flow trains: the packets of each one-way stream (same addresses,
     /// protocol and ports) in their trace order, taken `burst` at a time, streams interleaved
     /// in order of first appearance. Real traffic arrives like this (a TCP window, an ACK
