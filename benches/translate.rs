@@ -135,27 +135,6 @@ fn replay(t: &mut Translator, packets: &Packets, now: Instant, scratch: &mut [u8
     replay_copying(t, packets, now, scratch, false)
 }
 
-/// Loads packets `BATCH` at a time, warms their state (`Translator::warm`, the lookups of a
-/// batch overlap their cache misses), then translates them.
-fn replay_batched(t: &mut Translator, packets: &Packets, now: Instant, batch: &mut [[u8; 2048]]) {
-    let mut it = packets.iter().peekable();
-    while it.peek().is_some() {
-        let mut lens = [0usize; 64];
-        let mut n = 0;
-        for (slot, p) in batch.iter_mut().zip(it.by_ref()) {
-            lens[n] = p.len();
-            load(slot, p, false);
-            n += 1;
-        }
-        for (slot, &len) in batch[..n].iter().zip(&lens) {
-            t.warm(&slot[..len]);
-        }
-        for (slot, &len) in batch[..n].iter_mut().zip(&lens) {
-            let _ = black_box(t.translate(&mut slot[..len], now));
-        }
-    }
-}
-
 fn replay_copying(
     t: &mut Translator,
     packets: &Packets,
@@ -238,8 +217,6 @@ struct Fixture {
     open_old: Packets,
     /// The trace addressed to a translator prepared by [`fresh_with_old_pairs`].
     with_new_pairs: Packets,
-    /// The established trace in flow trains of 8 (see `Packets::in_bursts`).
-    bursty: Packets,
 }
 
 /// A fresh translator that holds only the pairs the trace does not open itself (`open_old`
@@ -280,8 +257,7 @@ impl Fixture {
         let with_new_pairs = trace::materialize(&trace, &mut probe, now);
         drop(probe);
 
-        let bursty = packets.in_bursts(8);
-        Fixture { now, established: (t, packets), open_all, open_old, with_new_pairs, bursty }
+        Fixture { now, established: (t, packets), open_all, open_old, with_new_pairs }
     }
 
     /// The checks the benchmarks rely on: replays translate every packet, the established
@@ -385,7 +361,6 @@ fn benches(c: &mut Criterion, fx: &mut Fixture) {
     let mut g = c.benchmark_group("translate");
     g.sample_size(20).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
     let (t, packets) = &mut fx.established;
-    let bursty = &fx.bursty;
     g.throughput(Throughput::Elements(packets.len() as u64));
     g.bench_function("established", |b| b.iter(|| replay(t, packets, now, &mut scratch)));
     let hot = packets.prefix(1000);
@@ -394,11 +369,6 @@ fn benches(c: &mut Criterion, fx: &mut Fixture) {
         b.iter(|| replay(t, &hot, now, &mut scratch))
     });
     g.throughput(Throughput::Elements(packets.len() as u64));
-    let mut batch = vec![[0u8; 2048]; 16];
-    g.bench_function("established_batched_16", |b| {
-        b.iter(|| replay_batched(t, packets, now, &mut batch))
-    });
-    let _ = bursty;
     g.bench_function("established_full_copy", |b| {
         b.iter(|| replay_copying(t, packets, now, &mut scratch, true))
     });

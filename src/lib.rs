@@ -11,8 +11,11 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod authority;
 pub mod config;
 pub mod control;
 pub mod gateway;
 pub mod nat;
+pub mod store;
+pub mod tls;
 pub mod wire;

@@ -474,54 +474,6 @@ impl Packets {
             opening: 0,
         }
     }
-
-    /// The same packets in flow trains: the packets of each one-way stream (same addresses,
-    /// protocol and ports) in their trace order, taken `burst` at a time, streams interleaved
-    /// in order of first appearance. Real traffic arrives like this (a TCP window, an ACK
-    /// train); the trace order (every packet a random flow) is the cache-cold worst case.
-    pub fn in_bursts(&self, burst: usize) -> Packets {
-        let mut streams: Vec<Vec<usize>> = Vec::new();
-        let mut index: std::collections::HashMap<Vec<u8>, usize> = std::collections::HashMap::new();
-        for (i, p) in self.iter().enumerate() {
-            let key = stream_key(p);
-            let s = *index.entry(key).or_insert_with(|| {
-                streams.push(Vec::new());
-                streams.len() - 1
-            });
-            streams[s].push(i);
-        }
-        let mut order = Vec::with_capacity(self.len());
-        let mut cursor = vec![0usize; streams.len()];
-        while order.len() < self.len() {
-            for (s, c) in streams.iter().zip(cursor.iter_mut()) {
-                let take = (s.len() - *c).min(burst);
-                order.extend_from_slice(&s[*c..*c + take]);
-                *c += take;
-            }
-        }
-        Packets {
-            bytes: self.bytes.clone(),
-            spans: order.iter().map(|&i| self.spans[i]).collect(),
-            outbound: self.outbound,
-            inbound: self.inbound,
-            opening: self.opening,
-        }
-    }
-}
-
-/// Addresses, protocol and the first 4 transport bytes (ports, or ICMP type/code/checksum is
-/// too fine: use the echo identifier) of a packet.
-fn stream_key(p: &[u8]) -> Vec<u8> {
-    let (addrs, proto, l4) = if p[0] >> 4 == 4 {
-        (&p[12..20], p[9], usize::from(p[0] & 0x0f) * 4)
-    } else {
-        (&p[8..40], p[6], 40)
-    };
-    let mut k = addrs.to_vec();
-    k.push(proto);
-    let ports = if proto == 1 || proto == 58 { &p[l4 + 4..l4 + 6] } else { &p[l4..l4 + 4] };
-    k.extend_from_slice(ports);
-    k
 }
 
 /// Builds the schedule's packets, translating each one on `t` as it goes (see the module

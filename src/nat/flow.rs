@@ -34,8 +34,8 @@ impl From<&Timeouts> for FlowTimeouts {
         }
     }
 }
-use crate::wire::{protocol, tcp_flags};
 use crate::wire::Delta;
+use crate::wire::{protocol, tcp_flags};
 use foldhash::fast::FixedState;
 use hashbrown::HashTable;
 use std::hash::{BuildHasher, Hasher};
@@ -183,7 +183,11 @@ impl FlowTable {
         let h = flow_hash(&self.hasher, real, partner, proto, hp, pp);
         let eq = |&i: &u32| {
             slab.peek(i).is_some_and(|f| {
-                f.real == real && f.partner == partner && f.host_port == hp && f.partner_port == pp && f.proto == proto
+                f.real == real
+                    && f.partner == partner
+                    && f.host_port == hp
+                    && f.partner_port == pp
+                    && f.proto == proto
             })
         };
         self.out.find(h, eq).copied()
@@ -196,7 +200,11 @@ impl FlowTable {
         let h = flow_hash(&self.hasher, virt, partner, proto, hp, pp);
         let eq = |&i: &u32| {
             slab.peek(i).is_some_and(|f| {
-                f.virt == virt && f.partner == partner && f.host_port == hp && f.partner_port == pp && f.proto == proto
+                f.virt == virt
+                    && f.partner == partner
+                    && f.host_port == hp
+                    && f.partner_port == pp
+                    && f.proto == proto
             })
         };
         self.inb.find(h, eq).copied()
@@ -255,10 +263,14 @@ impl FlowTable {
         let (slab, hasher) = (&self.slab, &self.hasher);
         let Some(f) = slab.get(i) else { return Err(DropReason::FlowTableFull) };
         let rehash_out = |&j: &u32| {
-            slab.peek(j).map_or(0, |f| flow_hash(hasher, f.real, f.partner, f.proto, f.host_port, f.partner_port))
+            slab.peek(j).map_or(0, |f| {
+                flow_hash(hasher, f.real, f.partner, f.proto, f.host_port, f.partner_port)
+            })
         };
         let rehash_in = |&j: &u32| {
-            slab.peek(j).map_or(0, |f| flow_hash(hasher, f.virt, f.partner, f.proto, f.host_port, f.partner_port))
+            slab.peek(j).map_or(0, |f| {
+                flow_hash(hasher, f.virt, f.partner, f.proto, f.host_port, f.partner_port)
+            })
         };
         let ho = flow_hash(hasher, f.real, f.partner, proto, host_port, partner_port);
         let hi = flow_hash(hasher, f.virt, f.partner, proto, host_port, partner_port);

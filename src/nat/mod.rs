@@ -777,11 +777,15 @@ impl Translator {
     /// When [`Translator::handle_timeout`] should next be called (never later than the
     /// next deadline; at most one tick of the timer wheel early).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [self.flows.next_deadline(), self.leases.next_deadline(), self.leases.quarantine.next_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
-            .and_then(|ms| self.instant(ms))
+        [
+            self.flows.next_deadline(),
+            self.leases.next_deadline(),
+            self.leases.quarantine.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .and_then(|ms| self.instant(ms))
     }
 
     /// Ends every flow, lease and quarantine entry whose time has come.

@@ -129,7 +129,6 @@ impl<T: Default> Slab<T> {
         self.len -= 1;
         Some(std::mem::take(&mut self.values[i as usize]))
     }
-
 }
 
 #[cfg(test)]

@@ -47,23 +47,6 @@ impl Translator {
         }
     }
 
-    /// Looks up the flow `packet` will use, without changing anything, so its state is in
-    /// the cache when the packet is translated. A driver holding a batch of packets calls
-    /// this for all of them first: the lookups are independent, so the processor overlaps
-    /// their cache misses, and the translations that follow find their state warm.
-    #[inline]
-    pub fn warm(&self, packet: &[u8]) {
-        let Ok(d) = wire::parse(packet) else { return };
-        let from_lan = self.lan.contains(d.src);
-        let Some(k) = FlowKey::of(&d, from_lan) else { return };
-        let fi = if from_lan {
-            self.flows.find_out(wide(d.src), wide(d.dst), k.proto, k.host_port, k.partner_port)
-        } else {
-            self.flows.find_in(wide(d.dst), wide(d.src), k.proto, k.host_port, k.partner_port)
-        };
-        std::hint::black_box(fi);
-    }
-
     fn route(&mut self, pkt: &mut [u8], now: u64) -> Result<Direction, DropReason> {
         let d = wire::parse(pkt)?;
         if let Transport::IcmpError { .. } = d.transport {
@@ -192,7 +175,13 @@ impl Translator {
     }
 
     /// The lease for `real` → `partner`, made implicitly when there is none.
-    fn lease_out(&mut self, real: IpAddr, partner: IpAddr, with_flow: bool, now: u64) -> Result<u32, DropReason> {
+    fn lease_out(
+        &mut self,
+        real: IpAddr,
+        partner: IpAddr,
+        with_flow: bool,
+        now: u64,
+    ) -> Result<u32, DropReason> {
         match self.leases.find_out(real, partner) {
             Some(i) => Ok(i),
             None => {
@@ -203,7 +192,13 @@ impl Translator {
     }
 
     /// The lease `sender` reaches through `virt`, subject to filtering.
-    fn lease_in(&mut self, virt: IpAddr, sender: IpAddr, with_flow: bool, now: u64) -> Result<u32, DropReason> {
+    fn lease_in(
+        &mut self,
+        virt: IpAddr,
+        sender: IpAddr,
+        with_flow: bool,
+        now: u64,
+    ) -> Result<u32, DropReason> {
         match self.leases.find_in(virt, sender) {
             Some(i) => Ok(i),
             None => self.admit(virt, sender, with_flow, now),
@@ -265,7 +260,13 @@ impl Translator {
 
     /// Refreshes flow `fi` with a packet's TCP flags; returns its virtual address and delta.
     #[inline]
-    fn touch_flow(&mut self, fi: u32, flags: u8, outbound: bool, now: u64) -> Result<(Wide, Delta), DropReason> {
+    fn touch_flow(
+        &mut self,
+        fi: u32,
+        flags: u8,
+        outbound: bool,
+        now: u64,
+    ) -> Result<(Wide, Delta), DropReason> {
         let f = self.flows.get_mut(fi).ok_or(DropReason::NoLease)?;
         let expires = now.saturating_add(f.touch(flags, outbound, &self.flow_timeouts));
         let out = (f.virt, f.delta);

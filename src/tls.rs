@@ -1,0 +1,581 @@
+//! TLS configuration for the rental authority (rustls 0.23, *ring* provider).
+//!
+//! The authority speaks TLS 1.3 only (seed 001, claim 3: the partner is told the real address
+//! "with encrypted communication"). This module builds the two rustls configurations:
+//!
+//! - [`server_config`]: the authority's side. With an operator-supplied certificate and key
+//!   (PEM) it loads them; without, it generates **once** a self-signed ECDSA P-256 certificate
+//!   into `<state-dir>/tls/cert.pem` and `<state-dir>/tls/key.pem` and reuses it on every later
+//!   start, so the certificate clients pinned keeps working across restarts.
+//! - [`client_config`]: the CLI's side. Clients authenticate the authority by **pinning**: the
+//!   server is accepted iff its end-entity certificate is byte-identical (DER) to one of the
+//!   certificates in the `--ca` PEM file, whatever address or name was used to reach it. If
+//!   no certificate matches, normal WebPKI verification runs with the file's certificates as
+//!   roots and the server name the client used, so a CA-issued certificate also works.
+//!
+//! Trust model of a pinned certificate: pinned means trusted. Its validity period, key usage
+//! and names are **not** checked (the generated certificate is valid from 1975 to 4096 anyway);
+//! to stop trusting it, remove it from the `--ca` file. The TLS 1.3 handshake signature is
+//! always verified against the certificate's public key, so only the holder of the private key
+//! can be accepted. The WebPKI fallback checks everything (chain, validity time, name).
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+/// ALPN protocol identifier of the authority protocol, version 1 (see `docs/protocol.md`).
+pub const ALPN: &[u8] = b"vipgate-authority/1";
+
+/// Subject common name of the generated self-signed certificate.
+pub const CERT_COMMON_NAME: &str = "vipgate authority";
+
+/// DNS subject alternative name of the generated certificate. Clients pin the certificate, so
+/// names do not matter for them; this name is only there for tools that want one.
+pub const CERT_DNS_NAME: &str = "vipgate-authority";
+
+/// Directory under the state directory that holds the generated certificate and key.
+pub const TLS_SUBDIR: &str = "tls";
+
+/// File name of the generated certificate inside [`TLS_SUBDIR`].
+pub const CERT_FILE: &str = "cert.pem";
+
+/// File name of the generated private key inside [`TLS_SUBDIR`].
+pub const KEY_FILE: &str = "key.pem";
+
+/// The crypto provider every configuration of this crate uses: *ring*.
+///
+/// Configurations are built with an explicit provider, so nothing depends on (or installs) a
+/// process-wide default provider.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the authority's TLS server configuration and returns it with the path of the
+/// certificate in use.
+///
+/// - `cert` and `key` both given: load them (PEM; the certificate file may hold a chain, leaf
+///   first; the key may be PKCS#8, PKCS#1 or SEC1). Errors name the file at fault.
+/// - Neither given: use `<state_dir>/tls/cert.pem` and `key.pem`, generating them the first
+///   time (self-signed ECDSA P-256, CN [`CERT_COMMON_NAME`], SAN [`CERT_DNS_NAME`]; directory
+///   mode 0700, key mode 0600, each file written to a temporary file and renamed into place).
+/// - Only one given: an error.
+///
+/// The configuration is TLS 1.3 only, asks for no client certificate, offers ALPN [`ALPN`]
+/// and sends no session tickets (clients are one-shot CLI invocations).
+pub fn server_config(
+    state_dir: &Path,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> anyhow::Result<(Arc<ServerConfig>, PathBuf)> {
+    let (cert_path, key_path) = match (cert, key) {
+        (Some(c), Some(k)) => (c.to_path_buf(), k.to_path_buf()),
+        (None, None) => ensure_generated(state_dir)?,
+        (Some(c), None) => bail!(
+            "a TLS certificate was given ({}) but no private key: give the key too, or neither \
+             to use the generated self-signed certificate",
+            c.display()
+        ),
+        (None, Some(k)) => bail!(
+            "a TLS private key was given ({}) but no certificate: give the certificate too, or \
+             neither to use the generated self-signed certificate",
+            k.display()
+        ),
+    };
+    let chain = read_certs(&cert_path)?;
+    let private_key = read_key(&key_path)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("the TLS provider does not support TLS 1.3")?
+        .with_no_client_auth()
+        .with_single_cert(chain, private_key)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => anyhow!(
+                "the private key in {} does not belong to the certificate in {}",
+                key_path.display(),
+                cert_path.display()
+            ),
+            other => anyhow!(
+                "cannot use the certificate {} with the key {}: {other}",
+                cert_path.display(),
+                key_path.display()
+            ),
+        })?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.send_tls13_tickets = 0;
+    Ok((Arc::new(config), cert_path))
+}
+
+/// Builds the client configuration that authenticates the authority with the certificates of
+/// the PEM file `ca` (see the module documentation for pinning and the WebPKI fallback).
+///
+/// TLS 1.3 only, ALPN [`ALPN`], no client certificate, no session resumption.
+pub fn client_config(ca: &Path) -> anyhow::Result<Arc<ClientConfig>> {
+    let certs = read_certs(ca)?;
+    let verifier = PinningVerifier::new(certs, provider());
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("the TLS provider does not support TLS 1.3")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// SHA-256 fingerprint of a DER certificate, as colon-separated upper-case hex (the format of
+/// `openssl x509 -fingerprint -sha256`), for logging which certificate clients must pin.
+pub fn fingerprint(cert_der: &[u8]) -> String {
+    let hash = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+        .tls13()
+        .map(|suite| suite.common.hash_provider.hash(cert_der));
+    match hash {
+        Some(h) => h.as_ref().iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":"),
+        None => String::from("unavailable"),
+    }
+}
+
+/// Reads every certificate of a PEM file, failing with a message naming the file if it cannot
+/// be read or holds none.
+pub fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = fs::read(path)
+        .with_context(|| format!("cannot read the certificate file {}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("{} is not a valid PEM file: {e}", path.display()))?;
+    if certs.is_empty() {
+        bail!(
+            "{} holds no certificate (expected a PEM block \"-----BEGIN CERTIFICATE-----\")",
+            path.display()
+        );
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key of a PEM file (PKCS#8, PKCS#1 or SEC1), failing with a message
+/// naming the file. Warns if the file is readable by group or others.
+pub fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let pem = fs::read(path)
+        .with_context(|| format!("cannot read the private key file {}", path.display()))?;
+    if let Ok(meta) = fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            log::warn!(
+                "private key {} is accessible to group or others (mode {:o}); run chmod 600 on it",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            );
+        }
+    }
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => anyhow!(
+            "{} holds no private key (expected a PEM block such as \"-----BEGIN PRIVATE KEY-----\")",
+            path.display()
+        ),
+        other => anyhow!("{} is not a valid PEM private key file: {other}", path.display()),
+    })
+}
+
+/// Returns the paths of the generated certificate and key, generating them if they are not
+/// both present.
+fn ensure_generated(state_dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let dir = state_dir.join(TLS_SUBDIR);
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create the TLS directory {}", dir.display()))?;
+    // The directory may have existed with a looser mode; it holds a private key.
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set mode 0700 on {}", dir.display()))?;
+    let cert_path = dir.join(CERT_FILE);
+    let key_path = dir.join(KEY_FILE);
+    match (cert_path.exists(), key_path.exists()) {
+        (true, true) => return Ok((cert_path, key_path)),
+        (true, false) => log::warn!(
+            "{} exists but its key {} is missing: generating a new certificate; clients that \
+             pinned the old one must be given the new {}",
+            cert_path.display(),
+            key_path.display(),
+            cert_path.display()
+        ),
+        _ => {}
+    }
+    let (cert_pem, key_pem) = generate_self_signed()?;
+    // Key first, certificate last: a certificate file is only ever next to its own key, and
+    // an interrupted generation is simply redone on the next start.
+    write_atomic(&key_path, key_pem.as_bytes(), 0o600)?;
+    write_atomic(&cert_path, cert_pem.as_bytes(), 0o644)?;
+    log::info!(
+        "generated a self-signed TLS certificate {} (key {}); clients pin it with --ca",
+        cert_path.display(),
+        key_path.display()
+    );
+    Ok((cert_path, key_path))
+}
+
+/// Generates a self-signed ECDSA P-256 certificate; returns (certificate PEM, key PEM).
+fn generate_self_signed() -> anyhow::Result<(String, String)> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .context("cannot generate an ECDSA P-256 key")?;
+    let mut params = rcgen::CertificateParams::new(vec![CERT_DNS_NAME.to_string()])
+        .context("cannot build the certificate parameters")?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, CERT_COMMON_NAME);
+    let cert = params.self_signed(&key).context("cannot self-sign the certificate")?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Writes `contents` to `path` atomically: a temporary file in the same directory created with
+/// `mode`, flushed to disk, then renamed over `path`; the directory is synced afterwards.
+fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+    let dir = path.parent().ok_or_else(|| anyhow!("{} has no parent directory", path.display()))?;
+    let name = path.file_name().ok_or_else(|| anyhow!("{} has no file name", path.display()))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let _ = fs::remove_file(&tmp); // a leftover of a crashed run with the same pid
+    let result = (|| -> anyhow::Result<()> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        file.write_all(contents).with_context(|| format!("cannot write {}", tmp.display()))?;
+        file.sync_all().with_context(|| format!("cannot flush {} to disk", tmp.display()))?;
+        fs::rename(&tmp, path)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync the directory {}", dir.display()))?;
+    Ok(())
+}
+
+/// Server certificate verifier: pinning first, WebPKI with the same certificates as roots
+/// second. Handshake signatures are always verified with the provider's algorithms.
+#[derive(Debug)]
+struct PinningVerifier {
+    pinned: Vec<CertificateDer<'static>>,
+    fallback: Option<Arc<WebPkiServerVerifier>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl PinningVerifier {
+    fn new(pinned: Vec<CertificateDer<'static>>, provider: Arc<CryptoProvider>) -> Self {
+        let mut roots = RootCertStore::empty();
+        let (added, _ignored) = roots.add_parsable_certificates(pinned.iter().cloned());
+        let fallback = if added > 0 {
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .ok()
+        } else {
+            None
+        };
+        PinningVerifier { pinned, fallback, algorithms: provider.signature_verification_algorithms }
+    }
+}
+
+impl ServerCertVerifier for PinningVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.pinned.iter().any(|c| c.as_ref() == end_entity.as_ref()) {
+            return Ok(ServerCertVerified::assertion());
+        }
+        match &self.fallback {
+            Some(webpki) => webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            ),
+            None => Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Unreachable with a TLS 1.3-only configuration; verified properly all the same.
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Helpers shared by this crate's tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::fs;
+    use std::path::{Path, PathBuf};
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    pub(crate) struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub(crate) fn new(tag: &str) -> TempDir {
+            static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir()
+                .join(format!("vipgate-tls-test-{tag}-{}-{n}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).expect("create temp dir");
+            TempDir(dir)
+        }
+        pub(crate) fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::TempDir;
+    use super::*;
+    use rustls::{ClientConnection, ServerConnection, StreamOwned};
+    use std::io::{BufRead, BufReader, Read};
+    use std::net::{TcpListener, TcpStream};
+    use std::thread;
+    use std::time::Duration;
+
+    /// Starts a one-connection TLS server on 127.0.0.1 that echoes one line in upper case.
+    /// Returns its address and a handle yielding the server-side handshake result.
+    fn echo_server(
+        config: Arc<ServerConfig>,
+    ) -> (std::net::SocketAddr, thread::JoinHandle<Result<(), String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let handle = thread::spawn(move || -> Result<(), String> {
+            let (sock, _) = listener.accept().map_err(|e| e.to_string())?;
+            sock.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+            let conn = ServerConnection::new(config).map_err(|e| e.to_string())?;
+            let mut tls = StreamOwned::new(conn, sock);
+            let mut line = String::new();
+            BufReader::new(&mut tls).read_line(&mut line).map_err(|e| e.to_string())?;
+            if tls.conn.alpn_protocol() != Some(ALPN) {
+                return Err("ALPN not negotiated".into());
+            }
+            if tls.conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+                return Err("not TLS 1.3".into());
+            }
+            tls.write_all(line.to_uppercase().as_bytes()).map_err(|e| e.to_string())?;
+            tls.conn.send_close_notify();
+            tls.flush().map_err(|e| e.to_string())?;
+            Ok(())
+        });
+        (addr, handle)
+    }
+
+    /// Connects with `client` to `addr` as `name`, sends "hello\n", returns the reply line.
+    fn exchange(
+        client: Arc<ClientConfig>,
+        addr: std::net::SocketAddr,
+        name: ServerName<'static>,
+    ) -> Result<String, String> {
+        let sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+        let conn = ClientConnection::new(client, name).map_err(|e| e.to_string())?;
+        let mut tls = StreamOwned::new(conn, sock);
+        tls.write_all(b"hello\n").map_err(|e| e.to_string())?;
+        let mut reply = String::new();
+        tls.read_to_string(&mut reply).map_err(|e| e.to_string())?;
+        Ok(reply)
+    }
+
+    fn ip_name() -> ServerName<'static> {
+        ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into())
+    }
+
+    #[test]
+    fn generates_once_and_reuses() {
+        let state = TempDir::new("reuse");
+        let (_, cert1) = server_config(state.path(), None, None).expect("first start");
+        assert_eq!(cert1, state.path().join("tls").join("cert.pem"));
+        let der1 = read_certs(&cert1).expect("read cert");
+        let key1 = fs::read(state.path().join("tls/key.pem")).expect("read key");
+        let (_, cert2) = server_config(state.path(), None, None).expect("second start");
+        assert_eq!(cert1, cert2);
+        assert_eq!(der1, read_certs(&cert2).expect("read cert again"));
+        assert_eq!(key1, fs::read(state.path().join("tls/key.pem")).expect("key"));
+        assert_eq!(der1.len(), 1);
+        assert_eq!(fingerprint(&der1[0]).len(), 32 * 3 - 1);
+    }
+
+    #[test]
+    fn key_and_dir_modes() {
+        let state = TempDir::new("modes");
+        server_config(state.path(), None, None).expect("generate");
+        let key_mode =
+            fs::metadata(state.path().join("tls/key.pem")).expect("stat key").permissions().mode();
+        assert_eq!(key_mode & 0o777, 0o600);
+        let dir_mode =
+            fs::metadata(state.path().join("tls")).expect("stat dir").permissions().mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+        // No temporary files are left behind.
+        let names: Vec<_> = fs::read_dir(state.path().join("tls"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn missing_key_regenerates_both() {
+        let state = TempDir::new("regen");
+        let (_, cert) = server_config(state.path(), None, None).expect("generate");
+        let der1 = read_certs(&cert).expect("cert");
+        fs::remove_file(state.path().join("tls/key.pem")).expect("rm key");
+        server_config(state.path(), None, None).expect("regenerate");
+        assert_ne!(der1, read_certs(&cert).expect("new cert"));
+    }
+
+    #[test]
+    fn handshake_with_pinned_generated_cert() {
+        let state = TempDir::new("pinned");
+        let (server, cert) = server_config(state.path(), None, None).expect("server config");
+        let client = client_config(&cert).expect("client config");
+        let (addr, handle) = echo_server(server);
+        let reply = exchange(client, addr, ip_name()).expect("handshake and data");
+        assert_eq!(reply, "HELLO\n");
+        handle.join().expect("server thread").expect("server side");
+    }
+
+    #[test]
+    fn pinned_cert_works_whatever_the_server_name() {
+        let state = TempDir::new("names");
+        let (server, cert) = server_config(state.path(), None, None).expect("server config");
+        let client = client_config(&cert).expect("client config");
+        let (addr, handle) = echo_server(server);
+        let name = ServerName::try_from("unrelated.example").expect("name");
+        assert_eq!(exchange(client, addr, name).expect("exchange"), "HELLO\n");
+        handle.join().expect("server thread").expect("server side");
+    }
+
+    #[test]
+    fn client_pinned_to_another_cert_fails() {
+        let state = TempDir::new("server");
+        let other = TempDir::new("other");
+        let (server, _) = server_config(state.path(), None, None).expect("server config");
+        let (_, other_cert) = server_config(other.path(), None, None).expect("other config");
+        let client = client_config(&other_cert).expect("client config");
+        let (addr, handle) = echo_server(server);
+        let err = exchange(client, addr, ip_name()).expect_err("must not connect");
+        assert!(
+            err.contains("certificate") || err.contains("UnknownIssuer"),
+            "unexpected error: {err}"
+        );
+        assert!(handle.join().expect("server thread").is_err());
+    }
+
+    /// An operator CA issues the server certificate: the WebPKI fallback accepts it under the
+    /// right name and refuses it under another.
+    #[test]
+    fn ca_issued_certificate_uses_webpki() {
+        let dir = TempDir::new("ca");
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let leaf_params =
+            rcgen::CertificateParams::new(vec!["authority.example".to_string()]).expect("params");
+        let leaf = leaf_params.signed_by(&leaf_key, &issuer).expect("leaf");
+        let cert_path = dir.path().join("server.pem");
+        let key_path = dir.path().join("server.key");
+        let ca_path = dir.path().join("ca.pem");
+        fs::write(&cert_path, leaf.pem()).expect("write");
+        fs::write(&key_path, leaf_key.serialize_pem()).expect("write");
+        fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).expect("chmod");
+        fs::write(&ca_path, ca_cert.pem()).expect("write");
+
+        let (server, in_use) = server_config(dir.path(), Some(&cert_path), Some(&key_path))
+            .expect("server config from files");
+        assert_eq!(in_use, cert_path);
+        assert!(!dir.path().join("tls").exists(), "nothing generated");
+        let client = client_config(&ca_path).expect("client config");
+
+        let (addr, handle) = echo_server(server.clone());
+        let name = ServerName::try_from("authority.example").expect("name");
+        assert_eq!(exchange(client.clone(), addr, name).expect("exchange"), "HELLO\n");
+        handle.join().expect("server thread").expect("server side");
+
+        let (addr, handle) = echo_server(server);
+        let err = exchange(client, addr, ip_name()).expect_err("wrong name");
+        assert!(err.contains("certificate"), "unexpected error: {err}");
+        assert!(handle.join().expect("server thread").is_err());
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let dir = TempDir::new("errors");
+        let missing = dir.path().join("missing.pem");
+        let err = server_config(dir.path(), Some(&missing), Some(&missing)).expect_err("missing");
+        assert!(format!("{err:#}").contains("missing.pem"), "{err:#}");
+
+        let junk = dir.path().join("junk.pem");
+        fs::write(&junk, "not a pem file\n").expect("write");
+        let err = client_config(&junk).expect_err("junk");
+        assert!(
+            err.to_string().contains("junk.pem") && err.to_string().contains("no certificate"),
+            "{err}"
+        );
+
+        // A key that does not match the certificate.
+        let a = TempDir::new("a");
+        let b = TempDir::new("b");
+        let (_, cert_a) = server_config(a.path(), None, None).expect("a");
+        server_config(b.path(), None, None).expect("b");
+        let key_b = b.path().join("tls/key.pem");
+        let err = server_config(dir.path(), Some(&cert_a), Some(&key_b)).expect_err("mismatch");
+        assert!(err.to_string().contains("does not belong"), "{err}");
+
+        let err = server_config(dir.path(), Some(&cert_a), None).expect_err("half");
+        assert!(err.to_string().contains("no private key"), "{err}");
+        let err = server_config(dir.path(), None, Some(&key_b)).expect_err("half");
+        assert!(err.to_string().contains("no certificate"), "{err}");
+        // The key file given as a certificate.
+        let err = client_config(&key_b).expect_err("key as ca");
+        assert!(err.to_string().contains("key.pem"), "{err}");
+    }
+}
