@@ -22,6 +22,39 @@ pub enum Request {
     Leases,
     /// Counters and table sizes.
     Stats,
+    /// The lease history (newest first), optionally of one virtual address and/or at one
+    /// moment (RFC 3339). Reply: `{"history": [HistoryRecord, ...]}`.
+    History {
+        /// Only this virtual address.
+        #[serde(rename = "virtual", default, skip_serializing_if = "Option::is_none")]
+        virtual_addr: Option<IpAddr>,
+        /// Only leases that were live at this moment (RFC 3339).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<String>,
+        /// At most this many rows (default 1000).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+    },
+}
+
+/// One row of the lease history as the control socket shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryRecord {
+    /// The host's real address.
+    pub real: IpAddr,
+    /// The virtual address.
+    #[serde(rename = "virtual")]
+    pub virtual_addr: IpAddr,
+    /// The partner.
+    pub partner: IpAddr,
+    /// "explicit" or "implicit".
+    pub origin: String,
+    /// Start, RFC 3339.
+    pub start: String,
+    /// End, RFC 3339, or none while the lease lives.
+    pub end: Option<String>,
+    /// Why it ended ("expired", "idle", "released", "replaced").
+    pub end_reason: Option<String>,
 }
 
 /// One lease as the control socket shows it.

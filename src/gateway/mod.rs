@@ -467,6 +467,9 @@ impl Gateway {
                         serde_json::to_vec(&serde_json::json!({ "leases": v }))
                     }
                     Ok(Request::Stats) => serde_json::to_vec(&self.stats_now(now)),
+                    Ok(Request::History { .. }) => {
+                        return Some(error_line("this gateway keeps no history yet"))
+                    }
                     Err(e) => return Some(error_line(&format!("bad request: {e}"))),
                 };
                 let mut out = reply.unwrap_or_else(|e| error_line(&e.to_string()));
