@@ -146,6 +146,34 @@ pub struct GatewaySettings {
     /// error, warn, info, debug or trace [default: info].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+
+    /// Address (IP:PORT) the rental authority listens on over TLS; repeatable
+    /// [default: [::]:7443, every address of the box, IPv4 included].
+    #[arg(long = "authority-listen", value_name = "ADDR")]
+    #[serde(default)]
+    pub authority_listen: Vec<SocketAddr>,
+
+    /// Do not run the rental authority (no TLS port; leases are still durable).
+    #[arg(long)]
+    #[serde(default)]
+    pub no_authority: bool,
+
+    /// The authority's TLS certificate (PEM) [default: one generated once into
+    /// <state-dir>/tls/cert.pem; clients pin it with --ca].
+    #[arg(long, value_name = "FILE")]
+    pub authority_cert: Option<PathBuf>,
+
+    /// The private key of --authority-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub authority_key: Option<PathBuf>,
+
+    /// Inquiries answered per second per source address (IPv6: per /64) [default: 20].
+    #[arg(long, value_name = "N")]
+    pub inquiry_rate: Option<u32>,
+
+    /// Seconds the lease history is kept after a lease ended [default: 2592000, 30 days].
+    #[arg(long, value_name = "SECS")]
+    pub history_retention: Option<u64>,
 }
 
 /// The checked gateway configuration.
@@ -167,6 +195,21 @@ pub struct GatewayConfig {
     pub rule_priority: u32,
     /// Log level.
     pub log_level: log::LevelFilter,
+    /// The rental authority, unless turned off.
+    pub authority: Option<AuthorityConfig>,
+    /// How long ended leases stay in the history.
+    pub history_retention: Duration,
+}
+
+/// The rental authority's settings.
+#[derive(Debug, Clone)]
+pub struct AuthorityConfig {
+    /// Listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Certificate and key files, when not generated.
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// Inquiries per second per source.
+    pub inquiry_rate: u32,
 }
 
 impl GatewaySettings {
@@ -216,6 +259,12 @@ impl GatewaySettings {
             route_table: self.route_table.or(file.route_table),
             rule_priority: self.rule_priority.or(file.rule_priority),
             log_level: self.log_level.or(file.log_level),
+            authority_listen: list(self.authority_listen, file.authority_listen),
+            no_authority: self.no_authority || file.no_authority,
+            authority_cert: self.authority_cert.or(file.authority_cert),
+            authority_key: self.authority_key.or(file.authority_key),
+            inquiry_rate: self.inquiry_rate.or(file.inquiry_rate),
+            history_retention: self.history_retention.or(file.history_retention),
         }
     }
 
@@ -282,7 +331,29 @@ impl GatewaySettings {
         let log_level = l.parse().map_err(|_| {
             anyhow::anyhow!("--log-level {l:?}: use error, warn, info, debug or trace")
         })?;
+        let cert = match (self.authority_cert, self.authority_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => bail!("--authority-cert and --authority-key go together: give both, or neither to use a generated certificate"),
+        };
+        let authority = (!self.no_authority).then(|| AuthorityConfig {
+            listen: if self.authority_listen.is_empty() {
+                vec![SocketAddr::from((
+                    std::net::Ipv6Addr::UNSPECIFIED,
+                    crate::authority::DEFAULT_PORT,
+                ))]
+            } else {
+                self.authority_listen
+            },
+            cert,
+            inquiry_rate: self.inquiry_rate.unwrap_or(20).max(1),
+        });
+        nat.hold_until_durable = true;
         Ok(GatewayConfig {
+            authority,
+            history_retention: Duration::from_secs(
+                self.history_retention.unwrap_or(30 * 24 * 3600),
+            ),
             nat,
             tun,
             state_dir: self.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),

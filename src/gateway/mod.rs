@@ -7,23 +7,29 @@
 //! translator's next deadline, logs lease creation and deletion (the RFC 6888 §4 mapping log),
 //! and serves the local control socket and the optional metrics endpoint between batches.
 
+pub mod durable;
+pub mod rental;
 pub mod routing;
 pub mod tun;
 
 use crate::config::GatewayConfig;
 use crate::control::{self, LeaseRecord, Request, Stats};
 use crate::nat::{DropReason, LeaseEvent, Origin, Translator, Verdict};
+use crate::store::Done;
 use anyhow::{Context, Result};
+use durable::Durable;
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
+use rental::Rental;
 use routing::Routing;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 use tun::TunDevice;
 
 /// Most packets handled per turn of the loop before other sources get their turn.
@@ -32,6 +38,9 @@ const TUN: Token = Token(0);
 const CONTROL: Token = Token(1);
 const METRICS: Token = Token(2);
 const SIGNALS: Token = Token(3);
+const WAKER: Token = Token(4);
+/// How often ended history past its retention is deleted.
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
 const FIRST_CONN: usize = 16;
 const MAX_CONNS: usize = 64;
 const CONN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,6 +70,41 @@ pub fn run(cfg: GatewayConfig) -> Result<()> {
         lan: cfg.nat.lan.clone(),
         pools: cfg.nat.pools.clone(),
     };
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .context("cannot read /dev/urandom")?;
+    let start = Instant::now();
+    let mut nat =
+        Translator::new(cfg.nat.clone(), seed, start).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let poll = Poll::new()?;
+    let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
+    // The lease database first: a locked or damaged one stops us before anything changes.
+    let durable = Durable::open(&cfg.state_dir, waker, &mut nat)?;
+    let rental = match &cfg.authority {
+        None => None,
+        Some(a) => {
+            let (cert, key) = match &a.cert {
+                Some((c, k)) => (Some(c.as_path()), Some(k.as_path())),
+                None => (None, None),
+            };
+            let (tls, cert_path) = crate::tls::server_config(&cfg.state_dir, cert, key)?;
+            let r =
+                Rental::bind(&a.listen, tls, cfg.nat.lan.clone(), a.inquiry_rate, poll.registry())?;
+            let fp = crate::tls::read_certs(&cert_path)
+                .ok()
+                .and_then(|c| c.first().map(|c| crate::tls::fingerprint(c)))
+                .unwrap_or_default();
+            let addrs: Vec<String> = r.local_addrs().iter().map(|a| a.to_string()).collect();
+            info!(
+                "authority on {} (TLS 1.3); clients pin {} (SHA-256 {fp})",
+                addrs.join(", "),
+                cert_path.display()
+            );
+            Some(r)
+        }
+    };
+
     let leftovers = routing.remove()?;
     if leftovers > 0 {
         warn!(
@@ -72,13 +116,6 @@ pub fn run(cfg: GatewayConfig) -> Result<()> {
     let tun = TunDevice::open(&cfg.tun)?;
     let _cleanup = Cleanup { routing: routing.clone(), socket: cfg.control_socket.clone() };
     routing.install()?;
-
-    let mut seed = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut seed))
-        .context("cannot read /dev/urandom")?;
-    let start = Instant::now();
-    let nat = Translator::new(cfg.nat.clone(), seed, start).map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let show = |v: &[ipnet::IpNet]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
     info!(
@@ -109,8 +146,15 @@ pub fn run(cfg: GatewayConfig) -> Result<()> {
         start,
         conns: Vec::new(),
         last_drops: [0; DropReason::COUNT],
+        durable: Some(durable),
+        rental,
+        retention: cfg.history_retention,
     };
-    gw.run(control, metrics)?;
+    let result = gw.run(poll, control, metrics);
+    if let Some(d) = gw.durable.take() {
+        d.close();
+    }
+    result?;
     info!("stopped; removing TUN {}, its routes and rules", cfg.tun);
     Ok(())
 }
@@ -196,6 +240,8 @@ struct Conn {
     written: usize,
     deadline: Instant,
     done: bool,
+    /// A history query this connection waits for.
+    waiting: Option<u64>,
 }
 
 struct Gateway {
@@ -206,13 +252,21 @@ struct Gateway {
     start: Instant,
     conns: Vec<Option<Conn>>,
     last_drops: [u64; DropReason::COUNT],
+    durable: Option<Durable>,
+    rental: Option<Rental>,
+    retention: Duration,
 }
 
 impl Gateway {
-    fn run(&mut self, control: UnixListener, metrics: Option<TcpListener>) -> Result<()> {
+    fn run(
+        &mut self,
+        poll: Poll,
+        control: UnixListener,
+        metrics: Option<TcpListener>,
+    ) -> Result<()> {
+        let mut poll = poll;
         let mut control = control;
         let mut metrics = metrics;
-        let mut poll = Poll::new()?;
         let mut events = Events::with_capacity(256);
         let fd = self.tun.as_raw_fd();
         poll.registry().register(&mut SourceFd(&fd), TUN, Interest::READABLE)?;
@@ -229,6 +283,7 @@ impl Gateway {
 
         let mut tun_pending = true;
         let mut next_report = Instant::now() + REPORT_EVERY;
+        let mut next_purge = Instant::now();
         loop {
             let now = Instant::now();
             let timeout = if tun_pending {
@@ -239,6 +294,9 @@ impl Gateway {
                     next = next.min(t);
                 }
                 if let Some(t) = self.conns.iter().flatten().map(|c| c.deadline).min() {
+                    next = next.min(t);
+                }
+                if let Some(t) = self.rental.as_mut().and_then(|r| r.expire(now, poll.registry())) {
                     next = next.min(t);
                 }
                 Some(next.saturating_duration_since(now))
@@ -270,6 +328,12 @@ impl Gateway {
                             stop = true;
                         }
                     }
+                    WAKER => self.store_results(&poll, Instant::now()),
+                    t if Rental::owns(t) => {
+                        if let (Some(r), Some(d)) = (self.rental.as_mut(), self.durable.as_mut()) {
+                            r.ready(t, poll.registry(), &mut self.nat, d);
+                        }
+                    }
                     Token(t) => self.serve(&mut poll, t - FIRST_CONN),
                 }
             }
@@ -282,9 +346,18 @@ impl Gateway {
             }
             self.log_lease_events(now);
             self.expire_conns(&mut poll, now);
+            if let Some(d) = self.durable.as_mut() {
+                d.flush();
+            }
             if now >= next_report {
                 self.report_drops();
                 next_report = now + REPORT_EVERY;
+            }
+            if now >= next_purge {
+                if let Some(d) = self.durable.as_mut() {
+                    d.purge(SystemTime::now() - self.retention);
+                }
+                next_purge = now + PURGE_EVERY;
             }
             if stop {
                 return Ok(());
@@ -316,6 +389,12 @@ impl Gateway {
                     self.stats.passed_through += 1;
                     packet
                 }
+                Verdict::Hold => {
+                    if let Some(d) = self.durable.as_mut() {
+                        d.hold(packet);
+                    }
+                    continue;
+                }
                 Verdict::Drop(_) => continue,
             };
             match self.tun.send(out) {
@@ -326,12 +405,99 @@ impl Gateway {
         true
     }
 
+    /// Takes the store writer's results: commits release the packets and replies that waited
+    /// for them; answers go to whoever asked.
+    fn store_results(&mut self, poll: &Poll, now: Instant) {
+        loop {
+            let Some(done) = self.durable.as_ref().and_then(|d| d.try_done()) else { return };
+            match done {
+                Done::Committed { seq } => {
+                    self.nat.set_durable(seq);
+                    self.release_held(now);
+                    if let Some(r) = self.rental.as_mut() {
+                        r.committed(seq, poll.registry());
+                    }
+                }
+                Done::Failed { seq, error } => {
+                    if let Some(d) = self.durable.as_mut() {
+                        d.commit_failures += 1;
+                    }
+                    log::error!(
+                        "lease changes up to #{seq} could not be stored ({error}); their packets stay held"
+                    );
+                }
+                Done::WhoWas { token, real } => {
+                    if let Some(r) = self.rental.as_mut() {
+                        r.answered(token, real, poll.registry());
+                    }
+                }
+                Done::History { token, rows } => {
+                    let records: Vec<_> = rows.iter().map(durable::history_record).collect();
+                    let mut line = serde_json::to_vec(&serde_json::json!({ "history": records }))
+                        .unwrap_or_default();
+                    line.push(b'\n');
+                    self.answer_control(poll, token, line);
+                }
+                Done::QueryFailed { token, error } => {
+                    if let Some(r) = self.rental.as_mut() {
+                        r.query_failed(token, poll.registry());
+                    }
+                    self.answer_control(
+                        poll,
+                        token,
+                        error_line(&format!("history query failed: {error}")),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Translates again the packets held until their leases were durable.
+    fn release_held(&mut self, now: Instant) {
+        let Some(held) = self.durable.as_mut().map(|d| d.take_held()) else { return };
+        for mut packet in held {
+            let out: &[u8] = match self.nat.translate(&mut packet, now) {
+                Verdict::Forward(_) => &packet,
+                Verdict::Reply(_, reply) => reply,
+                Verdict::Drop(DropReason::NotOurs) => &packet,
+                Verdict::Hold => {
+                    if let Some(d) = self.durable.as_mut() {
+                        d.hold(&packet);
+                    }
+                    continue;
+                }
+                Verdict::Drop(_) => continue,
+            };
+            match self.tun.send(out) {
+                Ok(_) => self.stats.tun_tx += 1,
+                Err(_) => self.stats.tun_write_errors += 1,
+            }
+        }
+    }
+
+    /// Gives a control connection waiting for `token` its reply.
+    fn answer_control(&mut self, poll: &Poll, token: u64, line: Vec<u8>) {
+        for (slot, c) in self.conns.iter_mut().enumerate() {
+            if let Some(c) = c.as_mut().filter(|c| c.waiting == Some(token)) {
+                c.waiting = None;
+                c.output = line;
+                let t = Token(FIRST_CONN + slot);
+                let _ = poll.registry().reregister(c.stream.source(), t, Interest::WRITABLE);
+                return;
+            }
+        }
+    }
+
     fn log_lease_events(&mut self, now: Instant) {
-        while let Some(e) = self.nat.poll_event() {
+        while let Some((seq, e)) = self.nat.poll_event() {
+            if let Some(d) = self.durable.as_mut() {
+                d.record(seq, &e, now);
+            }
             let (what, l, why) = match &e {
                 LeaseEvent::Created(l) => ("created", l, None),
                 LeaseEvent::Updated(l) => ("updated", l, None),
                 LeaseEvent::Ended(l, r) => ("ended", l, Some(*r)),
+                LeaseEvent::Quarantined { .. } => continue,
             };
             let origin = if l.origin == Origin::Explicit { "explicit" } else { "implicit" };
             let expires = l.expires.map(|t| control::rfc3339(t, now)).unwrap_or_else(|| "-".into());
@@ -396,6 +562,7 @@ impl Gateway {
                 written: 0,
                 deadline: Instant::now() + CONN_TIMEOUT,
                 done: false,
+                waiting: None,
             });
         }
     }
@@ -430,6 +597,9 @@ impl Gateway {
                     break;
                 }
             }
+            if c.waiting.is_some() {
+                return true;
+            }
             match self.respond(c) {
                 Some(out) => c.output = out,
                 None => return c.input.len() <= MAX_CONN_INPUT,
@@ -448,7 +618,7 @@ impl Gateway {
     }
 
     /// The reply to a complete request, or `None` while the request is incomplete.
-    fn respond(&mut self, c: &Conn) -> Option<Vec<u8>> {
+    fn respond(&mut self, c: &mut Conn) -> Option<Vec<u8>> {
         let now = Instant::now();
         match c.stream {
             ConnStream::Unix(_) => {
@@ -467,8 +637,15 @@ impl Gateway {
                         serde_json::to_vec(&serde_json::json!({ "leases": v }))
                     }
                     Ok(Request::Stats) => serde_json::to_vec(&self.stats_now(now)),
-                    Ok(Request::History { .. }) => {
-                        return Some(error_line("this gateway keeps no history yet"))
+                    Ok(Request::History { virtual_addr, at, limit }) => {
+                        let at = match at.as_deref().map(crate::authority::parse_rfc3339) {
+                            None => None,
+                            Some(Some(t)) => Some(t),
+                            Some(None) => return Some(error_line("bad time: use RFC 3339")),
+                        };
+                        let d = self.durable.as_mut()?;
+                        c.waiting = Some(d.history(virtual_addr, at, limit.unwrap_or(1000)));
+                        return None;
                     }
                     Err(e) => return Some(error_line(&format!("bad request: {e}"))),
                 };

@@ -45,6 +45,8 @@ pub struct LeaseEntry {
     pub flows: u32,
     /// First flow of the lease's intrusive flow list.
     pub flow_head: u32,
+    /// Sequence number of the event that created it (0: restored, durable).
+    pub seq: u64,
 }
 
 impl Default for LeaseEntry {
@@ -61,6 +63,7 @@ impl Default for LeaseEntry {
             wheel: Links::default(),
             flows: 0,
             flow_head: NIL,
+            seq: 0,
         }
     }
 }
@@ -222,6 +225,7 @@ impl LeaseTable {
             wheel: Links::default(),
             flows: 0,
             flow_head: NIL,
+            seq: 0,
         };
         let (i, _) = self.slab.insert(entry).map_err(|_| DropReason::LeaseTableFull)?;
         self.wheel.schedule(&mut self.slab, i, expires);
@@ -242,14 +246,16 @@ impl LeaseTable {
         Ok(i)
     }
 
-    /// Removes lease `i` from the slab and every index, and quarantines its address.
+    /// Removes lease `i` from the slab and every index, and quarantines its address; returns
+    /// the quarantine entry made (virtual, partner or none, real, until).
     pub fn remove(
         &mut self,
         i: u32,
         now: u64,
         quarantine_ms: u64,
         mapping: Mapping,
-    ) -> Option<LeaseEntry> {
+    ) -> Option<(IpAddr, Option<IpAddr>, IpAddr, u64)> {
+        self.wheel.cancel(&mut self.slab, i);
         let l = self.slab.get(i)?.clone();
         let hs = &self.hasher;
         for (table, h) in [
@@ -263,18 +269,17 @@ impl LeaseTable {
             }
         }
         self.slab.remove(i);
-        if quarantine_ms > 0 {
-            let until = now.saturating_add(quarantine_ms);
-            match mapping {
-                Mapping::PerPartner => self.quarantine.add(l.virt, Some(l.partner), l.real, until),
-                Mapping::PerHost => {
-                    if self.of_host(l.real).next().is_none() {
-                        self.quarantine.add(l.virt, None, l.real, until);
-                    }
-                }
-            }
+        if quarantine_ms == 0 {
+            return None;
         }
-        Some(l)
+        let until = now.saturating_add(quarantine_ms);
+        let partner = match mapping {
+            Mapping::PerPartner => Some(l.partner),
+            Mapping::PerHost if self.of_host(l.real).next().is_none() => None,
+            Mapping::PerHost => return None,
+        };
+        self.quarantine.add(l.virt, partner, l.real, until);
+        Some((l.virt, partner, l.real, until))
     }
 
     /// Picks a virtual address for a new lease of `real` towards `partner`.

@@ -149,6 +149,9 @@ pub struct Config {
     pub icmp_rate: u32,
     /// Lease events kept until [`Translator::poll_event`] takes them; more are counted lost.
     pub event_capacity: usize,
+    /// Hold packets of a lease until it is durable: a driver that stores leases turns this on
+    /// and reports its commits with [`Translator::set_durable`]; see [`Verdict::Hold`].
+    pub hold_until_durable: bool,
 }
 
 impl Config {
@@ -167,6 +170,7 @@ impl Config {
             icmp_source_v6: None,
             icmp_rate: 100,
             event_capacity: 4096,
+            hold_until_durable: false,
         }
     }
 
@@ -375,6 +379,9 @@ pub enum Verdict<'a> {
     Drop(DropReason),
     /// Drop the packet and send this ICMP error (built in the translator's buffer) instead.
     Reply(DropReason, &'a [u8]),
+    /// The packet's lease is not durable yet: the packet is untouched; keep it and translate
+    /// it again once [`Translator::set_durable`] has reached [`Translator::durable_needed`].
+    Hold,
 }
 
 /// Packet and table counters.
@@ -404,6 +411,8 @@ pub struct Counters {
     pub flows_ended: u64,
     /// Lease events lost because nobody took them.
     pub events_lost: u64,
+    /// Packets held until their lease was durable.
+    pub held: u64,
     /// Quarantine entries dropped early because the quarantine was full.
     pub quarantine_evicted: u64,
 }
@@ -456,6 +465,8 @@ pub struct Lease {
     pub expires: Option<Instant>,
     /// Live flows.
     pub flows: u32,
+    /// Sequence number of the event that created it (durable once the driver reported it).
+    pub seq: u64,
 }
 
 /// Why a lease ended.
@@ -478,6 +489,18 @@ pub enum LeaseEvent {
     Updated(Lease),
     /// A lease ended.
     Ended(Lease, EndReason),
+    /// An ended lease's address is held back from other hosts until `until`: from
+    /// `partner` only, or from everyone when `None` (`per-host`).
+    Quarantined {
+        /// The virtual address.
+        virtual_addr: IpAddr,
+        /// The partner it is held back from, or none for all.
+        partner: Option<IpAddr>,
+        /// The host that had it (it may take it back).
+        real: IpAddr,
+        /// End of the quarantine.
+        until: Instant,
+    },
 }
 
 /// Why a lease operation was refused.
@@ -515,7 +538,7 @@ pub struct Translator {
     flows: FlowTable,
     /// Scratch list of due flows / leases for `handle_timeout`.
     due: Vec<u32>,
-    events: VecDeque<LeaseEvent>,
+    events: VecDeque<(u64, LeaseEvent)>,
     counters: Counters,
     rng: ChaCha12Rng,
     epoch: Instant,
@@ -526,6 +549,10 @@ pub struct Translator {
     reply_refill_ms: u64,
     reply_buf: Box<[u8; reply::MAX_REPLY]>,
     hairpin_scratch: Box<[u8]>,
+    /// Sequence number of the last event.
+    last_seq: u64,
+    /// Every event up to this one is durable.
+    durable: u64,
 }
 
 impl Translator {
@@ -552,6 +579,8 @@ impl Translator {
             reply_refill_ms: 0,
             reply_buf: Box::new([0u8; reply::MAX_REPLY]),
             hairpin_scratch: vec![0u8; 65536].into_boxed_slice(),
+            last_seq: 0,
+            durable: if config.hold_until_durable { 0 } else { u64::MAX },
             config,
         })
     }
@@ -601,6 +630,7 @@ impl Translator {
             created: self.epoch + Duration::from_millis(l.created),
             expires: self.instant(l.expires),
             flows: l.flows,
+            seq: l.seq,
         })
     }
 
@@ -769,9 +799,29 @@ impl Translator {
         self.end_lease(i, now_ms, EndReason::Released).ok_or(LeaseError::NoSuchLease)
     }
 
-    /// The next lease event, if any (creation, update, end), oldest first.
-    pub fn poll_event(&mut self) -> Option<LeaseEvent> {
+    /// The next lease event and its sequence number, if any (creation, update, end,
+    /// quarantine), oldest first. Sequence numbers increase by one per event.
+    pub fn poll_event(&mut self) -> Option<(u64, LeaseEvent)> {
         self.events.pop_front()
+    }
+
+    /// Reports that every event up to `seq` is durable: held packets of leases created up to
+    /// there may go (translate them again).
+    pub fn set_durable(&mut self, seq: u64) {
+        if self.config.hold_until_durable {
+            self.durable = self.durable.max(seq);
+        }
+    }
+
+    /// The sequence number held packets wait for (the last event's), when any lease is not
+    /// durable yet.
+    pub fn durable_needed(&self) -> Option<u64> {
+        (self.durable < self.last_seq).then_some(self.last_seq)
+    }
+
+    /// True when lease slot `i` is durable.
+    pub(crate) fn is_durable(&self, i: u32) -> bool {
+        self.leases.get(i).is_some_and(|l| l.seq <= self.durable)
     }
 
     /// When [`Translator::handle_timeout`] should next be called (never later than the
@@ -827,12 +877,15 @@ impl Translator {
         }
     }
 
-    fn push_event(&mut self, e: LeaseEvent) {
+    /// Queues an event; returns its sequence number.
+    fn push_event(&mut self, e: LeaseEvent) -> u64 {
+        self.last_seq += 1;
         if self.events.len() >= self.config.event_capacity {
             self.counters.events_lost += 1;
-            return;
+        } else {
+            self.events.push_back((self.last_seq, e));
         }
-        self.events.push_back(e);
+        self.last_seq
     }
 
     /// Creates a lease for `(real, partner)`: with `virt` given (inbound `any` filtering,
@@ -858,7 +911,12 @@ impl Translator {
         };
         let i = self.leases.insert(real, virt, partner, origin, now, expires)?;
         self.counters.leases_created += 1;
-        if let Some(view) = self.lease_view(i) {
+        if let Some(mut view) = self.lease_view(i) {
+            let seq = self.last_seq + 1;
+            view.seq = seq;
+            if let Some(l) = self.leases.get_mut(i) {
+                l.seq = seq;
+            }
             self.push_event(LeaseEvent::Created(view));
         }
         Ok(i)
@@ -876,9 +934,13 @@ impl Translator {
             }
             f = next;
         }
-        self.leases.remove(i, now, self.quarantine_ms, self.config.mapping);
+        let held_back = self.leases.remove(i, now, self.quarantine_ms, self.config.mapping);
         self.counters.leases_ended += 1;
         self.push_event(LeaseEvent::Ended(view.clone(), reason));
+        if let Some((virtual_addr, partner, real, until)) = held_back {
+            let until = self.epoch + Duration::from_millis(until);
+            self.push_event(LeaseEvent::Quarantined { virtual_addr, partner, real, until });
+        }
         Some(view)
     }
 }

@@ -59,6 +59,7 @@ impl Harness {
                 let reply = reply.to_vec();
                 return (Err(r), reply);
             }
+            Verdict::Hold => panic!("held: use translate() directly in durability tests"),
         };
         (v, b)
     }
@@ -551,8 +552,20 @@ fn udp_flow_keeps_an_implicit_lease_for_300_s() {
     h.tick(400.0);
     assert!(h.t.lease(l.id).is_none());
     let events: Vec<_> = std::iter::from_fn(|| h.t.poll_event()).collect();
-    assert!(matches!(events.first(), Some(LeaseEvent::Created(_))));
-    assert!(matches!(events.last(), Some(LeaseEvent::Ended(_, EndReason::Idle))));
+    let seqs: Vec<u64> = events.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, vec![1, 2, 3], "sequence numbers count events");
+    assert!(matches!(events[0].1, LeaseEvent::Created(_)));
+    assert!(matches!(events[1].1, LeaseEvent::Ended(_, EndReason::Idle)));
+    match &events[2].1 {
+        LeaseEvent::Quarantined { virtual_addr, partner, real, until } => {
+            assert_eq!(
+                (*virtual_addr, *partner, *real),
+                (ip("198.18.0.1"), Some(ip("203.0.113.5")), ip("192.0.2.10"))
+            );
+            assert_eq!(*until, h.at(400.0 + 120.0));
+        }
+        e => panic!("expected the quarantine event, got {e:?}"),
+    }
     assert_eq!(h.t.table_sizes(), (0, 0, 1), "the address went into quarantine");
 }
 
@@ -616,8 +629,9 @@ fn explicit_lease_lives_until_its_ttl_and_renew_extends_it() {
     h.tick(129.0);
     assert!(h.t.lease(l.id).is_none());
     assert_eq!(h.t.table_sizes().1, 0, "its flows ended with it");
-    let ended = std::iter::from_fn(|| h.t.poll_event()).last();
-    assert!(matches!(ended, Some(LeaseEvent::Ended(_, EndReason::Expired))));
+    let ended =
+        std::iter::from_fn(|| h.t.poll_event()).find(|(_, e)| matches!(e, LeaseEvent::Ended(..)));
+    assert!(matches!(ended, Some((_, LeaseEvent::Ended(_, EndReason::Expired)))));
 }
 
 #[test]
@@ -750,4 +764,44 @@ fn poll_timeout_tracks_the_next_deadline() {
     assert_eq!(h.t.poll_timeout(), Some(h.at(190.0)));
     h.tick(190.0);
     assert_eq!(h.t.poll_timeout(), None);
+}
+
+// ---- durability ----
+
+#[test]
+fn packets_of_a_new_lease_wait_until_it_is_durable() {
+    let mut c = single();
+    c.hold_until_durable = true;
+    let mut h = Harness::new(c);
+    let mut b = UDP4_OUT.to_vec();
+    assert_eq!(h.t.translate(&mut b, h.at(0.0)), Verdict::Hold);
+    assert_eq!(b, UDP4_OUT, "a held packet is untouched");
+    // The lease exists (and is logged) but no flow is made before it is durable.
+    let (seq, e) = h.t.poll_event().unwrap();
+    assert!(matches!(e, LeaseEvent::Created(_)));
+    assert_eq!(h.t.durable_needed(), Some(seq));
+    assert_eq!(h.t.table_sizes().1, 0);
+    let mut again = UDP4_OUT.to_vec();
+    assert_eq!(h.t.translate(&mut again, h.at(0.1)), Verdict::Hold, "still not durable");
+    h.t.set_durable(seq);
+    assert_eq!(h.t.durable_needed(), None);
+    h.expect(&UDP4_OUT, Direction::Outbound, &UDP4_OUT_X, 0.2);
+    // An inbound packet of a new pair on the now durable lease needs nothing more.
+    h.expect(&FRAGNEEDED4_IN, Direction::Inbound, &FRAGNEEDED4_IN_X, 0.3);
+    assert_eq!(h.t.counters().held, 2);
+    assert_eq!(h.t.poll_event(), None, "no new lease for the inbound error");
+}
+
+#[test]
+fn rent_is_pending_until_durable_and_restored_leases_are_not() {
+    let mut c = wide();
+    c.hold_until_durable = true;
+    let mut h = Harness::new(c);
+    let l =
+        h.t.rent(ip("192.0.2.10"), ip("203.0.113.5"), Duration::from_secs(60), h.at(0.0)).unwrap();
+    assert_eq!(h.t.durable_needed(), Some(l.seq));
+    let mut b = Harness::udp("192.0.2.10", "203.0.113.5", 1, 2);
+    assert_eq!(h.t.translate(&mut b, h.at(0.0)), Verdict::Hold);
+    h.t.set_durable(l.seq);
+    assert_eq!(h.run(&b, 0.0).0, Ok(Direction::Outbound));
 }

@@ -35,7 +35,11 @@ impl Translator {
                 }
                 Verdict::Forward(dir)
             }
-            Err(reason) => {
+            Err(Stop::Hold) => {
+                self.counters.held += 1;
+                Verdict::Hold
+            }
+            Err(Stop::Drop(reason)) => {
                 self.counters.drops[reason as usize] += 1;
                 if reason.wants_reply() {
                     if let Some(n) = self.build_reply(packet, now_ms) {
@@ -47,7 +51,7 @@ impl Translator {
         }
     }
 
-    fn route(&mut self, pkt: &mut [u8], now: u64) -> Result<Direction, DropReason> {
+    fn route(&mut self, pkt: &mut [u8], now: u64) -> Result<Direction, Stop> {
         let d = wire::parse(pkt)?;
         if let Transport::IcmpError { .. } = d.transport {
             return self.route_error(pkt, &d);
@@ -55,7 +59,7 @@ impl Translator {
         let to_pool = self.pool.contains(d.dst);
         if self.lan.contains(d.src) {
             if self.lan.contains(d.dst) {
-                return Err(DropReason::NotOurs);
+                return Err(DropReason::NotOurs.into());
             }
             if !to_pool {
                 self.outbound(pkt, &d, now)?;
@@ -75,7 +79,7 @@ impl Translator {
             self.inbound(pkt, &d, now)?;
             Ok(Direction::Inbound)
         } else {
-            Err(DropReason::NotOurs)
+            Err(DropReason::NotOurs.into())
         }
     }
 
@@ -84,11 +88,11 @@ impl Translator {
     /// address → back to the host; about a packet delivered to a host → out under the
     /// virtual address its partner knows; both → a hairpin. Never creates or refreshes state
     /// (RFC 5508 REQ-6).
-    fn route_error(&mut self, pkt: &mut [u8], d: &Datagram) -> Result<Direction, DropReason> {
+    fn route_error(&mut self, pkt: &mut [u8], d: &Datagram) -> Result<Direction, Stop> {
         let e = self.embedded(pkt, d)?;
         if e.src != d.dst {
             // An error goes back to the sender of the packet it quotes.
-            return Err(DropReason::IcmpErrorMalformed);
+            return Err(DropReason::IcmpErrorMalformed.into());
         }
         match (self.pool.contains(e.src), self.lan.contains(e.dst)) {
             (true, false) => {
@@ -100,32 +104,38 @@ impl Translator {
                 Ok(Direction::Outbound)
             }
             (true, true) => {
+                self.hairpin_scratch[..d.len].copy_from_slice(&pkt[..d.len]);
                 let virt = self.outbound_error(pkt, d, &e)?;
                 let d2 = Datagram { src: virt, ..*d };
-                let e2 = wire::parse_embedded(&pkt[d.l4 + ICMP_EMBEDDED..d.len])
-                    .map_err(|_| DropReason::IcmpErrorMalformed)?;
-                self.inbound_error(pkt, &d2, &e2)?;
+                let second = wire::parse_embedded(&pkt[d.l4 + ICMP_EMBEDDED..d.len])
+                    .map_err(|_| Stop::Drop(DropReason::IcmpErrorMalformed))
+                    .and_then(|e2| self.inbound_error(pkt, &d2, &e2));
+                if let Err(stop) = second {
+                    pkt[..d.len].copy_from_slice(&self.hairpin_scratch[..d.len]);
+                    return Err(stop);
+                }
                 Ok(Direction::Hairpin)
             }
-            (false, false) => Err(DropReason::NotOurs),
+            (false, false) => Err(DropReason::NotOurs.into()),
         }
     }
 
     /// Host → partner. Returns the virtual source written.
     #[inline]
-    fn outbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<IpAddr, DropReason> {
+    fn outbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<IpAddr, Stop> {
         match d.transport {
-            Transport::IcmpOther => return Err(DropReason::IcmpUnsupported),
-            Transport::Other => return Err(DropReason::UnsupportedProtocol),
+            Transport::IcmpOther => return Err(DropReason::IcmpUnsupported.into()),
+            Transport::Other => return Err(DropReason::UnsupportedProtocol.into()),
             _ => {}
         }
         if !super::is_unicast(d.dst) {
-            return Err(DropReason::NotOurs);
+            return Err(DropReason::NotOurs.into());
         }
         let Some(k) = FlowKey::of(d, true) else {
             // A later fragment: no ports, so the lease alone (RFC 4787 REQ-14: it may come
             // first and make the lease).
             let li = self.lease_out(d.src, d.dst, false, now)?;
+            self.hold_unless_durable(li)?;
             let l = self.leases.get(li).ok_or(DropReason::NoLease)?;
             let (virt, delta) = (l.virt, l.delta);
             rewrite(pkt, d, d.src_offset(), wide(virt), delta);
@@ -136,6 +146,7 @@ impl Translator {
             Some(fi) => fi,
             None => {
                 let li = self.lease_out(d.src, d.dst, true, now)?;
+                self.hold_unless_durable(li)?;
                 self.new_flow(li, k, now)?
             }
         };
@@ -146,14 +157,15 @@ impl Translator {
 
     /// Partner → host.
     #[inline]
-    fn inbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<(), DropReason> {
+    fn inbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<(), Stop> {
         match d.transport {
-            Transport::IcmpOther => return Err(DropReason::IcmpUnsupported),
-            Transport::Other => return Err(DropReason::UnsupportedProtocol),
+            Transport::IcmpOther => return Err(DropReason::IcmpUnsupported.into()),
+            Transport::Other => return Err(DropReason::UnsupportedProtocol.into()),
             _ => {}
         }
         let Some(k) = FlowKey::of(d, false) else {
             let li = self.lease_in(d.dst, d.src, false, now)?;
+            self.hold_unless_durable(li)?;
             let l = self.leases.get(li).ok_or(DropReason::NoLease)?;
             let (real, delta) = (l.real, l.delta.negate());
             rewrite(pkt, d, d.dst_offset(), wide(real), delta);
@@ -164,6 +176,7 @@ impl Translator {
             Some(fi) => fi,
             None => {
                 let li = self.lease_in(d.dst, d.src, true, now)?;
+                self.hold_unless_durable(li)?;
                 self.new_flow(li, k, now)?
             }
         };
@@ -172,6 +185,15 @@ impl Translator {
         let (_, delta) = self.touch_flow(fi, k.flags, false, now)?;
         rewrite(pkt, d, d.dst_offset(), real, delta.negate());
         Ok(())
+    }
+
+    /// Flows are only made for durable leases: until its lease is, a packet waits.
+    fn hold_unless_durable(&self, li: u32) -> Result<(), Stop> {
+        if self.is_durable(li) {
+            Ok(())
+        } else {
+            Err(Stop::Hold)
+        }
     }
 
     /// The lease for `real` → `partner`, made implicitly when there is none.
@@ -286,8 +308,9 @@ impl Translator {
         pkt: &mut [u8],
         d: &Datagram,
         e: &Datagram,
-    ) -> Result<IpAddr, DropReason> {
+    ) -> Result<IpAddr, Stop> {
         let li = self.leases.find_out(e.dst, e.src).ok_or(DropReason::IcmpErrorNoLease)?;
+        self.hold_unless_durable(li)?;
         let l = self.leases.get(li).ok_or(DropReason::IcmpErrorNoLease)?;
         let (virt, delta) = (l.virt, l.delta);
         let base = d.l4 + ICMP_EMBEDDED;
@@ -305,13 +328,9 @@ impl Translator {
     /// under a virtual address: the embedded source and the outer destination go back to the
     /// host's real address. No filtering on the outer source: the embedded packet must match a
     /// lease (RFC 5508 REQ-4).
-    fn inbound_error(
-        &mut self,
-        pkt: &mut [u8],
-        d: &Datagram,
-        e: &Datagram,
-    ) -> Result<(), DropReason> {
+    fn inbound_error(&mut self, pkt: &mut [u8], d: &Datagram, e: &Datagram) -> Result<(), Stop> {
         let li = self.leases.find_in(e.src, e.dst).ok_or(DropReason::IcmpErrorNoLease)?;
+        self.hold_unless_durable(li)?;
         let l = self.leases.get(li).ok_or(DropReason::IcmpErrorNoLease)?;
         let (real, delta) = (l.real, l.delta.negate());
         let base = d.l4 + ICMP_EMBEDDED;
@@ -336,6 +355,24 @@ impl Translator {
             return Err(DropReason::IcmpErrorMalformed);
         }
         Ok(e)
+    }
+}
+
+/// Why a packet was not forwarded: a counted drop, or a wait for durability.
+enum Stop {
+    Drop(DropReason),
+    Hold,
+}
+
+impl From<DropReason> for Stop {
+    fn from(r: DropReason) -> Stop {
+        Stop::Drop(r)
+    }
+}
+
+impl From<crate::wire::Error> for Stop {
+    fn from(e: crate::wire::Error) -> Stop {
+        Stop::Drop(e.into())
     }
 }
 

@@ -61,6 +61,7 @@ pub fn run(t: &mut Translator, pkt: &mut [u8], now: Instant) -> Outcome {
         Verdict::Forward(d) => Outcome::Forward(d),
         Verdict::Drop(r) => Outcome::Drop(r),
         Verdict::Reply(r, b) => Outcome::Reply(r, b.to_vec()),
+        Verdict::Hold => panic!("Hold without Config::hold_until_durable"),
     }
 }
 

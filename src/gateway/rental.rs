@@ -1,0 +1,480 @@
+//! The rental authority inside the gateway's loop: TLS 1.3 connections (rustls, non-blocking),
+//! one JSON request per line, the permission rule, and replies in request order.
+//!
+//! `rent`, `renew` and `release` are answered once the change is durable (the reply waits for
+//! the store's commit); `inquire` is answered from the live table, or from the history when
+//! it asks about a past moment (the reply waits for the store's answer). Every refusal of an
+//! inquiry is the same reply. Nothing here blocks: a slow or hostile client only ever costs
+//! its own connection, which is closed at its deadline.
+
+use super::durable::Durable;
+use crate::authority::{self, Command, Frame, Id, LineFramer, RateLimiter, Reply};
+use crate::nat::{LeaseError, Translator};
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry, Token};
+use rustls::{ServerConfig, ServerConnection};
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// First token of the authority's listeners.
+pub const LISTENER_TOKENS: usize = 100;
+/// First token of its connections.
+pub const CONN_TOKENS: usize = 10_000;
+/// Most connections at once; more are closed as they arrive.
+pub const MAX_CONNS: usize = 4096;
+/// Time to finish the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a connection may stay silent between requests.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most requests a connection may have waiting for the store.
+const MAX_WAITING: usize = 256;
+
+enum Waiting {
+    /// A reply to send as soon as the replies before it are sent.
+    Ready(Reply),
+    /// A reply to send once everything up to `seq` is durable.
+    Commit(u64, Reply),
+    /// An inquiry about the past, waiting for the store's answer `token`.
+    Query(u64, Id),
+}
+
+struct Conn {
+    sock: TcpStream,
+    tls: ServerConnection,
+    peer: IpAddr,
+    framer: LineFramer,
+    waiting: VecDeque<Waiting>,
+    deadline: Instant,
+    closing: bool,
+}
+
+/// Counters of the authority.
+#[derive(Debug, Default, Clone)]
+pub struct RentalStats {
+    /// Connections accepted.
+    pub connections: u64,
+    /// Connections closed at once because too many were open.
+    pub refused_connections: u64,
+    /// Connections ended by a TLS error or a deadline.
+    pub broken_connections: u64,
+    /// Requests answered.
+    pub requests: u64,
+    /// Inquiries refused (any cause).
+    pub inquiries_refused: u64,
+    /// Inquiries over the rate limit.
+    pub rate_limited: u64,
+}
+
+/// The authority's listeners and connections.
+pub struct Rental {
+    listeners: Vec<TcpListener>,
+    config: Arc<ServerConfig>,
+    conns: Vec<Option<Conn>>,
+    limiter: RateLimiter,
+    served: Vec<IpNet>,
+    /// Counters.
+    pub stats: RentalStats,
+}
+
+impl Rental {
+    /// Binds the listen addresses. `[::]:PORT` serves IPv4 too (dual stack); on a box without
+    /// IPv6 it falls back to `0.0.0.0:PORT`.
+    pub fn bind(
+        listen: &[SocketAddr],
+        config: Arc<ServerConfig>,
+        served: Vec<IpNet>,
+        inquiry_rate: u32,
+        registry: &Registry,
+    ) -> Result<Rental> {
+        let mut listeners = Vec::new();
+        for (k, a) in listen.iter().enumerate() {
+            let mut l = match TcpListener::bind(*a) {
+                Ok(l) => l,
+                Err(e) if a.ip().is_unspecified() && a.is_ipv6() => {
+                    let v4 = SocketAddr::from(([0, 0, 0, 0], a.port()));
+                    debug!("cannot bind {a} ({e}); using {v4}");
+                    TcpListener::bind(v4)
+                        .with_context(|| format!("the authority cannot listen on {v4}"))?
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("the authority cannot listen on {a} (see --authority-listen)")
+                    })
+                }
+            };
+            registry.register(&mut l, Token(LISTENER_TOKENS + k), Interest::READABLE)?;
+            listeners.push(l);
+        }
+        Ok(Rental {
+            listeners,
+            config,
+            conns: Vec::new(),
+            limiter: RateLimiter::new(inquiry_rate, inquiry_rate.saturating_mul(2), 65_536),
+            served,
+            stats: RentalStats::default(),
+        })
+    }
+
+    /// The addresses actually bound.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// True when `t` is one of the authority's tokens.
+    pub fn owns(t: Token) -> bool {
+        t.0 >= LISTENER_TOKENS && t.0 < LISTENER_TOKENS + 16 || t.0 >= CONN_TOKENS
+    }
+
+    /// Handles a readiness event of one of the authority's tokens.
+    pub fn ready(
+        &mut self,
+        t: Token,
+        registry: &Registry,
+        nat: &mut Translator,
+        store: &mut Durable,
+    ) {
+        if t.0 < CONN_TOKENS {
+            self.accept(t.0 - LISTENER_TOKENS, registry);
+        } else {
+            self.service(t.0 - CONN_TOKENS, registry, nat, store);
+        }
+    }
+
+    fn accept(&mut self, k: usize, registry: &Registry) {
+        let Some(listener) = self.listeners.get(k) else { return };
+        loop {
+            let (mut sock, peer) = match listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: leave the rest in the backlog until a slot frees.
+                    debug!("authority accept failed: {e}");
+                    return;
+                }
+            };
+            let slot = match self.conns.iter().position(Option::is_none) {
+                Some(i) => i,
+                None if self.conns.len() < MAX_CONNS => {
+                    self.conns.push(None);
+                    self.conns.len() - 1
+                }
+                None => {
+                    self.stats.refused_connections += 1;
+                    continue; // dropping `sock` closes it
+                }
+            };
+            let Ok(tls) = ServerConnection::new(self.config.clone()) else { continue };
+            if registry.register(&mut sock, Token(CONN_TOKENS + slot), Interest::READABLE).is_err()
+            {
+                continue;
+            }
+            self.stats.connections += 1;
+            self.conns[slot] = Some(Conn {
+                sock,
+                tls,
+                peer: authority::peer_ip(peer),
+                framer: LineFramer::new(),
+                waiting: VecDeque::new(),
+                deadline: Instant::now() + HANDSHAKE_TIMEOUT,
+                closing: false,
+            });
+        }
+    }
+
+    fn service(
+        &mut self,
+        slot: usize,
+        registry: &Registry,
+        nat: &mut Translator,
+        store: &mut Durable,
+    ) {
+        let Some(Some(mut c)) = self.conns.get_mut(slot).map(Option::take) else { return };
+        let alive = self.progress(&mut c, nat, store);
+        self.settle(slot, c, alive, registry);
+    }
+
+    /// Puts a connection back with the right interest, or closes it.
+    fn settle(&mut self, slot: usize, mut c: Conn, alive: bool, registry: &Registry) {
+        let done = c.closing && c.waiting.is_empty() && !c.tls.wants_write();
+        if !alive || done {
+            let _ = registry.deregister(&mut c.sock);
+            return;
+        }
+        let interest = if c.tls.wants_write() {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        let _ = registry.reregister(&mut c.sock, Token(CONN_TOKENS + slot), interest);
+        self.conns[slot] = Some(c);
+    }
+
+    /// Reads, decrypts, answers and writes what it can. False when the connection is over.
+    fn progress(&mut self, c: &mut Conn, nat: &mut Translator, store: &mut Durable) -> bool {
+        let mut eof = false;
+        loop {
+            match c.tls.read_tls(&mut c.sock) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+            if let Err(e) = c.tls.process_new_packets() {
+                // Not TLS, or broken TLS: the alert goes out as a last gasp, then close.
+                debug!("authority: TLS error from {}: {e}", c.peer);
+                let _ = c.tls.write_tls(&mut c.sock);
+                self.stats.broken_connections += 1;
+                return false;
+            }
+            if c.tls.is_handshaking() {
+                continue;
+            }
+            let mut plain = [0u8; 4096];
+            loop {
+                match c.tls.reader().read(&mut plain) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => c.framer.feed(&plain[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => return false,
+                }
+            }
+            while let Some(frame) = c.framer.next_frame() {
+                if c.closing || c.waiting.len() >= MAX_WAITING {
+                    break;
+                }
+                c.deadline = Instant::now() + IDLE_TIMEOUT;
+                match frame {
+                    Frame::Line(line) => {
+                        let w = self.handle(&line, c.peer, nat, store);
+                        c.waiting.push_back(w);
+                    }
+                    Frame::TooLong => {
+                        c.waiting.push_back(Waiting::Ready(Reply::too_long()));
+                        c.closing = true;
+                    }
+                }
+            }
+        }
+        if eof {
+            c.closing = true;
+        }
+        Self::flush(c);
+        loop {
+            if !c.tls.wants_write() {
+                break;
+            }
+            match c.tls.write_tls(&mut c.sock) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Moves the replies that may go from `waiting` into the TLS stream, in order.
+    fn flush(c: &mut Conn) {
+        while let Some(front) = c.waiting.front() {
+            let reply = match front {
+                Waiting::Ready(_) => c.waiting.pop_front(),
+                Waiting::Commit(..) | Waiting::Query(..) => break,
+            };
+            if let Some(Waiting::Ready(r)) = reply {
+                let _ = c.tls.writer().write_all(&r.to_line());
+            }
+        }
+    }
+
+    /// One request line: the reply, or what it waits for.
+    fn handle(
+        &mut self,
+        line: &[u8],
+        peer: IpAddr,
+        nat: &mut Translator,
+        store: &mut Durable,
+    ) -> Waiting {
+        self.stats.requests += 1;
+        let req = match authority::parse_request(line) {
+            Ok(r) => r,
+            Err(reply) => return Waiting::Ready(reply),
+        };
+        let now = Instant::now();
+        let id = req.id;
+        let ttl = |t: Option<Duration>| t.unwrap_or(authority::DEFAULT_TTL).min(authority::MAX_TTL);
+        match req.command {
+            Command::Rent { partner, ttl: t } => {
+                if !authority::may_rent(peer, &self.served) {
+                    return Waiting::Ready(Reply::not_served(id, peer));
+                }
+                match nat.rent(peer, partner, ttl(t), now) {
+                    Ok(l) => {
+                        let expires = l.expires.map_or(store.wall(now), |e| store.wall(e));
+                        let seq = nat.durable_needed().unwrap_or(0);
+                        info!("rent: real={peer} partner={partner} virtual={}", l.virtual_addr);
+                        Waiting::Commit(seq, Reply::leased(id, l.virtual_addr, expires))
+                    }
+                    Err(LeaseError::PoolExhausted | LeaseError::TableFull) => {
+                        Waiting::Ready(Reply::no_address(id))
+                    }
+                    Err(LeaseError::NotServed) => Waiting::Ready(Reply::not_served(id, peer)),
+                    Err(e) => Waiting::Ready(Reply::bad_request(id, e.to_string())),
+                }
+            }
+            Command::Renew { virtual_addr, ttl: t } => {
+                let mine = nat.leases_on(peer, virtual_addr);
+                if mine.is_empty() {
+                    return Waiting::Ready(Reply::not_permitted(id));
+                }
+                let mut expires = store.wall(now);
+                for l in mine {
+                    if let Ok(r) = nat.renew(l.id, ttl(t), now) {
+                        expires = r.expires.map_or(expires, |e| store.wall(e));
+                    }
+                }
+                let seq = nat.durable_needed().unwrap_or(0);
+                Waiting::Commit(seq, Reply::leased(id, virtual_addr, expires))
+            }
+            Command::Release { virtual_addr } => {
+                let mine = nat.leases_on(peer, virtual_addr);
+                if mine.is_empty() {
+                    return Waiting::Ready(Reply::not_permitted(id));
+                }
+                for l in mine {
+                    let _ = nat.release(l.id, now);
+                }
+                info!("release: real={peer} virtual={virtual_addr}");
+                let seq = nat.durable_needed().unwrap_or(0);
+                Waiting::Commit(seq, Reply::released(id))
+            }
+            Command::Inquire { virtual_addr, at } => {
+                if !self.limiter.allow(peer, now) {
+                    self.stats.rate_limited += 1;
+                    return Waiting::Ready(Reply::rate_limited(id));
+                }
+                match at {
+                    None => match nat.lease_for(virtual_addr, peer) {
+                        Some(l) => Waiting::Ready(Reply::real(id, l.real)),
+                        None => {
+                            self.stats.inquiries_refused += 1;
+                            Waiting::Ready(Reply::not_permitted(id))
+                        }
+                    },
+                    Some(t) if t > store.wall(now) => {
+                        self.stats.inquiries_refused += 1;
+                        Waiting::Ready(Reply::not_permitted(id))
+                    }
+                    Some(t) => Waiting::Query(store.who_was(virtual_addr, peer, t), id),
+                }
+            }
+        }
+    }
+
+    /// Everything up to `seq` is durable: the replies that waited for it may go.
+    pub fn committed(&mut self, seq: u64, registry: &Registry) {
+        self.each_conn(registry, |c| {
+            for w in c.waiting.iter_mut() {
+                if let Waiting::Commit(s, r) = w {
+                    if *s <= seq {
+                        *w = Waiting::Ready(r.clone());
+                    }
+                }
+            }
+        });
+    }
+
+    /// The store answered an inquiry about the past.
+    pub fn answered(&mut self, token: u64, real: Option<IpAddr>, registry: &Registry) {
+        let mut refused = false;
+        self.each_conn(registry, |c| {
+            for w in c.waiting.iter_mut() {
+                if let Waiting::Query(t, id) = w {
+                    if *t == token {
+                        let id = id.clone();
+                        *w = Waiting::Ready(match real {
+                            Some(r) => Reply::real(id, r),
+                            None => {
+                                refused = true;
+                                Reply::not_permitted(id)
+                            }
+                        });
+                    }
+                }
+            }
+        });
+        if refused {
+            self.stats.inquiries_refused += 1;
+        }
+    }
+
+    /// A store query failed: the waiting inquiry gets `internal`.
+    pub fn query_failed(&mut self, token: u64, registry: &Registry) {
+        warn!("an inquiry about the past failed in the store");
+        self.each_conn(registry, |c| {
+            for w in c.waiting.iter_mut() {
+                if let Waiting::Query(t, id) = w {
+                    if *t == token {
+                        *w = Waiting::Ready(Reply::internal(id.clone()));
+                    }
+                }
+            }
+        });
+    }
+
+    /// Applies `f` to every connection, then sends what became ready.
+    fn each_conn(&mut self, registry: &Registry, mut f: impl FnMut(&mut Conn)) {
+        for slot in 0..self.conns.len() {
+            let Some(mut c) = self.conns[slot].take() else { continue };
+            f(&mut c);
+            Self::flush(&mut c);
+            let mut alive = true;
+            while c.tls.wants_write() {
+                match c.tls.write_tls(&mut c.sock) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        alive = false;
+                        break;
+                    }
+                }
+            }
+            self.settle(slot, c, alive, registry);
+        }
+    }
+
+    /// Closes connections past their deadline; returns the earliest deadline left.
+    pub fn expire(&mut self, now: Instant, registry: &Registry) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        for slot in self.conns.iter_mut() {
+            if slot.as_ref().is_some_and(|c| c.deadline <= now) {
+                if let Some(mut c) = slot.take() {
+                    self.stats.broken_connections += 1;
+                    let _ = registry.deregister(&mut c.sock);
+                }
+            } else if let Some(c) = slot.as_ref() {
+                next = Some(next.map_or(c.deadline, |n| n.min(c.deadline)));
+            }
+        }
+        next
+    }
+
+    /// Number of open connections.
+    pub fn open_connections(&self) -> usize {
+        self.conns.iter().flatten().count()
+    }
+}
