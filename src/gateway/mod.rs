@@ -50,7 +50,25 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs the gateway until SIGINT or SIGTERM; removes what it installed on the way out.
 pub fn run(cfg: GatewayConfig) -> Result<()> {
-    routing::preflight(&cfg.nat.lan, &cfg.nat.pools)?;
+    run_with(cfg, true)
+}
+
+/// Runs the rental authority alone (`vipgate authority`): the lease table, its store, the
+/// TLS port and the control socket, with no TUN device and no routing, for gateways that
+/// will share it. Leases rented here are durable and inquirable like the gateway's.
+pub fn run_authority(cfg: GatewayConfig) -> Result<()> {
+    if cfg.authority.is_none() {
+        anyhow::bail!(
+            "`vipgate authority` without its TLS port would serve nothing: drop --no-authority"
+        );
+    }
+    run_with(cfg, false)
+}
+
+fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
+    if data_plane {
+        routing::preflight(&cfg.nat.lan, &cfg.nat.pools)?;
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -105,26 +123,40 @@ pub fn run(cfg: GatewayConfig) -> Result<()> {
         }
     };
 
-    let leftovers = routing.remove()?;
-    if leftovers > 0 {
-        warn!(
-            "removed {leftovers} policy rules left by a previous run (priorities {}..{})",
-            cfg.rule_priority,
-            cfg.rule_priority + routing::RULE_BAND - 1
-        );
-    }
-    let tun = TunDevice::open(&cfg.tun)?;
-    let _cleanup = Cleanup { routing: routing.clone(), socket: cfg.control_socket.clone() };
-    routing.install()?;
+    let (tun, _cleanup) = if data_plane {
+        let leftovers = routing.remove()?;
+        if leftovers > 0 {
+            warn!(
+                "removed {leftovers} policy rules left by a previous run (priorities {}..{})",
+                cfg.rule_priority,
+                cfg.rule_priority + routing::RULE_BAND - 1
+            );
+        }
+        let tun = TunDevice::open(&cfg.tun)?;
+        let cleanup =
+            Cleanup { routing: Some(routing.clone()), socket: cfg.control_socket.clone() };
+        routing.install()?;
+        (Some(tun), cleanup)
+    } else {
+        (None, Cleanup { routing: None, socket: cfg.control_socket.clone() })
+    };
 
     let show = |v: &[ipnet::IpNet]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
-    info!(
-        "vipgate gateway {}: TUN {}, serving {} from pool {}",
-        env!("CARGO_PKG_VERSION"),
-        tun.name(),
-        show(&cfg.nat.lan),
-        show(&cfg.nat.pools)
-    );
+    match &tun {
+        Some(t) => info!(
+            "vipgate gateway {}: TUN {}, serving {} from pool {}",
+            env!("CARGO_PKG_VERSION"),
+            t.name(),
+            show(&cfg.nat.lan),
+            show(&cfg.nat.pools)
+        ),
+        None => info!(
+            "vipgate authority {}: renting to {} from pool {} (no data plane here)",
+            env!("CARGO_PKG_VERSION"),
+            show(&cfg.nat.lan),
+            show(&cfg.nat.pools)
+        ),
+    }
     info!(
         "mapping {}, filtering {}; up to {} leases and {} flows",
         cfg.nat.mapping, cfg.nat.filtering, cfg.nat.max_leases, cfg.nat.max_flows
@@ -155,19 +187,23 @@ pub fn run(cfg: GatewayConfig) -> Result<()> {
         d.close();
     }
     result?;
-    info!("stopped; removing TUN {}, its routes and rules", cfg.tun);
+    if data_plane {
+        info!("stopped; removing TUN {}, its routes and rules", cfg.tun);
+    } else {
+        info!("stopped");
+    }
     Ok(())
 }
 
 /// Removes the routing and the control socket however the gateway ends.
 struct Cleanup {
-    routing: Routing,
+    routing: Option<Routing>,
     socket: PathBuf,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        if let Err(e) = self.routing.remove() {
+        if let Some(Err(e)) = self.routing.as_ref().map(Routing::remove) {
             warn!("cleanup: {e:#}");
         }
         let _ = std::fs::remove_file(&self.socket);
@@ -246,7 +282,7 @@ struct Conn {
 
 struct Gateway {
     nat: Translator,
-    tun: TunDevice,
+    tun: Option<TunDevice>,
     buf: Box<[u8]>,
     stats: Stats,
     start: Instant,
@@ -268,8 +304,10 @@ impl Gateway {
         let mut control = control;
         let mut metrics = metrics;
         let mut events = Events::with_capacity(256);
-        let fd = self.tun.as_raw_fd();
-        poll.registry().register(&mut SourceFd(&fd), TUN, Interest::READABLE)?;
+        if let Some(tun) = &self.tun {
+            let fd = tun.as_raw_fd();
+            poll.registry().register(&mut SourceFd(&fd), TUN, Interest::READABLE)?;
+        }
         poll.registry().register(&mut control, CONTROL, Interest::READABLE)?;
         if let Some(m) = metrics.as_mut() {
             poll.registry().register(m, METRICS, Interest::READABLE)?;
@@ -281,7 +319,7 @@ impl Gateway {
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
         info!("ready");
 
-        let mut tun_pending = true;
+        let mut tun_pending = self.tun.is_some();
         let mut next_report = Instant::now() + REPORT_EVERY;
         let mut next_purge = Instant::now();
         loop {
@@ -368,8 +406,9 @@ impl Gateway {
     /// Reads, translates and writes back up to [`BATCH`] packets. True when packets may be
     /// left (the batch filled up before `WouldBlock`).
     fn drain_tun(&mut self, now: Instant) -> bool {
+        let Some(tun) = &self.tun else { return false };
         for _ in 0..BATCH {
-            let n = match self.tun.recv(&mut self.buf) {
+            let n = match tun.recv(&mut self.buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -397,7 +436,7 @@ impl Gateway {
                 }
                 Verdict::Drop(_) => continue,
             };
-            match self.tun.send(out) {
+            match tun.send(out) {
                 Ok(_) => self.stats.tun_tx += 1,
                 Err(_) => self.stats.tun_write_errors += 1,
             }
@@ -468,7 +507,8 @@ impl Gateway {
                 }
                 Verdict::Drop(_) => continue,
             };
-            match self.tun.send(out) {
+            let Some(tun) = &self.tun else { continue };
+            match tun.send(out) {
                 Ok(_) => self.stats.tun_tx += 1,
                 Err(_) => self.stats.tun_write_errors += 1,
             }
