@@ -7,16 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use: ip (namespaces, veth, routes), ping, a packet capture.
-need=()
-for pkg in iproute2 iputils-ping tcpdump; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-    echo "test.sh: installing ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+. scripts/lib.sh
+need_packages iproute2 iputils-ping tcpdump
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "test.sh: run as root: the gateway tests need network namespaces and /dev/net/tun" >&2

@@ -580,16 +580,9 @@ impl Gateway {
                     return;
                 }
             };
-            let slot = match self.conns.iter().position(Option::is_none) {
-                Some(i) => i,
-                None if self.conns.len() < MAX_CONNS => {
-                    self.conns.push(None);
-                    self.conns.len() - 1
-                }
-                None => {
-                    debug!("too many control connections; closing a new one");
-                    continue;
-                }
+            let Some(slot) = free_slot(&mut self.conns, MAX_CONNS) else {
+                debug!("too many control connections; closing a new one");
+                continue;
             };
             let token = Token(FIRST_CONN + slot);
             if poll.registry().register(stream.source(), token, Interest::READABLE).is_err() {
@@ -738,6 +731,18 @@ impl Gateway {
                 }
             }
         }
+    }
+}
+
+/// A free slot of a connection table of at most `max` entries (growing it when needed).
+pub(crate) fn free_slot<T>(conns: &mut Vec<Option<T>>, max: usize) -> Option<usize> {
+    match conns.iter().position(Option::is_none) {
+        Some(i) => Some(i),
+        None if conns.len() < max => {
+            conns.push(None);
+            Some(conns.len() - 1)
+        }
+        None => None,
     }
 }
 

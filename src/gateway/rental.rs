@@ -159,16 +159,9 @@ impl Rental {
                     return;
                 }
             };
-            let slot = match self.conns.iter().position(Option::is_none) {
-                Some(i) => i,
-                None if self.conns.len() < MAX_CONNS => {
-                    self.conns.push(None);
-                    self.conns.len() - 1
-                }
-                None => {
-                    self.stats.refused_connections += 1;
-                    continue; // dropping `sock` closes it
-                }
+            let Some(slot) = super::free_slot(&mut self.conns, MAX_CONNS) else {
+                self.stats.refused_connections += 1;
+                continue; // dropping `sock` closes it
             };
             let Ok(tls) = ServerConnection::new(self.config.clone()) else { continue };
             if registry.register(&mut sock, Token(CONN_TOKENS + slot), Interest::READABLE).is_err()

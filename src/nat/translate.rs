@@ -123,11 +123,7 @@ impl Translator {
     /// Host → partner. Returns the virtual source written.
     #[inline]
     fn outbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<IpAddr, Stop> {
-        match d.transport {
-            Transport::IcmpOther => return Err(DropReason::IcmpUnsupported.into()),
-            Transport::Other => return Err(DropReason::UnsupportedProtocol.into()),
-            _ => {}
-        }
+        translatable(d)?;
         if !super::is_unicast(d.dst) {
             return Err(DropReason::NotOurs.into());
         }
@@ -158,11 +154,7 @@ impl Translator {
     /// Partner → host.
     #[inline]
     fn inbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<(), Stop> {
-        match d.transport {
-            Transport::IcmpOther => return Err(DropReason::IcmpUnsupported.into()),
-            Transport::Other => return Err(DropReason::UnsupportedProtocol.into()),
-            _ => {}
-        }
+        translatable(d)?;
         let Some(k) = FlowKey::of(d, false) else {
             let li = self.lease_in(d.dst, d.src, false, now)?;
             self.hold_unless_durable(li)?;
@@ -355,6 +347,17 @@ impl Translator {
             return Err(DropReason::IcmpErrorMalformed);
         }
         Ok(e)
+    }
+}
+
+/// Refuses what the translator does not forward: ICMP types other than echo and the errors
+/// (RFC 5508 REQ-11), protocols other than TCP, UDP and ICMP.
+#[inline]
+fn translatable(d: &Datagram) -> Result<(), DropReason> {
+    match d.transport {
+        Transport::IcmpOther => Err(DropReason::IcmpUnsupported),
+        Transport::Other => Err(DropReason::UnsupportedProtocol),
+        _ => Ok(()),
     }
 }
 
