@@ -676,7 +676,9 @@ impl Gateway {
                             Some(Some(t)) => Some(t),
                             Some(None) => return Some(error_line("bad time: use RFC 3339")),
                         };
-                        let d = self.durable.as_mut()?;
+                        let Some(d) = self.durable.as_mut() else {
+                            return Some(error_line("this daemon keeps no lease history"));
+                        };
                         c.waiting = Some(d.history(virtual_addr, at, limit.unwrap_or(1000)));
                         return None;
                     }

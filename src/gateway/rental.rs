@@ -318,7 +318,7 @@ impl Rental {
                     Ok(l) => {
                         let expires = l.expires.map_or(store.wall(now), |e| store.wall(e));
                         let seq = nat.durable_needed().unwrap_or(0);
-                        info!("rent: real={peer} partner={partner} virtual={}", l.virtual_addr);
+                        debug!("rent: real={peer} partner={partner} virtual={}", l.virtual_addr);
                         Waiting::Commit(seq, Reply::leased(id, l.virtual_addr, expires))
                     }
                     Err(LeaseError::PoolExhausted | LeaseError::TableFull) => {
@@ -350,7 +350,7 @@ impl Rental {
                 for l in mine {
                     let _ = nat.release(l.id, now);
                 }
-                info!("release: real={peer} virtual={virtual_addr}");
+                debug!("release: real={peer} virtual={virtual_addr}");
                 let seq = nat.durable_needed().unwrap_or(0);
                 Waiting::Commit(seq, Reply::released(id))
             }
