@@ -12,7 +12,7 @@ use crate::authority::{self, Command, Frame, Id, LineFramer, RateLimiter, Reply}
 use crate::nat::{LeaseError, Translator};
 use anyhow::{Context, Result};
 use ipnet::IpNet;
-use log::{debug, info, warn};
+use log::{debug, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 use rustls::{ServerConfig, ServerConnection};
