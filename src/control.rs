@@ -143,6 +143,24 @@ pub struct Stats {
     pub flows_ended: u64,
     /// Lease events lost.
     pub events_lost: u64,
+    /// Packets held until their lease was durable.
+    pub held: u64,
+    /// Held packets dropped because too many were waiting.
+    pub held_dropped: u64,
+    /// Lease-store commits that failed.
+    pub store_failures: u64,
+    /// Authority connections accepted.
+    pub authority_connections: u64,
+    /// Authority connections closed on arrival (too many open).
+    pub authority_refused_connections: u64,
+    /// Authority connections ended by a TLS error or a deadline.
+    pub authority_broken_connections: u64,
+    /// Authority requests answered.
+    pub authority_requests: u64,
+    /// Inquiries refused (any cause; the asker cannot tell which).
+    pub inquiries_refused: u64,
+    /// Inquiries over the per-source rate limit.
+    pub inquiries_rate_limited: u64,
     /// Drops per reason.
     pub drops: BTreeMap<String, u64>,
 }
@@ -167,6 +185,7 @@ impl Stats {
             flows_created: c.flows_created,
             flows_ended: c.flows_ended,
             events_lost: c.events_lost,
+            held: c.held,
             drops: crate::nat::DropReason::ALL
                 .iter()
                 .map(|r| (r.as_str().to_string(), c.dropped(*r)))
@@ -236,6 +255,40 @@ impl Stats {
             "counter",
             "Packets not about any lease, passed on unchanged.",
             &[("", self.passed_through)],
+        );
+        metric(
+            "packets_held_total",
+            "counter",
+            "Packets held until their lease was durable.",
+            &[("", self.held)],
+        );
+        metric(
+            "store_failures_total",
+            "counter",
+            "Lease-store commits that failed.",
+            &[("", self.store_failures)],
+        );
+        let conns = [
+            ("{outcome=\"accepted\"}", self.authority_connections),
+            ("{outcome=\"refused\"}", self.authority_refused_connections),
+            ("{outcome=\"broken\"}", self.authority_broken_connections),
+        ];
+        metric("authority_connections_total", "counter", "Authority connections.", &conns);
+        metric(
+            "authority_requests_total",
+            "counter",
+            "Authority requests answered.",
+            &[("", self.authority_requests)],
+        );
+        let inq = [
+            ("{outcome=\"refused\"}", self.inquiries_refused),
+            ("{outcome=\"rate_limited\"}", self.inquiries_rate_limited),
+        ];
+        metric(
+            "inquiries_not_answered_total",
+            "counter",
+            "Inquiries refused or rate-limited.",
+            &inq,
         );
         metric("leases", "gauge", "Leases held.", &[("", self.leases as u64)]);
         metric("flows", "gauge", "Flows held.", &[("", self.flows as u64)]);

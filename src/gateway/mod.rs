@@ -718,6 +718,20 @@ impl Gateway {
             tun_tx: self.stats.tun_tx,
             tun_write_errors: self.stats.tun_write_errors,
             passed_through: self.stats.passed_through,
+            held_dropped: self.durable.as_ref().map_or(0, |d| d.held_dropped),
+            store_failures: self.durable.as_ref().map_or(0, |d| d.commit_failures),
+            authority_connections: self.rental.as_ref().map_or(0, |r| r.stats.connections),
+            authority_refused_connections: self
+                .rental
+                .as_ref()
+                .map_or(0, |r| r.stats.refused_connections),
+            authority_broken_connections: self
+                .rental
+                .as_ref()
+                .map_or(0, |r| r.stats.broken_connections),
+            authority_requests: self.rental.as_ref().map_or(0, |r| r.stats.requests),
+            inquiries_refused: self.rental.as_ref().map_or(0, |r| r.stats.inquiries_refused),
+            inquiries_rate_limited: self.rental.as_ref().map_or(0, |r| r.stats.rate_limited),
             ..Stats::from_translator(&self.nat)
         };
         // The gateway passes every `not_ours` packet on unchanged: it is not a drop here.
