@@ -76,13 +76,13 @@ fn ping(ns: &str, dst: IpAddr, count: &str) -> std::process::Output {
     )
 }
 
-/// The lines of `ip rule show` (both families) in the gateway's priority band 7443..7447.
+/// The lines of `ip rule show` (both families) in the gateway's priority band 7443..7448.
 fn band_rules(ns: &str) -> Vec<String> {
     let mut out = Vec::new();
     for fam in ["-4", "-6"] {
         for l in ip(ns, &[fam, "rule", "show"]).lines() {
             let prio = l.split(':').next().and_then(|p| p.trim().parse::<u32>().ok());
-            if prio.is_some_and(|p| (7443..=7447).contains(&p)) {
+            if prio.is_some_and(|p| (7443..=7448).contains(&p)) {
                 out.push(format!("{fam} {l}"));
             }
         }
@@ -107,7 +107,7 @@ fn tun_exists(ns: &str) -> bool {
 /// Panics unless nothing of the gateway is left in `ns`.
 fn assert_clean(ns: &str) {
     let rules = band_rules(ns);
-    assert!(rules.is_empty(), "rules left at priorities 7443..7447: {rules:#?}");
+    assert!(rules.is_empty(), "rules left at priorities 7443..7448: {rules:#?}");
     let routes = table_routes(ns);
     assert!(routes.trim().is_empty(), "routes left in table 7443: {routes}");
     assert!(!tun_exists(ns), "TUN device vip0 still exists in {ns}");
@@ -655,7 +655,7 @@ fn sigterm_removes_everything_and_a_restart_clears_a_crashed_run() {
 
     let mut d = Daemon::start(&mut lab, &ns, &args);
     let rules = band_rules(&ns);
-    assert_eq!(rules.len(), 10, "expected 5 rules per family: {rules:#?}");
+    assert_eq!(rules.len(), 14, "expected 7 rules per family (5 + the 2 guard rules): {rules:#?}");
     assert!(table_routes(&ns).contains("vip0"), "table 7443: {}", table_routes(&ns));
     assert!(tun_exists(&ns));
     let t = Instant::now();
@@ -667,11 +667,11 @@ fn sigterm_removes_everything_and_a_restart_clears_a_crashed_run() {
     // kill -9 leaves the rules behind; the next start removes them first.
     let mut d = Daemon::start(&mut lab, &ns, &args);
     d.crash();
-    assert_eq!(band_rules(&ns).len(), 10, "expected the crashed run's rules to be left");
+    assert_eq!(band_rules(&ns).len(), 14, "expected the crashed run's rules to be left");
     let mut d = Daemon::start(&mut lab, &ns, &args);
     assert!(d.log_text().contains("left by a previous run"), "log:\n{}", d.log_text());
     let rules = band_rules(&ns);
-    assert_eq!(rules.len(), 10, "leftovers not replaced: {rules:#?}");
+    assert_eq!(rules.len(), 14, "leftovers not replaced: {rules:#?}");
     let status = d.stop();
     assert!(status.success(), "exit status {status}:\n{}", d.log_text());
     assert_clean(&ns);

@@ -124,7 +124,7 @@ fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
     };
 
     let (tun, _cleanup) = if data_plane {
-        let leftovers = routing.remove()?;
+        let leftovers = routing.remove_leftovers()?;
         if leftovers > 0 {
             warn!(
                 "removed {leftovers} policy rules left by a previous run (priorities {}..{})",

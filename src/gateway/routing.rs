@@ -1,7 +1,7 @@
 //! What the gateway checks and changes in the kernel: preflight checks that refuse to start
 //! with one clear sentence, and the policy rules and routes that steer traffic into the TUN.
 //!
-//! Everything the gateway installs lives in its own routing table and its own band of five
+//! Everything the gateway installs lives in its own routing table and its own band of six
 //! rule priorities (both configurable), for each address family it serves:
 //!
 //! | priority | rule                          | why                                          |
@@ -14,11 +14,14 @@
 //! |          | unicast 2000::/3 only)        | never shows a host's real address outside    |
 //! | P+3      | `iif lo lookup main`          | the box's other traffic bypasses the TUN     |
 //! | P+4      | `from LAN lookup T`           | hosts' traffic goes into the TUN             |
+//! | P+5      | `from LAN prohibit`,          | fail closed: reached only when table T has   |
+//! |          | `to POOL unreachable`         | no route (the daemon died and its TUN went)  |
 //!
 //! Table T holds one route per family: `default dev TUN`. The box's own ICMP that is not about
 //! a lease comes back out of the translator unchanged (see `DropReason::NotOurs`). Tear-down
-//! deletes exactly the rules in the band and flushes table T; start-up does the same first,
-//! to clear what a crashed run left behind. Nothing else is touched.
+//! deletes exactly the rules in the band and flushes table T; start-up clears what a crashed
+//! run left behind except its guard, which it replaces once its own rules are in place, so
+//! the LAN is never open untranslated, not even during a restart. Nothing else is touched.
 
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
@@ -26,7 +29,9 @@ use std::net::IpAddr;
 use std::process::Command;
 
 /// Number of rule priorities the gateway uses, from the configured first one.
-pub const RULE_BAND: u32 = 5;
+pub const RULE_BAND: u32 = 6;
+/// Offset in the band of the fail-closed guard rules.
+const GUARD: u32 = 5;
 
 /// Runs `ip` with `args`; the error carries its stderr.
 pub fn ip(args: &[&str]) -> Result<String> {
@@ -142,11 +147,54 @@ impl Routing {
     /// Brings the TUN up, disables reverse-path filtering on it, and installs the rules and
     /// routes. On failure, removes whatever it installed.
     pub fn install(&self) -> Result<()> {
-        let r = self.try_install();
+        let r = self.try_install().and_then(|()| self.replace_guard());
         if r.is_err() {
             let _ = self.remove();
         }
         r
+    }
+
+    /// The fail-closed guard, last in the band: traffic from the LAN is prohibited and
+    /// traffic to the pool unreachable whenever table T has no route, i.e. when the TUN is
+    /// gone because the daemon died. A crashed gateway never lets a host out under its real
+    /// address; the guard stays until the next start has its rules in place, then is
+    /// replaced (or removed at a clean shutdown).
+    fn replace_guard(&self) -> Result<()> {
+        let prio = (self.priority + GUARD).to_string();
+        for fam in ["-4", "-6"] {
+            while ip(&[fam, "rule", "del", "priority", &prio]).is_ok() {}
+        }
+        for lan in &self.lan {
+            ip(&[
+                fam_of(lan),
+                "rule",
+                "add",
+                "priority",
+                &prio,
+                "from",
+                &lan.to_string(),
+                "prohibit",
+            ])?;
+        }
+        for pool in &self.pools {
+            ip(&[
+                fam_of(pool),
+                "rule",
+                "add",
+                "priority",
+                &prio,
+                "to",
+                &pool.to_string(),
+                "unreachable",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Clears what a previous run left, except its fail-closed guard (so the LAN stays closed
+    /// until [`Routing::install`] has the new rules in place). Returns the rules deleted.
+    pub fn remove_leftovers(&self) -> Result<usize> {
+        self.remove_band(GUARD)
     }
 
     fn try_install(&self) -> Result<()> {
@@ -196,10 +244,15 @@ impl Routing {
     /// Deletes every rule in the gateway's priority band and flushes its table, for both
     /// families. Returns how many rules it deleted.
     pub fn remove(&self) -> Result<usize> {
+        self.remove_band(RULE_BAND)
+    }
+
+    /// Deletes the rules at the band's first `upto` priorities and flushes table T.
+    fn remove_band(&self, upto: u32) -> Result<usize> {
         let t = self.table.to_string();
         let mut deleted = 0;
         for fam in ["-4", "-6"] {
-            for k in 0..RULE_BAND {
+            for k in 0..upto {
                 let prio = (self.priority + k).to_string();
                 // `ip rule del priority N` deletes one rule at a time.
                 while ip(&[fam, "rule", "del", "priority", &prio]).is_ok() {

@@ -1,4 +1,5 @@
-//! Network-namespace harness for the gateway integration tests (`tests/gateway.rs`).
+//! Network-namespace harness for the integration tests that run the daemon (`tests/gateway.rs`,
+//! `tests/authority.rs`).
 //!
 //! Everything happens inside network namespaces a test creates itself; the root namespace's
 //! routes, rules and interfaces are never touched. Addresses come only from 198.18.0.0/15,
@@ -447,20 +448,29 @@ pub struct Daemon {
     pub log: PathBuf,
     /// Its state directory.
     pub state: PathBuf,
+    /// The arguments it was started with (without state directory and control socket).
+    pub args: Vec<String>,
 }
 
 impl Daemon {
     /// Starts `vipgate gateway ARGS --state-dir .. --control-socket ..` in `ns` without
     /// waiting for it.
     pub fn spawn(lab: &mut Lab, ns: &str, args: &[&str]) -> Daemon {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Daemon::spawn_on(lab, ns, args, None)
+    }
+
+    /// Starts `vipgate gateway` in `ns` with `args`, on state directory `state` (a fresh one
+    /// when `None`), with a fresh control socket and log, without waiting for it.
+    fn spawn_on(lab: &mut Lab, ns: &str, args: Vec<String>, state: Option<PathBuf>) -> Daemon {
         let dir = lab.daemon_dir(ns);
         let control = dir.join("ctl.sock");
-        let state = dir.join("state");
+        let state = state.unwrap_or_else(|| dir.join("state"));
         let log = dir.join("daemon.log");
         let f = File::create(&log).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", ns, BIN, "gateway"])
-            .args(args)
+            .args(&args)
             .arg("--state-dir")
             .arg(&state)
             .arg("--control-socket")
@@ -470,7 +480,21 @@ impl Daemon {
             .stderr(Stdio::from(f))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start vipgate gateway in {ns}: {e}"));
-        Daemon { child: Some(child), status: None, ns: ns.to_string(), control, log, state }
+        Daemon { child: Some(child), status: None, ns: ns.to_string(), control, log, state, args }
+    }
+
+    /// Starts another `vipgate gateway` in the same namespace with the same arguments and
+    /// the same state directory (a restart, or a second instance while this one runs), with
+    /// its own control socket and log, without waiting for it.
+    pub fn spawn_again(&self, lab: &mut Lab) -> Daemon {
+        Daemon::spawn_on(lab, &self.ns, self.args.clone(), Some(self.state.clone()))
+    }
+
+    /// Like [`Daemon::spawn_again`], then waits until the new daemon is ready.
+    pub fn restart(&self, lab: &mut Lab) -> Daemon {
+        let mut d = self.spawn_again(lab);
+        d.wait_ready();
+        d
     }
 
     /// Starts the daemon and waits until it is ready (its log says `ready` and its control
