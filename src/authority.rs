@@ -1059,8 +1059,11 @@ impl AuthorityClient {
                 .sock
                 .set_read_timeout(Some(remaining))
                 .with_context(|| format!("cannot set up the socket to {addr}"))?;
-            if let Err(e) = stream.conn.complete_io(&mut stream.sock) {
-                return Err(handshake_error(e, addr, ca, timeout));
+            match stream.conn.complete_io(&mut stream.sock) {
+                Ok(_) => {}
+                // A signal (or the process being stopped and continued) is not a failure.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(handshake_error(e, addr, ca, timeout)),
             }
         }
         if stream.conn.alpn_protocol() != Some(crate::tls::ALPN) {
