@@ -327,7 +327,12 @@ impl LeaseTable {
                 }
                 let mut not_mine = None;
                 let mut shared = None;
-                for v in pool.candidates(v4, rng) {
+                for (tried, v) in pool.candidates(v4, rng).enumerate() {
+                    // Once every address has a user, an address another host shares is as good
+                    // as it gets: take it after the random probes instead of scanning the pool.
+                    if tried >= super::pool::RANDOM_PROBES as usize && not_mine.is_some() {
+                        break;
+                    }
                     if !usable(v) {
                         continue;
                     }

@@ -877,10 +877,13 @@ impl Translator {
         }
     }
 
-    /// Queues an event; returns its sequence number.
+    /// Queues an event; returns its sequence number. Without durability a full queue drops
+    /// the event (counted); with it, an event is never dropped (the queue grows past its
+    /// reserved size, outside the packet path's steady state): a lease whose event was lost
+    /// would be acknowledged without ever being stored.
     fn push_event(&mut self, e: LeaseEvent) -> u64 {
         self.last_seq += 1;
-        if self.events.len() >= self.config.event_capacity {
+        if self.events.len() >= self.config.event_capacity && !self.config.hold_until_durable {
             self.counters.events_lost += 1;
         } else {
             self.events.push_back((self.last_seq, e));

@@ -82,7 +82,7 @@ pub struct Pool {
 }
 
 /// Random probes tried before a linear scan of the pool.
-const RANDOM_PROBES: u32 = 16;
+pub const RANDOM_PROBES: u32 = 16;
 /// The most addresses a linear scan visits for one allocation (bounds the work a full pool
 /// costs per new lease).
 pub const SCAN_LIMIT: u128 = 1 << 16;

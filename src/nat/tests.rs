@@ -805,3 +805,32 @@ fn rent_is_pending_until_durable_and_restored_leases_are_not() {
     h.t.set_durable(l.seq);
     assert_eq!(h.run(&b, 0.0).0, Ok(Direction::Outbound));
 }
+
+#[test]
+fn with_durability_no_lease_event_is_ever_dropped() {
+    let mut c = wide();
+    c.hold_until_durable = true;
+    c.event_capacity = 4;
+    let mut h = Harness::new(c);
+    for k in 0..10u8 {
+        let partner = IpAddr::from([203, 0, 113, k + 1]);
+        h.t.rent(ip("192.0.2.10"), partner, Duration::from_secs(60), h.at(0.0)).unwrap();
+    }
+    let seqs: Vec<u64> = std::iter::from_fn(|| h.t.poll_event()).map(|(s, _)| s).collect();
+    assert_eq!(
+        seqs,
+        (1..=10).collect::<Vec<u64>>(),
+        "every rent is stored, none acknowledged unstored"
+    );
+    assert_eq!(h.t.counters().events_lost, 0);
+    // Without durability the queue stays bounded and says what it dropped.
+    let mut c = wide();
+    c.event_capacity = 4;
+    let mut h = Harness::new(c);
+    for k in 0..10u8 {
+        let partner = IpAddr::from([203, 0, 113, k + 1]);
+        h.t.rent(ip("192.0.2.10"), partner, Duration::from_secs(60), h.at(0.0)).unwrap();
+    }
+    assert_eq!(std::iter::from_fn(|| h.t.poll_event()).count(), 4);
+    assert_eq!(h.t.counters().events_lost, 6);
+}
