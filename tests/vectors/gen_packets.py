@@ -8,8 +8,16 @@ prints them as Rust `static` arrays. Regenerate with:
 The pools in those tests hold one address each (198.18.0.1/32, 2001:db8:ff::1/128), so
 the virtual address is known in advance.
 """
+import builtins
 import ipaddress
 import struct
+import sys
+
+_out = []
+
+
+def print(*args):  # collect lines; written at the end without a trailing blank line
+    _out.append(" ".join(str(a) for a in args))
 
 HOST4, PARTNER4, ROUTER4, VIRT4 = "192.0.2.10", "203.0.113.5", "198.51.100.1", "198.18.0.1"
 HOST6, PARTNER6, ROUTER6, VIRT6 = "2001:db8:1::10", "2001:db8:2::5", "2001:db8:3::1", "2001:db8:ff::1"
@@ -199,3 +207,5 @@ refused = v4(HOST4B, PARTNER4, 17, udp(HOST4B, PARTNER4, 5555, 53, b"no room"))
 emit("UDP4_OUT_B", refused, "UDP from a second host 192.0.2.11 when the pool is taken.")
 emit("PROHIBITED4_REPLY", ip4("192.0.0.8", HOST4B, 1, icmp4(3, 13, b"\0" * 4, refused), ident=0, flags_off=0),
      "ICMP 3/13 (communication administratively prohibited) to that host.")
+
+sys.stdout.write("\n".join(_out).rstrip("\n") + "\n")
