@@ -219,7 +219,8 @@ tables
 stop_gateway
 
 echo
-echo "== summary ($(date -u +%FT%TZ), $(nproc) cores, log level $LOG_LEVEL)"
+echo "== summary ($(date -u +%FT%TZ), commit $(git describe --always --dirty 2>/dev/null || echo '?')," \
+    "$(nproc) cores, log level $LOG_LEVEL, window $WINDOW)"
 printf '%-17s %5s %6s %8s %8s %8s %8s %6s %5s %5s %6s %5s %7s  %s\n' run conns window replies \
     rate/s p50_us p99_us daemon loop store client box KiB/ok errors
 for row in "${ROWS[@]}"; do

@@ -8,7 +8,6 @@ prints them as Rust `static` arrays. Regenerate with:
 The pools in those tests hold one address each (198.18.0.1/32, 2001:db8:ff::1/128), so
 the virtual address is known in advance.
 """
-import builtins
 import ipaddress
 import struct
 import sys
