@@ -5,8 +5,11 @@
 //! slab (hashbrown's `HashTable`), so an index costs a few bytes per lease:
 //! - `out`: *(real, partner)* → lease, unique: the outbound lookup.
 //! - `inb`: *(virtual, partner)* → lease, unique: the inbound demultiplexer.
-//! - `by_real`, `by_virtual`: every lease of a host / of a virtual address (multi-maps): the
-//!   `per-host` binding, the `any`-filtering lookup, and the allocation's preferences.
+//! - `by_real`, `by_virtual`: every lease of a host / of a virtual address: a unique-key
+//!   index to the head of a doubly-linked chain through the lease entries (a multi-map with
+//!   equal keys would make open addressing walk every equal hash: O(n) per lease for a host
+//!   with many partners). Used by the `per-host` binding, the `any`-filtering lookup and the
+//!   allocation's preferences.
 
 use super::pool::Pool;
 use super::slab::Slab;
@@ -47,6 +50,53 @@ pub struct LeaseEntry {
     pub flow_head: u32,
     /// Sequence number of the event that created it (0: restored, durable).
     pub seq: u64,
+    /// Links of the chain of leases of the same host.
+    same_real: Link,
+    /// Links of the chain of leases on the same virtual address.
+    same_virtual: Link,
+}
+
+/// Intrusive doubly-linked chain links.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    prev: u32,
+    next: u32,
+}
+
+impl Default for Link {
+    fn default() -> Link {
+        Link { prev: NIL, next: NIL }
+    }
+}
+
+/// Which chain: leases of one host, or leases on one virtual address.
+#[derive(Debug, Clone, Copy)]
+enum Chain {
+    Real,
+    Virtual,
+}
+
+impl Chain {
+    fn key(self, l: &LeaseEntry) -> IpAddr {
+        match self {
+            Chain::Real => l.real,
+            Chain::Virtual => l.virt,
+        }
+    }
+
+    fn link(self, l: &mut LeaseEntry) -> &mut Link {
+        match self {
+            Chain::Real => &mut l.same_real,
+            Chain::Virtual => &mut l.same_virtual,
+        }
+    }
+
+    fn next(self, l: &LeaseEntry) -> u32 {
+        match self {
+            Chain::Real => l.same_real.next,
+            Chain::Virtual => l.same_virtual.next,
+        }
+    }
 }
 
 impl Default for LeaseEntry {
@@ -64,6 +114,8 @@ impl Default for LeaseEntry {
             flows: 0,
             flow_head: NIL,
             seq: 0,
+            same_real: Link::default(),
+            same_virtual: Link::default(),
         }
     }
 }
@@ -137,20 +189,86 @@ impl LeaseTable {
 
     /// Every lease on virtual address `virt`.
     pub fn on_virtual(&self, virt: IpAddr) -> impl Iterator<Item = u32> + '_ {
-        let slab = &self.slab;
-        self.by_virtual
-            .iter_hash(h1(&self.hasher, virt))
-            .copied()
-            .filter(move |&i| slab.get(i).is_some_and(|l| l.virt == virt))
+        self.chain(Chain::Virtual, virt)
     }
 
     /// Every lease of host `real`.
     pub fn of_host(&self, real: IpAddr) -> impl Iterator<Item = u32> + '_ {
+        self.chain(Chain::Real, real)
+    }
+
+    fn heads(&self, c: Chain) -> &HashTable<u32> {
+        match c {
+            Chain::Real => &self.by_real,
+            Chain::Virtual => &self.by_virtual,
+        }
+    }
+
+    fn chain(&self, c: Chain, key: IpAddr) -> impl Iterator<Item = u32> + '_ {
         let slab = &self.slab;
-        self.by_real
-            .iter_hash(h1(&self.hasher, real))
-            .copied()
-            .filter(move |&i| slab.get(i).is_some_and(|l| l.real == real))
+        let head = self
+            .heads(c)
+            .find(h1(&self.hasher, key), |&j| slab.peek(j).is_some_and(|l| c.key(l) == key))
+            .copied();
+        std::iter::successors(head, move |&i| {
+            let n = slab.get(i).map_or(NIL, |l| c.next(l));
+            (n != NIL).then_some(n)
+        })
+    }
+
+    /// Puts lease `i` at the head of its chain `c`.
+    fn chain_insert(&mut self, c: Chain, i: u32) {
+        let Some(key) = self.slab.get(i).map(|l| c.key(l)) else { return };
+        let h = h1(&self.hasher, key);
+        let slab = &self.slab;
+        let heads = match c {
+            Chain::Real => &mut self.by_real,
+            Chain::Virtual => &mut self.by_virtual,
+        };
+        let old = heads.find(h, |&j| slab.peek(j).is_some_and(|l| c.key(l) == key)).copied();
+        match old {
+            Some(old) => {
+                if let Some(e) = heads.find_mut(h, |&j| j == old) {
+                    *e = i;
+                }
+                if let Some(l) = self.slab.get_mut(i) {
+                    *c.link(l) = Link { prev: NIL, next: old };
+                }
+                if let Some(l) = self.slab.get_mut(old) {
+                    c.link(l).prev = i;
+                }
+            }
+            None => {
+                let hs = &self.hasher;
+                heads.insert_unique(h, i, |&j| slab.peek(j).map_or(0, |l| h1(hs, c.key(l))));
+            }
+        }
+    }
+
+    /// Takes lease `i` out of its chain `c`.
+    fn chain_remove(&mut self, c: Chain, i: u32) {
+        let Some(l) = self.slab.get_mut(i) else { return };
+        let (key, Link { prev, next }) = (c.key(l), *c.link(l));
+        *c.link(l) = Link::default();
+        if let Some(p) = self.slab.get_mut(prev) {
+            c.link(p).next = next;
+        } else {
+            let h = h1(&self.hasher, key);
+            let heads = match c {
+                Chain::Real => &mut self.by_real,
+                Chain::Virtual => &mut self.by_virtual,
+            };
+            if next != NIL {
+                if let Some(e) = heads.find_mut(h, |&j| j == i) {
+                    *e = next;
+                }
+            } else if let Ok(e) = heads.find_entry(h, |&j| j == i) {
+                e.remove();
+            }
+        }
+        if let Some(n) = self.slab.get_mut(next) {
+            c.link(n).prev = prev;
+        }
     }
 
     /// The single host using `virt`, if exactly one does.
@@ -226,6 +344,8 @@ impl LeaseTable {
             flows: 0,
             flow_head: NIL,
             seq: 0,
+            same_real: Link::default(),
+            same_virtual: Link::default(),
         };
         let (i, _) = self.slab.insert(entry).map_err(|_| DropReason::LeaseTableFull)?;
         self.wheel.schedule(&mut self.slab, i, expires);
@@ -240,9 +360,8 @@ impl LeaseTable {
         };
         self.out.insert_unique(h2(hs, real, partner), i, key2(|l| (l.real, l.partner)));
         self.inb.insert_unique(h2(hs, virt, partner), i, key2(|l| (l.virt, l.partner)));
-        self.by_real.insert_unique(h1(hs, real), i, |&j| slab.get(j).map_or(0, |l| h1(hs, l.real)));
-        self.by_virtual
-            .insert_unique(h1(hs, virt), i, |&j| slab.get(j).map_or(0, |l| h1(hs, l.virt)));
+        self.chain_insert(Chain::Real, i);
+        self.chain_insert(Chain::Virtual, i);
         Ok(i)
     }
 
@@ -256,14 +375,13 @@ impl LeaseTable {
         mapping: Mapping,
     ) -> Option<(IpAddr, Option<IpAddr>, IpAddr, u64)> {
         self.wheel.cancel(&mut self.slab, i);
+        self.chain_remove(Chain::Real, i);
+        self.chain_remove(Chain::Virtual, i);
         let l = self.slab.get(i)?.clone();
         let hs = &self.hasher;
-        for (table, h) in [
-            (&mut self.out, h2(hs, l.real, l.partner)),
-            (&mut self.inb, h2(hs, l.virt, l.partner)),
-            (&mut self.by_real, h1(hs, l.real)),
-            (&mut self.by_virtual, h1(hs, l.virt)),
-        ] {
+        for (table, h) in
+            [(&mut self.out, h2(hs, l.real, l.partner)), (&mut self.inb, h2(hs, l.virt, l.partner))]
+        {
             if let Ok(e) = table.find_entry(h, |&j| j == i) {
                 e.remove();
             }

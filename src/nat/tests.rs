@@ -834,3 +834,40 @@ fn with_durability_no_lease_event_is_ever_dropped() {
     assert_eq!(std::iter::from_fn(|| h.t.poll_event()).count(), 4);
     assert_eq!(h.t.counters().events_lost, 6);
 }
+
+#[test]
+fn chains_of_a_host_and_of_an_address_survive_removal_anywhere() {
+    let mut c = wide();
+    c.mapping = Mapping::PerHost;
+    let mut h = Harness::new(c);
+    let real = ip("192.0.2.10");
+    let ids: Vec<Lease> = (1..=50u8)
+        .map(|k| {
+            h.t.rent(real, IpAddr::from([203, 0, 113, k]), Duration::from_secs(60), h.at(0.0))
+                .unwrap()
+        })
+        .collect();
+    let v = ids[0].virtual_addr;
+    assert!(ids.iter().all(|l| l.virtual_addr == v), "per-host: one address for every partner");
+    assert_eq!(h.t.leases_on(real, v).len(), 50);
+    // Newest is the chain's head, oldest its tail: remove those and one in the middle.
+    for k in [49usize, 0, 25] {
+        h.t.release(ids[k].id, h.at(1.0)).unwrap();
+    }
+    let left: Vec<IpAddr> = h.t.leases_on(real, v).iter().map(|l| l.partner).collect();
+    assert_eq!(left.len(), 47);
+    for k in [49usize, 0, 25] {
+        assert!(!left.contains(&ids[k].partner));
+    }
+    // The host keeps its address for a new partner; another host cannot share it.
+    let l = h.t.rent(real, ip("198.51.100.9"), Duration::from_secs(60), h.at(2.0)).unwrap();
+    assert_eq!(l.virtual_addr, v);
+    let other =
+        h.t.rent(ip("192.0.2.11"), ip("198.51.100.9"), Duration::from_secs(60), h.at(2.0)).unwrap();
+    assert_ne!(other.virtual_addr, v);
+    for l in h.t.leases_on(real, v) {
+        h.t.release(l.id, h.at(3.0)).unwrap();
+    }
+    assert!(h.t.leases_on(real, v).is_empty());
+    assert_eq!(h.t.table_sizes().0, 1);
+}
