@@ -446,9 +446,13 @@ impl LeaseTable {
                 let mut not_mine = None;
                 let mut shared = None;
                 for (tried, v) in pool.candidates(v4, rng).enumerate() {
-                    // Once every address has a user, an address another host shares is as good
-                    // as it gets: take it after the random probes instead of scanning the pool.
-                    if tried >= super::pool::RANDOM_PROBES as usize && not_mine.is_some() {
+                    // When the random probes found no unused address, the pool is (nearly) all in
+                    // use: take the best usable one they found instead of scanning the pool on
+                    // every new lease; only a partner that sees every address scans (and is
+                    // refused).
+                    if tried >= super::pool::RANDOM_PROBES as usize
+                        && (not_mine.is_some() || shared.is_some())
+                    {
                         break;
                     }
                     if !usable(v) {
