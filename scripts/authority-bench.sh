@@ -39,7 +39,7 @@ need_packages iproute2 sqlite3 procps coreutils
 if [ "$PERF" = 1 ] && ! command -v perf >/dev/null; then need_packages linux-perf; fi
 
 echo "authority-bench: building (release, examples)"
-cargo build --quiet --release --examples
+cargo build --quiet --release --bins --examples
 VIPGATE=$PWD/target/release/vipgate
 LOAD=$PWD/target/release/examples/authority_load
 export RUST_BACKTRACE=0 RUST_LIB_BACKTRACE=0
@@ -97,7 +97,7 @@ start_gateway() {
     local n=$1; shift
     STATE=$TMP/state-$n
     CTL=$TMP/control-$n.sock
-    ip netns exec $GW "$VIPGATE" gateway --max-leases 300000 --inquiry-rate 100000000 \
+    ip netns exec $GW "$VIPGATE" gateway --max-leases 1000000 --inquiry-rate 100000000 \
         --state-dir "$STATE" --control-socket "$CTL" --log-level "$LOG_LEVEL" "$@" \
         2>"$TMP/gateway.log" &
     GWPID=$!
@@ -189,7 +189,7 @@ run rent-4 $LAN 198.18.0.1:7443 4 "$WINDOW" 0 --mode rent $(srcs 198.18.2. 1 4) 
     --count 58000 --duration 8 --interval 0.25
 tables
 echo "   ... and past the pool's 65,534 addresses (every address in use at least once):"
-run rent-4-past-pool $LAN 198.18.0.1:7443 4 "$WINDOW" 0 --mode rent $(srcs 198.18.2. 5 8) \
+run rent-4-past-pool $LAN 198.18.0.1:7443 4 "$WINDOW" 4 --mode rent $(srcs 198.18.2. 5 8) \
     --count 12000 --duration 6
 tables
 stop_gateway
@@ -240,7 +240,7 @@ echo "(daemon, loop, store, client, box: cores busy over the run, of 2; client c
 echo " handshakes too. KiB/ok: the daemon's disk writes per successful request.)"
 
 if [ "$PERF" = 1 ]; then
-    for label in rent-16-v6 inquire-16; do
+    for label in rent-4-past-pool rent-16-v6 inquire-16; do
         [ -f "$TMP/perf-$label.data" ] || continue
         echo
         echo "== perf: the daemon during $label, by thread and library, then by symbol (self)"
