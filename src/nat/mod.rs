@@ -16,10 +16,11 @@
 //!     Verdict::Forward(_) => { /* write `packet` back to the TUN */ }
 //!     Verdict::Reply(_, reply) => { /* write `reply` to the TUN */ let _ = reply; }
 //!     Verdict::Drop(reason) => { let _ = reason; }
+//!     Verdict::Hold => { /* keep it until `t.set_durable(..)` covers its lease */ }
 //! }
 //! // Sleep until `t.poll_timeout()`, then call `t.handle_timeout(now)`;
-//! // drain `t.poll_event()` to log or persist lease changes.
-//! while let Some(_event) = t.poll_event() {}
+//! // drain `t.poll_event()` to log or persist lease changes (each with a sequence number).
+//! while let Some((_seq, _event)) = t.poll_event() {}
 //! ```
 //!
 //! # The model (see `docs/architecture.md`)
