@@ -5,7 +5,8 @@
 #                                            └── third party 203.0.113.2
 #
 # The client talks to the server; the server sees a rented virtual address, connects back
-# to it and reaches the client; the third party is refused. Everything is removed at the end.
+# to it and reaches the client, and asks the gateway's authority who is behind it; the third
+# party is refused both. Everything is removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -74,11 +75,21 @@ fi
 echo "   third | refused: connection timed out (no partner of $VIRT)"
 pkill -f "TCP-LISTEN:7001" 2>/dev/null || true
 
-say "5. What the gateway knows (vipgate leases, vipgate stats)"
+say "5. The server asks the gateway's authority who is behind $VIRT (TLS 1.3, pinned certificate)"
+CA=$TMP/state/tls/cert.pem
+real=$(run_in $SRV "$VIPGATE" inquire --authority 198.51.100.1 --ca "$CA" --virtual "$VIRT")
+echo "   server| vipgate inquire --virtual $VIRT  ->  $real"
+[ "$real" = 192.0.2.10 ] || { echo "demo: the partner was not told the real address" >&2; exit 1; }
+if out=$(run_in $THIRD "$VIPGATE" inquire --authority 203.0.113.1 --ca "$CA" --virtual "$VIRT" 2>&1); then
+    echo "demo: the third party was told: $out" >&2; exit 1
+fi
+echo "   third | ${out#vipgate: }"
+
+say "6. What the gateway knows (vipgate leases, vipgate stats)"
 "$VIPGATE" leases --control-socket "$CTL" | sed 's/^/   /'
 "$VIPGATE" stats --control-socket "$CTL" | grep -E 'packets|dropped|leases' | sed 's/^/   /'
 
-say "6. Stop the gateway (SIGTERM): its TUN, routes and rules go away"
+say "7. Stop the gateway (SIGTERM): its TUN, routes and rules go away"
 kill "$GWPID"; wait "$GWPID" || true; GWPID=
 grep -E 'lease (created|ended)|signal|stopped' "$TMP/gateway.log" | sed 's/^/   gateway| /'
 if ip -n $GW rule show | grep -q 7443; then echo "demo: rules left behind" >&2; exit 1; fi
