@@ -728,3 +728,51 @@ fn unknown_key_in_the_config_file_is_refused_naming_its_line() {
     assert!(m.contains("line 3"), "the unknown key `pools` is on line 3: {m}");
     assert_clean(&ns);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Metrics: Prometheus text over HTTP on --metrics-listen
+// ---------------------------------------------------------------------------------------------
+
+/// `GET path` from namespace `ns` to `addr`; the whole response.
+fn http_get(ns: &str, addr: SocketAddr, path: &str) -> String {
+    let path = path.to_string();
+    in_ns(ns, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("cannot reach the metrics endpoint {addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: gw\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+}
+
+fn metric(text: &str, line_start: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start).map(|v| v.trim().parse::<u64>().unwrap()))
+        .unwrap_or_else(|| panic!("no `{line_start}` in:\n{text}"))
+}
+
+#[test]
+fn metrics_are_served_in_prometheus_text_format() {
+    let mut topo = Topo::new(1);
+    let _gw = topo.gateway(&["--metrics-listen", "192.0.2.1:9477"]);
+    let cli = topo.clients[0].clone();
+    let at: SocketAddr = "192.0.2.1:9477".parse().unwrap();
+    let before = http_get(&cli, at, "/metrics");
+    assert!(before.starts_with("HTTP/1.0 200 OK"), "{before}");
+    assert!(before.contains("Content-Type: text/plain; version=0.0.4"), "{before}");
+    assert!(before.contains("# TYPE vipgate_packets_forwarded_total counter"), "{before}");
+    let out0 = metric(&before, "vipgate_packets_forwarded_total{direction=\"outbound\"}");
+
+    let c = udp(&cli, sa(client_addr(0, false), 4100));
+    let s = udp(&topo.srv, sa(server(false), 7100));
+    udp_roundtrip(&c, &s);
+
+    let after = http_get(&cli, at, "/metrics");
+    assert!(metric(&after, "vipgate_packets_forwarded_total{direction=\"outbound\"}") > out0);
+    assert!(metric(&after, "vipgate_packets_forwarded_total{direction=\"inbound\"}") >= 1);
+    assert!(metric(&after, "vipgate_leases") >= 1, "{after}");
+    let other = http_get(&cli, at, "/secret");
+    assert!(other.starts_with("HTTP/1.0 404"), "{other}");
+}
