@@ -10,7 +10,7 @@ mod common;
 
 use common::netns::*;
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------------------------
@@ -28,41 +28,6 @@ fn server(v6: bool) -> IpAddr {
 /// Panics unless `a`, what a partner saw, is a virtual address (never a real one).
 fn assert_virtual(a: IpAddr, what: &str) {
     assert!(in_pool(a) && !in_lan(a), "{what}: saw {a}, expected a virtual address from the pool");
-}
-
-/// Client sends on `client` to `server`'s address, the server answers whoever it saw; returns
-/// the source the server saw. Panics if either direction fails.
-fn udp_roundtrip(client: &UdpSocket, server: &UdpSocket) -> SocketAddr {
-    let to = server.local_addr().unwrap();
-    client.send_to(b"hello", to).unwrap_or_else(|e| panic!("UDP send to {to}: {e}"));
-    let mut buf = [0u8; 64];
-    let (n, seen) = server
-        .recv_from(&mut buf)
-        .unwrap_or_else(|e| panic!("UDP to {to}: nothing arrived at the server ({e})"));
-    assert_eq!(&buf[..n], b"hello");
-    server.send_to(b"welcome", seen).unwrap();
-    let (n, from) = client
-        .recv_from(&mut buf)
-        .unwrap_or_else(|e| panic!("UDP reply from {to} to {seen} never came back ({e})"));
-    assert_eq!((&buf[..n], from), (&b"welcome"[..], to), "reply from the wrong address");
-    seen
-}
-
-/// A TCP connection from namespace `ns` to `to` (which `listener` serves, maybe through a
-/// virtual address), with data both ways; returns the peer address the listener saw.
-fn tcp_roundtrip(ns: &str, listener: &TcpListener, to: SocketAddr) -> SocketAddr {
-    let mut c = connect(ns, to, IO_TIMEOUT)
-        .unwrap_or_else(|e| panic!("TCP connect from {ns} to {to}: {e}"));
-    let (mut s, peer) =
-        accept(listener, IO_TIMEOUT).unwrap_or_else(|e| panic!("TCP to {to}: no accept ({e})"));
-    let mut b = [0u8; 5];
-    c.write_all(b"hello").unwrap();
-    s.read_exact(&mut b).unwrap_or_else(|e| panic!("TCP data to {to}: {e}"));
-    assert_eq!(&b, b"hello");
-    s.write_all(b"world").unwrap();
-    c.read_exact(&mut b).unwrap_or_else(|e| panic!("TCP data back from {to}: {e}"));
-    assert_eq!(&b, b"world");
-    peer
 }
 
 /// `ping -c 2` from `ns` to `dst`.
