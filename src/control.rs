@@ -35,6 +35,20 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<usize>,
     },
+    /// Ends leases now (the operator's revoke): every lease on `virtual`, or only those of
+    /// host `real` or towards `partner`. Their addresses go into quarantine as on release.
+    /// Reply: `{"revoked": [LeaseRecord, ...]}`.
+    Revoke {
+        /// The virtual address.
+        #[serde(rename = "virtual")]
+        virtual_addr: IpAddr,
+        /// Only the leases of this host.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        real: Option<IpAddr>,
+        /// Only the lease towards this partner.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        partner: Option<IpAddr>,
+    },
 }
 
 /// One row of the lease history as the control socket shows it.

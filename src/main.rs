@@ -100,6 +100,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// End leases of the running gateway now (the operator's revoke), and print them.
+    ///
+    /// Every lease on --virtual, or only those of --real or towards --partner. Their
+    /// addresses go into quarantine as on release. Over the control socket only.
+    Revoke {
+        /// Control socket of the gateway.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
+        /// The virtual address.
+        #[arg(long = "virtual", value_name = "IP")]
+        virtual_addr: std::net::IpAddr,
+        /// Only the leases of this host (real address).
+        #[arg(long, value_name = "IP")]
+        real: Option<std::net::IpAddr>,
+        /// Only the lease towards this partner.
+        #[arg(long, value_name = "IP")]
+        partner: Option<std::net::IpAddr>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rent a virtual address for talking to a partner, and print it.
     ///
     /// Asks the gateway's rental authority for a virtual address under which this host will
@@ -261,6 +282,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
             history(&control_socket, virtual_addr, at, limit, json)
         }
         Command::Stats { control_socket, json } => stats(&control_socket, json),
+        Command::Revoke { control_socket, virtual_addr, real, partner, json } => {
+            let v =
+                control_query(&control_socket, &Request::Revoke { virtual_addr, real, partner })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v["revoked"])?);
+                return Ok(());
+            }
+            let leases: Vec<control::LeaseRecord> = serde_json::from_value(v["revoked"].clone())?;
+            for l in &leases {
+                println!("revoked {} -> {} (partner {})", l.real, l.virtual_addr, l.partner);
+            }
+            println!("{} lease(s) revoked", leases.len());
+            Ok(())
+        }
         Command::Rent { partner, ttl, auth } => {
             ask_authority(&auth, authority::Command::Rent { partner, ttl })
         }

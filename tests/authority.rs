@@ -1207,3 +1207,72 @@ fn the_authority_answers_on_every_address_of_the_box_with_the_pinned_certificate
         assert!(format!("{e:#}").contains("certificate"), "{e:#}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The operator's revoke, over the control socket only
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn the_operator_revokes_a_lease_over_the_control_socket() {
+    let mut topo = Topo::new(1);
+    let gw = topo.gateway(&[]);
+    let cli = topo.clients[0].clone();
+    let me = client_addr(0, false);
+    let mut host = authority(&cli, &gw, GW_LAN4);
+    let (v, _) = rent(&mut host, srv4(), Some(600));
+    let mut partner = authority(&topo.srv, &gw, GW_WAN4);
+    assert_real(&inquire(&mut partner, v, None), me, "before the revoke");
+    let live = SystemTime::now();
+
+    let out = output(
+        BIN,
+        &[
+            "revoke",
+            "--control-socket",
+            gw.control.to_str().unwrap(),
+            "--virtual",
+            &v.to_string(),
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "revoke failed: {}", String::from_utf8_lossy(&out.stderr));
+    let revoked: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert_eq!(revoked[0]["real"], me.to_string());
+
+    assert!(!has_lease(&gw, me, v, srv4(), "explicit"), "still leased: {:?}", lease_set(&gw));
+    assert_refused(&inquire(&mut partner, v, None), "after the revoke");
+    // The history keeps it: asked about a moment it was live, the partner is still answered.
+    assert_real(&inquire(&mut partner, v, Some(live)), me, "about a moment before the revoke");
+}
+
+// ---------------------------------------------------------------------------------------------
+// `vipgate authority`: the authority alone, no TUN, no routing
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn the_authority_runs_alone_without_a_data_plane() {
+    let mut lab = Lab::new();
+    let (auth, cli, srv) = (lab.netns("auth"), lab.netns("cli"), lab.netns("srv"));
+    lab.veth(&auth, "lan0", &cli, "eth0");
+    lab.veth(&auth, "wan0", &srv, "eth0");
+    ip(&auth, &["addr", "add", "192.0.2.1/24", "dev", "lan0"]);
+    ip(&auth, &["addr", "add", "198.51.100.1/24", "dev", "wan0"]);
+    ip(&cli, &["addr", "add", "192.0.2.10/24", "dev", "eth0"]);
+    ip(&srv, &["addr", "add", "198.51.100.2/24", "dev", "eth0"]);
+    for (ns, dev) in [(&auth, "lan0"), (&auth, "wan0"), (&cli, "eth0"), (&srv, "eth0")] {
+        ip(ns, &["link", "set", dev, "up"]);
+    }
+    let d = Daemon::start_authority(&mut lab, &auth, &["--lan", LAN4, "--pool", POOL4]);
+    assert!(d.log_text().contains("no data plane"), "{}", d.log_text());
+    assert!(!ip(&auth, &["link", "show"]).contains("vip0"), "the authority alone made a TUN");
+    assert!(!ip(&auth, &["rule", "show"]).contains("7443"), "the authority alone added rules");
+
+    let me: IpAddr = "192.0.2.10".parse().unwrap();
+    let mut host = authority(&cli, &d, GW_LAN4);
+    let (v, _) = rent(&mut host, srv4(), Some(600));
+    assert!(in_pool(v), "rented {v}");
+    let mut partner = authority(&srv, &d, GW_WAN4);
+    assert_real(&inquire(&mut partner, v, None), me, "the partner asking the lone authority");
+    assert!(has_lease(&d, me, v, srv4(), "explicit"), "{:?}", lease_set(&d));
+}

@@ -670,6 +670,24 @@ impl Gateway {
                         serde_json::to_vec(&serde_json::json!({ "leases": v }))
                     }
                     Ok(Request::Stats) => serde_json::to_vec(&self.stats_now(now)),
+                    Ok(Request::Revoke { virtual_addr, real, partner }) => {
+                        let mut revoked = Vec::new();
+                        for l in self.nat.leases_at(virtual_addr) {
+                            if real.is_some_and(|r| r != l.real)
+                                || partner.is_some_and(|p| p != l.partner)
+                            {
+                                continue;
+                            }
+                            if let Ok(l) = self.nat.release(l.id, now) {
+                                info!(
+                                    "revoked by the operator: real={} virtual={} partner={}",
+                                    l.real, l.virtual_addr, l.partner
+                                );
+                                revoked.push(LeaseRecord::of(&l, now));
+                            }
+                        }
+                        serde_json::to_vec(&serde_json::json!({ "revoked": revoked }))
+                    }
                     Ok(Request::History { virtual_addr, at, limit }) => {
                         let at = match at.as_deref().map(crate::authority::parse_rfc3339) {
                             None => None,

@@ -668,6 +668,11 @@ impl Translator {
             .collect()
     }
 
+    /// Every lease on `virtual_addr`, of any host.
+    pub fn leases_at(&self, virtual_addr: IpAddr) -> Vec<Lease> {
+        self.leases.on_virtual(virtual_addr).filter_map(|i| self.lease_view(i)).collect()
+    }
+
     /// Quarantined addresses: (virtual, partner or none for all, host, until).
     pub fn quarantined(&self) -> Vec<(IpAddr, Option<IpAddr>, IpAddr, Instant)> {
         self.leases

@@ -463,13 +463,32 @@ impl Daemon {
     /// Starts `vipgate gateway` in `ns` with `args`, on state directory `state` (a fresh one
     /// when `None`), with a fresh control socket and log, without waiting for it.
     fn spawn_on(lab: &mut Lab, ns: &str, args: Vec<String>, state: Option<PathBuf>) -> Daemon {
+        Daemon::spawn_as(lab, ns, "gateway", args, state)
+    }
+
+    /// Starts `vipgate authority` (the authority without a data plane) in `ns` and waits until
+    /// it is ready.
+    pub fn start_authority(lab: &mut Lab, ns: &str, args: &[&str]) -> Daemon {
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let mut d = Daemon::spawn_as(lab, ns, "authority", args, None);
+        d.wait_ready();
+        d
+    }
+
+    fn spawn_as(
+        lab: &mut Lab,
+        ns: &str,
+        sub: &str,
+        args: Vec<String>,
+        state: Option<PathBuf>,
+    ) -> Daemon {
         let dir = lab.daemon_dir(ns);
         let control = dir.join("ctl.sock");
         let state = state.unwrap_or_else(|| dir.join("state"));
         let log = dir.join("daemon.log");
         let f = File::create(&log).unwrap();
         let child = Command::new("ip")
-            .args(["netns", "exec", ns, BIN, "gateway"])
+            .args(["netns", "exec", ns, BIN, sub])
             .args(&args)
             .arg("--state-dir")
             .arg(&state)
@@ -479,7 +498,7 @@ impl Daemon {
             .stdout(Stdio::from(f.try_clone().unwrap()))
             .stderr(Stdio::from(f))
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start vipgate gateway in {ns}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start vipgate {sub} in {ns}: {e}"));
         Daemon { child: Some(child), status: None, ns: ns.to_string(), control, log, state, args }
     }
 
