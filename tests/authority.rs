@@ -1276,3 +1276,41 @@ fn the_authority_runs_alone_without_a_data_plane() {
     assert_real(&inquire(&mut partner, v, None), me, "the partner asking the lone authority");
     assert!(has_lease(&d, me, v, srv4(), "explicit"), "{:?}", lease_set(&d));
 }
+
+// ---------------------------------------------------------------------------------------------
+// A client that never reads its replies only fills its own TCP window
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_client_that_never_reads_does_not_hold_up_the_others() {
+    let mut topo = Topo::new(1);
+    let gw = topo.gateway(&["--inquiry-rate", "1000000"]);
+    let cli = topo.clients[0].clone();
+    let me = client_addr(0, false);
+    let mut host = authority(&cli, &gw, GW_LAN4);
+    let (v, _) = rent(&mut host, srv4(), Some(600));
+
+    // The partner pipes inquiries without ever reading: at most 5 s or 200,000 lines, until
+    // its writes block because the authority stopped reading it.
+    let mut flood = Lines::connect(&topo.srv, &gw, GW_WAN4);
+    flood.tls.sock.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+    let line = format!("{{\"id\":1,\"cmd\":\"inquire\",\"virtual\":\"{v}\"}}\n").repeat(100);
+    let (start, mut sent, mut blocked) = (Instant::now(), 0usize, false);
+    while start.elapsed() < Duration::from_secs(5) && sent < 200_000 {
+        match flood.send(line.as_bytes()) {
+            Ok(()) => sent += 100,
+            Err(_) => {
+                blocked = true;
+                break;
+            }
+        }
+    }
+    assert!(blocked, "the authority kept reading a client that never reads ({sent} requests)");
+
+    // Meanwhile everyone else is served.
+    let mut partner = authority(&topo.srv, &gw, GW_WAN4);
+    assert_real(&inquire(&mut partner, v, None), me, "a good client beside the flood");
+    let c = udp(&cli, sa(me, 4300));
+    let s = udp(&topo.srv, sa(srv4(), 7300));
+    assert_eq!(udp_roundtrip(&c, &s).ip(), v, "forwarding beside the flood");
+}

@@ -384,6 +384,9 @@ impl Gateway {
             }
             self.log_lease_events(now);
             self.expire_conns(&mut poll, now);
+            if let (Some(r), Some(d)) = (self.rental.as_mut(), self.durable.as_mut()) {
+                r.resume(poll.registry(), &mut self.nat, d);
+            }
             if let Some(d) = self.durable.as_mut() {
                 d.flush();
             }

@@ -32,8 +32,11 @@ pub const MAX_CONNS: usize = 4096;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a connection may stay silent between requests.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Most requests a connection may have waiting for the store.
+/// Most requests a connection may have waiting for the store or for its client to read;
+/// past it, the connection is not read from (TCP pushes back on the client).
 const MAX_WAITING: usize = 256;
+/// Most reply bytes handed to TLS and not yet taken by the socket; past it, replies wait.
+const MAX_UNSENT: usize = 32 * 1024;
 
 enum Waiting {
     /// A reply to send as soon as the replies before it are sent.
@@ -52,6 +55,10 @@ struct Conn {
     waiting: VecDeque<Waiting>,
     deadline: Instant,
     closing: bool,
+    /// Reply bytes written into TLS since the socket last took everything.
+    unsent: usize,
+    /// Reading was paused (too much waiting or unsent): look at it again when things move.
+    throttled: bool,
 }
 
 /// Counters of the authority.
@@ -177,6 +184,8 @@ impl Rental {
                 waiting: VecDeque::new(),
                 deadline: Instant::now() + HANDSHAKE_TIMEOUT,
                 closing: false,
+                unsent: 0,
+                throttled: false,
             });
         }
     }
@@ -210,9 +219,26 @@ impl Rental {
     }
 
     /// Reads, decrypts, answers and writes what it can. False when the connection is over.
+    ///
+    /// Backpressure: while the socket does not take our output, or requests wait in number,
+    /// nothing more is read from the connection, so a client that never reads its replies
+    /// only fills its own TCP window.
     fn progress(&mut self, c: &mut Conn, nat: &mut Translator, store: &mut Durable) -> bool {
+        match Self::pump(c) {
+            Err(_) => return false,
+            Ok(false) => {
+                c.throttled = true;
+                return true;
+            }
+            Ok(true) => {}
+        }
+        c.throttled = false;
         let mut eof = false;
         loop {
+            if c.closing || c.waiting.len() >= MAX_WAITING {
+                c.throttled = !c.closing;
+                break;
+            }
             match c.tls.read_tls(&mut c.sock) {
                 Ok(0) => {
                     eof = true;
@@ -245,10 +271,8 @@ impl Rental {
                     Err(_) => return false,
                 }
             }
-            while let Some(frame) = c.framer.next_frame() {
-                if c.closing || c.waiting.len() >= MAX_WAITING {
-                    break;
-                }
+            while c.waiting.len() < MAX_WAITING && !c.closing {
+                let Some(frame) = c.framer.next_frame() else { break };
                 c.deadline = Instant::now() + IDLE_TIMEOUT;
                 match frame {
                     Frame::Line(line) => {
@@ -265,30 +289,57 @@ impl Rental {
         if eof {
             c.closing = true;
         }
-        Self::flush(c);
-        loop {
-            if !c.tls.wants_write() {
-                break;
-            }
-            match c.tls.write_tls(&mut c.sock) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return false,
+        match Self::pump(c) {
+            Err(_) => false,
+            Ok(drained) => {
+                c.throttled |= !drained;
+                true
             }
         }
-        true
     }
 
-    /// Moves the replies that may go from `waiting` into the TLS stream, in order.
+    /// Moves ready replies into TLS and TLS into the socket until one of them is stuck.
+    /// Ok(true) when everything ready went out.
+    fn pump(c: &mut Conn) -> io::Result<bool> {
+        loop {
+            Self::flush(c);
+            loop {
+                if !c.tls.wants_write() {
+                    c.unsent = 0;
+                    break;
+                }
+                match c.tls.write_tls(&mut c.sock) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if !matches!(c.waiting.front(), Some(Waiting::Ready(_))) {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Moves the replies that may go from `waiting` into the TLS stream, in order, as long as
+    /// the socket keeps up.
     fn flush(c: &mut Conn) {
-        while let Some(front) = c.waiting.front() {
-            let reply = match front {
-                Waiting::Ready(_) => c.waiting.pop_front(),
-                Waiting::Commit(..) | Waiting::Query(..) => break,
-            };
-            if let Some(Waiting::Ready(r)) = reply {
-                let _ = c.tls.writer().write_all(&r.to_line());
+        while c.unsent < MAX_UNSENT {
+            let Some(Waiting::Ready(_)) = c.waiting.front() else { break };
+            if let Some(Waiting::Ready(r)) = c.waiting.pop_front() {
+                let line = r.to_line();
+                c.unsent += line.len();
+                let _ = c.tls.writer().write_all(&line);
+            }
+        }
+    }
+
+    /// Serves again the connections whose reading was paused (their replies may have gone
+    /// out, or their waits ended, since).
+    pub fn resume(&mut self, registry: &Registry, nat: &mut Translator, store: &mut Durable) {
+        for slot in 0..self.conns.len() {
+            if self.conns[slot].as_ref().is_some_and(|c| c.throttled) {
+                self.service(slot, registry, nat, store);
             }
         }
     }
@@ -433,19 +484,7 @@ impl Rental {
         for slot in 0..self.conns.len() {
             let Some(mut c) = self.conns[slot].take() else { continue };
             f(&mut c);
-            Self::flush(&mut c);
-            let mut alive = true;
-            while c.tls.wants_write() {
-                match c.tls.write_tls(&mut c.sock) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => {
-                        alive = false;
-                        break;
-                    }
-                }
-            }
+            let alive = Self::pump(&mut c).is_ok();
             self.settle(slot, c, alive, registry);
         }
     }
