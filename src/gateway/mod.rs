@@ -561,7 +561,8 @@ impl Gateway {
     fn report_drops(&mut self) {
         let c = self.nat.counters();
         let mut parts = Vec::new();
-        for r in DropReason::ALL {
+        // `not_ours` packets are passed on unchanged by the gateway: not drops here.
+        for r in DropReason::ALL.into_iter().filter(|&r| r != DropReason::NotOurs) {
             let d = c.dropped(r) - self.last_drops[r as usize];
             if d > 0 {
                 parts.push(format!("{}={d}", r.as_str()));
