@@ -161,11 +161,6 @@ impl Durable {
         std::mem::take(&mut self.held)
     }
 
-    /// Number of packets held.
-    pub fn held(&self) -> usize {
-        self.held.len()
-    }
-
     /// Asks the store who was behind `virtual_addr` for `partner` at `at`; the answer comes
     /// back as `Done::WhoWas` with the returned token.
     pub fn who_was(&mut self, virtual_addr: IpAddr, partner: IpAddr, at: SystemTime) -> u64 {

@@ -590,9 +590,4 @@ impl Quarantine {
     pub fn len(&self) -> usize {
         self.by_virtual.len()
     }
-
-    /// Every entry: (virtual, partner or none, real, until).
-    pub fn entries(&self) -> impl Iterator<Item = (IpAddr, Option<IpAddr>, IpAddr, u64)> + '_ {
-        self.by_virtual.iter().map(|(&(v, p), &(r, u))| (v, p, r, u))
-    }
 }

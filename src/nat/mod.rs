@@ -673,15 +673,6 @@ impl Translator {
         self.leases.on_virtual(virtual_addr).filter_map(|i| self.lease_view(i)).collect()
     }
 
-    /// Quarantined addresses: (virtual, partner or none for all, host, until).
-    pub fn quarantined(&self) -> Vec<(IpAddr, Option<IpAddr>, IpAddr, Instant)> {
-        self.leases
-            .quarantine
-            .entries()
-            .map(|(v, p, r, u)| (v, p, r, self.epoch + Duration::from_millis(u)))
-            .collect()
-    }
-
     fn check_pair(&self, real: IpAddr, partner: IpAddr) -> Result<(), LeaseError> {
         if !self.lan.contains(real) {
             return Err(LeaseError::NotServed);

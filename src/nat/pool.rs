@@ -14,7 +14,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 pub struct PrefixSet {
     v4: Vec<(u32, u32)>,
     v6: Vec<(u128, u128)>,
-    nets: Vec<IpNet>,
 }
 
 impl PrefixSet {
@@ -27,7 +26,6 @@ impl PrefixSet {
                 IpNet::V4(p) => s.v4.push((u32::from(p.network()), u32::from(p.netmask()))),
                 IpNet::V6(p) => s.v6.push((u128::from(p.network()), u128::from(p.netmask()))),
             }
-            s.nets.push(n);
         }
         s
     }
@@ -45,11 +43,6 @@ impl PrefixSet {
                 self.v6.iter().any(|&(net, mask)| a & mask == net)
             }
         }
-    }
-
-    /// The prefixes, as given (truncated to their network).
-    pub fn nets(&self) -> &[IpNet] {
-        &self.nets
     }
 
     /// True when the set has a prefix of `a`'s family.

@@ -17,7 +17,7 @@ pub mod transport;
 pub use checksum::Delta;
 pub use transport::{icmpv4, icmpv6, protocol, tcp_flags, IcmpPacket, TcpPacket, UdpPacket};
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 /// Why bytes are not a packet we can translate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
@@ -318,20 +318,6 @@ fn icmp(i: IcmpPacket<&[u8]>, v4: bool) -> Transport {
     }
 }
 
-/// The address bytes of `a` (4 or 16 of them) as a slice of `buf`'s storage.
-pub fn addr_octets(a: &IpAddr, buf: &mut [u8; 16]) -> usize {
-    match a {
-        IpAddr::V4(v4) => {
-            buf[..4].copy_from_slice(&v4.octets());
-            4
-        }
-        IpAddr::V6(v6) => {
-            buf.copy_from_slice(&v6.octets());
-            16
-        }
-    }
-}
-
 /// The checksum delta of replacing address `old` by `new` (same family).
 pub fn addr_delta(old: IpAddr, new: IpAddr) -> Delta {
     match (old, new) {
@@ -359,17 +345,10 @@ pub fn write_u16(buf: &mut [u8], at: usize, v: u16) {
     buf[at..at + 2].copy_from_slice(&v.to_be_bytes());
 }
 
-/// The unspecified address of the same family as `a`.
-pub fn unspecified_like(a: IpAddr) -> IpAddr {
-    match a {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     // IPv4 192.0.2.10 -> 203.0.113.5, TCP 40000 -> 443, SYN, no options, checksums not set.
     static TCP4: [u8; 40] = [
