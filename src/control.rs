@@ -116,7 +116,8 @@ pub fn rfc3339(t: Instant, now: Instant) -> String {
     humantime::format_rfc3339_seconds(at).to_string()
 }
 
-/// Counters and table sizes of a running gateway.
+/// Counters and table sizes of a running gateway. The translator's counters are flattened
+/// in (same JSON keys), its drop counters given by reason name.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
     /// Seconds since start.
@@ -133,32 +134,9 @@ pub struct Stats {
     pub tun_tx: u64,
     /// Failed TUN writes.
     pub tun_write_errors: u64,
-    /// Packets not about any lease, written back unchanged (the box's own ICMP).
-    pub passed_through: u64,
-    /// Packets forwarded host → partner.
-    pub outbound: u64,
-    /// Packets forwarded partner → host.
-    pub inbound: u64,
-    /// Packets hairpinned host → host.
-    pub hairpinned: u64,
-    /// ICMP errors translated.
-    pub icmp_errors_translated: u64,
-    /// ICMP errors originated (pool exhausted, tables full).
-    pub replies: u64,
-    /// ICMP errors suppressed by the rate limit.
-    pub replies_rate_limited: u64,
-    /// Leases created.
-    pub leases_created: u64,
-    /// Leases ended.
-    pub leases_ended: u64,
-    /// Flows created.
-    pub flows_created: u64,
-    /// Flows ended.
-    pub flows_ended: u64,
-    /// Lease events lost.
-    pub events_lost: u64,
-    /// Packets held until their lease was durable.
-    pub held: u64,
+    /// The translator's counters.
+    #[serde(flatten)]
+    pub translator: crate::nat::Counters,
     /// Held packets dropped because too many were waiting.
     pub held_dropped: u64,
     /// Lease-store commits that failed.
@@ -188,18 +166,7 @@ impl Stats {
             leases,
             flows,
             quarantined,
-            outbound: c.outbound,
-            inbound: c.inbound,
-            hairpinned: c.hairpinned,
-            icmp_errors_translated: c.icmp_errors_translated,
-            replies: c.replies,
-            replies_rate_limited: c.replies_rate_limited,
-            leases_created: c.leases_created,
-            leases_ended: c.leases_ended,
-            flows_created: c.flows_created,
-            flows_ended: c.flows_ended,
-            events_lost: c.events_lost,
-            held: c.held,
+            translator: c.clone(),
             drops: crate::nat::DropReason::ALL
                 .iter()
                 .map(|r| (r.as_str().to_string(), c.dropped(*r)))
@@ -219,9 +186,9 @@ impl Stats {
             }
         };
         let out = [
-            ("{direction=\"outbound\"}", self.outbound),
-            ("{direction=\"inbound\"}", self.inbound),
-            ("{direction=\"hairpin\"}", self.hairpinned),
+            ("{direction=\"outbound\"}", self.translator.outbound),
+            ("{direction=\"inbound\"}", self.translator.inbound),
+            ("{direction=\"hairpin\"}", self.translator.hairpinned),
         ];
         metric("packets_forwarded_total", "counter", "Packets translated and forwarded.", &out);
         let drops: Vec<(String, u64)> =
@@ -232,19 +199,19 @@ impl Stats {
             "icmp_errors_translated_total",
             "counter",
             "ICMP errors translated.",
-            &[("", self.icmp_errors_translated)],
+            &[("", self.translator.icmp_errors_translated)],
         );
         metric(
             "icmp_errors_sent_total",
             "counter",
             "ICMP errors originated by the gateway.",
-            &[("", self.replies)],
+            &[("", self.translator.replies)],
         );
         metric(
             "icmp_errors_rate_limited_total",
             "counter",
             "ICMP errors not sent (rate limit).",
-            &[("", self.replies_rate_limited)],
+            &[("", self.translator.replies_rate_limited)],
         );
         metric(
             "tun_packets_read_total",
@@ -268,13 +235,13 @@ impl Stats {
             "packets_passed_total",
             "counter",
             "Packets not about any lease, passed on unchanged.",
-            &[("", self.passed_through)],
+            &[("", self.translator.passed)],
         );
         metric(
             "packets_held_total",
             "counter",
             "Packets held until their lease was durable.",
-            &[("", self.held)],
+            &[("", self.translator.held)],
         );
         metric(
             "store_failures_total",
@@ -312,10 +279,30 @@ impl Stats {
             "Addresses in quarantine.",
             &[("", self.quarantined as u64)],
         );
-        metric("leases_created_total", "counter", "Leases created.", &[("", self.leases_created)]);
-        metric("leases_ended_total", "counter", "Leases ended.", &[("", self.leases_ended)]);
-        metric("flows_created_total", "counter", "Flows created.", &[("", self.flows_created)]);
-        metric("flows_ended_total", "counter", "Flows ended.", &[("", self.flows_ended)]);
+        metric(
+            "leases_created_total",
+            "counter",
+            "Leases created.",
+            &[("", self.translator.leases_created)],
+        );
+        metric(
+            "leases_ended_total",
+            "counter",
+            "Leases ended.",
+            &[("", self.translator.leases_ended)],
+        );
+        metric(
+            "flows_created_total",
+            "counter",
+            "Flows created.",
+            &[("", self.translator.flows_created)],
+        );
+        metric(
+            "flows_ended_total",
+            "counter",
+            "Flows ended.",
+            &[("", self.translator.flows_ended)],
+        );
         metric(
             "uptime_seconds",
             "gauge",
@@ -363,7 +350,8 @@ mod tests {
 
     #[test]
     fn prometheus_text() {
-        let mut s = Stats { outbound: 5, leases: 2, ..Stats::default() };
+        let mut s = Stats { leases: 2, ..Stats::default() };
+        s.translator.outbound = 5;
         s.drops.insert("filtered".into(), 3);
         let t = s.prometheus();
         assert!(t.contains("# TYPE vipgate_packets_forwarded_total counter"));

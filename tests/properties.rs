@@ -1019,6 +1019,7 @@ fn check_outcome(before: &[u8], after: &[u8], o: &Outcome) -> Result<(), TestCas
         }
         Outcome::Reply(reason, reply) => check_reply(before, *reason, reply)?,
         Outcome::Drop(_) => {}
+        Outcome::Pass => prop_assert_eq!(hex(before), hex(after), "a passed packet was changed"),
     }
     Ok(())
 }

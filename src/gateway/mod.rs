@@ -425,12 +425,8 @@ impl Gateway {
             let out: &[u8] = match self.nat.translate(packet, now) {
                 Verdict::Forward(_) => packet,
                 Verdict::Reply(_, reply) => reply,
-                // Untouched and not about any lease (the box's own ICMP, LAN to LAN): it
-                // goes on as it came.
-                Verdict::Drop(DropReason::NotOurs) => {
-                    self.stats.passed_through += 1;
-                    packet
-                }
+                // Not about any lease (the box's own ICMP, LAN to LAN): on as it came.
+                Verdict::Pass => packet,
                 Verdict::Hold => {
                     if let Some(d) = self.durable.as_mut() {
                         d.hold(packet);
@@ -501,7 +497,7 @@ impl Gateway {
             let out: &[u8] = match self.nat.translate(&mut packet, now) {
                 Verdict::Forward(_) => &packet,
                 Verdict::Reply(_, reply) => reply,
-                Verdict::Drop(DropReason::NotOurs) => &packet,
+                Verdict::Pass => &packet,
                 Verdict::Hold => {
                     if let Some(d) = self.durable.as_mut() {
                         d.hold(&packet);
@@ -561,8 +557,7 @@ impl Gateway {
     fn report_drops(&mut self) {
         let c = self.nat.counters();
         let mut parts = Vec::new();
-        // `not_ours` packets are passed on unchanged by the gateway: not drops here.
-        for r in DropReason::ALL.into_iter().filter(|&r| r != DropReason::NotOurs) {
+        for r in DropReason::ALL {
             let d = c.dropped(r) - self.last_drops[r as usize];
             if d > 0 {
                 parts.push(format!("{}={d}", r.as_str()));
@@ -734,12 +729,11 @@ impl Gateway {
     }
 
     fn stats_now(&self, now: Instant) -> Stats {
-        let mut s = Stats {
+        Stats {
             uptime_secs: now.saturating_duration_since(self.start).as_secs(),
             tun_rx: self.stats.tun_rx,
             tun_tx: self.stats.tun_tx,
             tun_write_errors: self.stats.tun_write_errors,
-            passed_through: self.stats.passed_through,
             held_dropped: self.durable.as_ref().map_or(0, |d| d.held_dropped),
             store_failures: self.durable.as_ref().map_or(0, |d| d.commit_failures),
             authority_connections: self.rental.as_ref().map_or(0, |r| r.stats.connections),
@@ -755,10 +749,7 @@ impl Gateway {
             inquiries_refused: self.rental.as_ref().map_or(0, |r| r.stats.inquiries_refused),
             inquiries_rate_limited: self.rental.as_ref().map_or(0, |r| r.stats.rate_limited),
             ..Stats::from_translator(&self.nat)
-        };
-        // The gateway passes every `not_ours` packet on unchanged: it is not a drop here.
-        s.drops.remove(DropReason::NotOurs.as_str());
-        s
+        }
     }
 
     fn expire_conns(&mut self, poll: &mut Poll, now: Instant) {

@@ -18,7 +18,7 @@
 //! |          | `to POOL unreachable`         | no route (the daemon died and its TUN went)  |
 //!
 //! Table T holds one route per family: `default dev TUN`. The box's own ICMP that is not about
-//! a lease comes back out of the translator unchanged (see `DropReason::NotOurs`). Tear-down
+//! a lease comes back out of the translator unchanged (`Verdict::Pass`). Tear-down
 //! deletes exactly the rules in the band and flushes table T; start-up clears what a crashed
 //! run left behind except its guard, which it replaces once its own rules are in place, so
 //! the LAN is never open untranslated, not even during a restart. Nothing else is touched.

@@ -340,12 +340,7 @@ impl LeaseTable {
             delta: addr_delta(real, virt),
             created: now,
             expires,
-            wheel: Links::default(),
-            flows: 0,
-            flow_head: NIL,
-            seq: 0,
-            same_real: Link::default(),
-            same_virtual: Link::default(),
+            ..LeaseEntry::default()
         };
         let (i, _) = self.slab.insert(entry).map_err(|_| DropReason::LeaseTableFull)?;
         self.wheel.schedule(&mut self.slab, i, expires);

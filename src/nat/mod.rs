@@ -17,6 +17,7 @@
 //!     Verdict::Reply(_, reply) => { /* write `reply` to the TUN */ let _ = reply; }
 //!     Verdict::Drop(reason) => { let _ = reason; }
 //!     Verdict::Hold => { /* keep it until `t.set_durable(..)` covers its lease */ }
+//!     Verdict::Pass => { /* not about any lease: write `packet` back as it came */ }
 //! }
 //! // Sleep until `t.poll_timeout()`, then call `t.handle_timeout(now)`;
 //! // drain `t.poll_event()` to log or persist lease changes (each with a sequence number).
@@ -271,9 +272,6 @@ pub enum DropReason {
     IcmpErrorMalformed,
     /// An ICMP error whose embedded packet matches no lease (RFC 5508 REQ-4).
     IcmpErrorNoLease,
-    /// Neither from a served prefix nor to a pool address (or LAN to LAN), or an ICMP error
-    /// about neither. The packet is left untouched: a driver may pass it on unchanged.
-    NotOurs,
     /// To a leased virtual address from a sender that is not its partner.
     Filtered,
     /// To a virtual address nobody holds.
@@ -288,7 +286,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 17;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Truncated,
@@ -303,7 +301,6 @@ impl DropReason {
         DropReason::IcmpBadChecksum,
         DropReason::IcmpErrorMalformed,
         DropReason::IcmpErrorNoLease,
-        DropReason::NotOurs,
         DropReason::Filtered,
         DropReason::NoLease,
         DropReason::PoolExhausted,
@@ -326,7 +323,6 @@ impl DropReason {
             DropReason::IcmpBadChecksum => "icmp_bad_checksum",
             DropReason::IcmpErrorMalformed => "icmp_error_malformed",
             DropReason::IcmpErrorNoLease => "icmp_error_no_lease",
-            DropReason::NotOurs => "not_ours",
             DropReason::Filtered => "filtered",
             DropReason::NoLease => "no_lease",
             DropReason::PoolExhausted => "pool_exhausted",
@@ -383,10 +379,16 @@ pub enum Verdict<'a> {
     /// The packet's lease is not durable yet: the packet is untouched; keep it and translate
     /// it again once [`Translator::set_durable`] has reached [`Translator::durable_needed`].
     Hold,
+    /// Not about any lease (neither from a served prefix nor to a pool address, LAN to LAN,
+    /// not unicast, or an ICMP error about none of these): the packet is untouched. A gateway
+    /// passes it on as it came.
+    Pass,
 }
 
-/// Packet and table counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Packet and table counters (serialisable for the control socket and metrics; the drop
+/// counters by reason are shown by name there, not as this array).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Counters {
     /// Packets forwarded host → partner.
     pub outbound: u64,
@@ -397,6 +399,7 @@ pub struct Counters {
     /// ICMP errors translated (either way).
     pub icmp_errors_translated: u64,
     /// Packets dropped, per [`DropReason`] (index by `reason as usize`).
+    #[serde(skip)]
     pub drops: [u64; DropReason::COUNT],
     /// ICMP errors originated.
     pub replies: u64,
@@ -414,6 +417,8 @@ pub struct Counters {
     pub events_lost: u64,
     /// Packets held until their lease was durable.
     pub held: u64,
+    /// Packets not about any lease, left untouched ([`Verdict::Pass`]).
+    pub passed: u64,
     /// Quarantine entries dropped early because the quarantine was full.
     pub quarantine_evicted: u64,
 }

@@ -60,6 +60,7 @@ impl Harness {
                 return (Err(r), reply);
             }
             Verdict::Hold => panic!("held: use translate() directly in durability tests"),
+            Verdict::Pass => panic!("passed: use translate() directly"),
         };
         (v, b)
     }
@@ -394,20 +395,19 @@ fn explicit_rent_is_honoured_by_the_data_plane() {
 }
 
 #[test]
-fn lan_to_lan_and_foreign_packets_are_not_ours() {
+fn lan_to_lan_and_foreign_packets_pass_untouched() {
     let mut h = Harness::new(wide());
-    assert_eq!(
-        h.run(&Harness::udp("192.0.2.10", "192.0.2.11", 1, 2), 0.0).0,
-        Err(DropReason::NotOurs)
-    );
-    assert_eq!(
-        h.run(&Harness::udp("203.0.113.1", "203.0.113.2", 1, 2), 0.0).0,
-        Err(DropReason::NotOurs)
-    );
-    assert_eq!(
-        h.run(&Harness::udp("192.0.2.10", "224.0.0.5", 1, 2), 0.0).0,
-        Err(DropReason::NotOurs)
-    );
+    for (src, dst) in
+        [("192.0.2.10", "192.0.2.11"), ("203.0.113.1", "203.0.113.2"), ("192.0.2.10", "224.0.0.5")]
+    {
+        let sent = Harness::udp(src, dst, 1, 2);
+        let mut b = sent.clone();
+        assert_eq!(h.t.translate(&mut b, h.at(0.0)), Verdict::Pass, "{src} -> {dst}");
+        assert_eq!(b, sent, "{src} -> {dst} was changed");
+    }
+    assert_eq!(h.t.counters().passed, 3);
+    assert_eq!(h.t.counters().dropped_total(), 0, "passing is not dropping");
+    assert_eq!(h.t.table_sizes().0, 0);
 }
 
 // ---- bad input ----

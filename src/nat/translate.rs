@@ -39,6 +39,10 @@ impl Translator {
                 self.counters.held += 1;
                 Verdict::Hold
             }
+            Err(Stop::Pass) => {
+                self.counters.passed += 1;
+                Verdict::Pass
+            }
             Err(Stop::Drop(reason)) => {
                 self.counters.drops[reason as usize] += 1;
                 if reason.wants_reply() {
@@ -59,7 +63,7 @@ impl Translator {
         let to_pool = self.pool.contains(d.dst);
         if self.lan.contains(d.src) {
             if self.lan.contains(d.dst) {
-                return Err(DropReason::NotOurs.into());
+                return Err(Stop::Pass);
             }
             if !to_pool {
                 self.outbound(pkt, &d, now)?;
@@ -79,7 +83,7 @@ impl Translator {
             self.inbound(pkt, &d, now)?;
             Ok(Direction::Inbound)
         } else {
-            Err(DropReason::NotOurs.into())
+            Err(Stop::Pass)
         }
     }
 
@@ -116,7 +120,7 @@ impl Translator {
                 }
                 Ok(Direction::Hairpin)
             }
-            (false, false) => Err(DropReason::NotOurs.into()),
+            (false, false) => Err(Stop::Pass),
         }
     }
 
@@ -125,7 +129,7 @@ impl Translator {
     fn outbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<IpAddr, Stop> {
         translatable(d)?;
         if !super::is_unicast(d.dst) {
-            return Err(DropReason::NotOurs.into());
+            return Err(Stop::Pass);
         }
         let Some(k) = FlowKey::of(d, true) else {
             // A later fragment: no ports, so the lease alone (RFC 4787 REQ-14: it may come
@@ -146,7 +150,7 @@ impl Translator {
                 self.new_flow(li, k, now)?
             }
         };
-        let (virt, delta) = self.touch_flow(fi, k.flags, true, now)?;
+        let (_, virt, delta) = self.touch_flow(fi, k.flags, true, now)?;
         rewrite(pkt, d, d.src_offset(), virt, delta);
         Ok(narrow(virt, d.is_v4()))
     }
@@ -172,9 +176,7 @@ impl Translator {
                 self.new_flow(li, k, now)?
             }
         };
-        let f = self.flows.get_mut(fi).ok_or(DropReason::NoLease)?;
-        let real = f.real;
-        let (_, delta) = self.touch_flow(fi, k.flags, false, now)?;
+        let (real, _, delta) = self.touch_flow(fi, k.flags, false, now)?;
         rewrite(pkt, d, d.dst_offset(), real, delta.negate());
         Ok(())
     }
@@ -272,7 +274,8 @@ impl Translator {
         }
     }
 
-    /// Refreshes flow `fi` with a packet's TCP flags; returns its virtual address and delta.
+    /// Refreshes flow `fi` with a packet's TCP flags; returns its real and virtual addresses
+    /// and the checksum delta between them.
     #[inline]
     fn touch_flow(
         &mut self,
@@ -280,10 +283,10 @@ impl Translator {
         flags: u8,
         outbound: bool,
         now: u64,
-    ) -> Result<(Wide, Delta), DropReason> {
+    ) -> Result<(Wide, Wide, Delta), DropReason> {
         let f = self.flows.get_mut(fi).ok_or(DropReason::NoLease)?;
         let expires = now.saturating_add(f.touch(flags, outbound, &self.flow_timeouts));
-        let out = (f.virt, f.delta);
+        let out = (f.real, f.virt, f.delta);
         self.flows.set_expires(fi, expires);
         Ok(out)
     }
@@ -361,10 +364,12 @@ fn translatable(d: &Datagram) -> Result<(), DropReason> {
     }
 }
 
-/// Why a packet was not forwarded: a counted drop, or a wait for durability.
+/// Why a packet was not translated: a counted drop, a wait for durability, or none of our
+/// business.
 enum Stop {
     Drop(DropReason),
     Hold,
+    Pass,
 }
 
 impl From<DropReason> for Stop {

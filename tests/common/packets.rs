@@ -53,6 +53,8 @@ pub enum Outcome {
     Drop(DropReason),
     /// `Verdict::Reply`, with a copy of the reply.
     Reply(DropReason, Vec<u8>),
+    /// `Verdict::Pass`: not about any lease, left untouched.
+    Pass,
 }
 
 /// Translates `pkt` in place and returns the verdict as an [`Outcome`].
@@ -62,6 +64,7 @@ pub fn run(t: &mut Translator, pkt: &mut [u8], now: Instant) -> Outcome {
         Verdict::Drop(r) => Outcome::Drop(r),
         Verdict::Reply(r, b) => Outcome::Reply(r, b.to_vec()),
         Verdict::Hold => panic!("Hold without Config::hold_until_durable"),
+        Verdict::Pass => Outcome::Pass,
     }
 }
 
