@@ -322,6 +322,7 @@ impl Gateway {
         let mut tun_pending = self.tun.is_some();
         let mut next_report = Instant::now() + REPORT_EVERY;
         let mut next_purge = Instant::now();
+        let mut rental_deadline = None;
         loop {
             let now = Instant::now();
             let timeout = if tun_pending {
@@ -334,7 +335,7 @@ impl Gateway {
                 if let Some(t) = self.conns.iter().flatten().map(|c| c.deadline).min() {
                     next = next.min(t);
                 }
-                if let Some(t) = self.rental.as_mut().and_then(|r| r.expire(now, poll.registry())) {
+                if let Some(t) = rental_deadline {
                     next = next.min(t);
                 }
                 Some(next.saturating_duration_since(now))
@@ -382,11 +383,14 @@ impl Gateway {
             if self.nat.poll_timeout().is_some_and(|t| t <= now) {
                 self.nat.handle_timeout(now);
             }
+            if let (Some(r), Some(d)) = (self.rental.as_mut(), self.durable.as_mut()) {
+                // Paused connections may go on; what they rent is logged and stored below,
+                // in this same turn.
+                r.resume(poll.registry(), &mut self.nat, d);
+                rental_deadline = r.expire(now, poll.registry());
+            }
             self.log_lease_events(now);
             self.expire_conns(&mut poll, now);
-            if let (Some(r), Some(d)) = (self.rental.as_mut(), self.durable.as_mut()) {
-                r.resume(poll.registry(), &mut self.nat, d);
-            }
             if let Some(d) = self.durable.as_mut() {
                 d.flush();
             }
