@@ -426,23 +426,7 @@ impl Gateway {
             };
             self.stats.tun_rx += 1;
             let packet = &mut self.buf[..n];
-            let out: &[u8] = match self.nat.translate(packet, now) {
-                Verdict::Forward(_) => packet,
-                Verdict::Reply(_, reply) => reply,
-                // Not about any lease (the box's own ICMP, LAN to LAN): on as it came.
-                Verdict::Pass => packet,
-                Verdict::Hold => {
-                    if let Some(d) = self.durable.as_mut() {
-                        d.hold(packet);
-                    }
-                    continue;
-                }
-                Verdict::Drop(_) => continue,
-            };
-            match tun.send(out) {
-                Ok(_) => self.stats.tun_tx += 1,
-                Err(_) => self.stats.tun_write_errors += 1,
-            }
+            dispatch(&mut self.nat, tun, self.durable.as_mut(), &mut self.stats, packet, now);
         }
         true
     }
@@ -497,24 +481,9 @@ impl Gateway {
     /// Translates again the packets held until their leases were durable.
     fn release_held(&mut self, now: Instant) {
         let Some(held) = self.durable.as_mut().map(|d| d.take_held()) else { return };
+        let Some(tun) = &self.tun else { return };
         for mut packet in held {
-            let out: &[u8] = match self.nat.translate(&mut packet, now) {
-                Verdict::Forward(_) => &packet,
-                Verdict::Reply(_, reply) => reply,
-                Verdict::Pass => &packet,
-                Verdict::Hold => {
-                    if let Some(d) = self.durable.as_mut() {
-                        d.hold(&packet);
-                    }
-                    continue;
-                }
-                Verdict::Drop(_) => continue,
-            };
-            let Some(tun) = &self.tun else { continue };
-            match tun.send(out) {
-                Ok(_) => self.stats.tun_tx += 1,
-                Err(_) => self.stats.tun_write_errors += 1,
-            }
+            dispatch(&mut self.nat, tun, self.durable.as_mut(), &mut self.stats, &mut packet, now);
         }
     }
 
@@ -764,6 +733,34 @@ impl Gateway {
                 }
             }
         }
+    }
+}
+
+/// Translates one packet and writes what the verdict says to the TUN: the rewritten packet,
+/// the translator's ICMP error, or the packet as it came when it is not about any lease. A
+/// packet whose lease is not durable yet is kept until the commit.
+fn dispatch(
+    nat: &mut Translator,
+    tun: &TunDevice,
+    durable: Option<&mut Durable>,
+    stats: &mut Stats,
+    packet: &mut [u8],
+    now: Instant,
+) {
+    let out: &[u8] = match nat.translate(packet, now) {
+        Verdict::Forward(_) | Verdict::Pass => packet,
+        Verdict::Reply(_, reply) => reply,
+        Verdict::Hold => {
+            if let Some(d) = durable {
+                d.hold(packet);
+            }
+            return;
+        }
+        Verdict::Drop(_) => return,
+    };
+    match tun.send(out) {
+        Ok(_) => stats.tun_tx += 1,
+        Err(_) => stats.tun_write_errors += 1,
     }
 }
 
