@@ -666,11 +666,9 @@ impl Translator {
 
     /// Every lease of host `real` on `virtual_addr` (one per partner under `per-host`).
     pub fn leases_on(&self, real: IpAddr, virtual_addr: IpAddr) -> Vec<Lease> {
-        self.leases
-            .on_virtual(virtual_addr)
-            .filter(|&i| self.leases.get(i).is_some_and(|l| l.real == real))
-            .filter_map(|i| self.lease_view(i))
-            .collect()
+        let mut all = self.leases_at(virtual_addr);
+        all.retain(|l| l.real == real);
+        all
     }
 
     /// Every lease on `virtual_addr`, of any host.
