@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 /// First token of the authority's listeners.
 pub const LISTENER_TOKENS: usize = 100;
+/// Most listen addresses.
+pub const MAX_LISTENERS: usize = 16;
 /// First token of its connections.
 pub const CONN_TOKENS: usize = 10_000;
 /// Most connections at once; more are closed as they arrive.
@@ -99,6 +101,11 @@ impl Rental {
         inquiry_rate: u32,
         registry: &Registry,
     ) -> Result<Rental> {
+        if listen.len() > MAX_LISTENERS {
+            anyhow::bail!(
+                "at most {MAX_LISTENERS} --authority-listen addresses (a [::]:PORT serves every address)"
+            );
+        }
         let mut listeners = Vec::new();
         for (k, a) in listen.iter().enumerate() {
             let mut l = match TcpListener::bind(*a) {
@@ -135,7 +142,7 @@ impl Rental {
 
     /// True when `t` is one of the authority's tokens.
     pub fn owns(t: Token) -> bool {
-        t.0 >= LISTENER_TOKENS && t.0 < LISTENER_TOKENS + 16 || t.0 >= CONN_TOKENS
+        (LISTENER_TOKENS..LISTENER_TOKENS + MAX_LISTENERS).contains(&t.0) || t.0 >= CONN_TOKENS
     }
 
     /// Handles a readiness event of one of the authority's tokens.

@@ -524,11 +524,6 @@ impl Quarantine {
         self.fifo.push_back((until, virt, partner));
     }
 
-    /// Restores an entry (from durable state).
-    pub fn restore(&mut self, virt: IpAddr, partner: Option<IpAddr>, real: IpAddr, until: u64) {
-        self.add(virt, partner, real, until);
-    }
-
     /// True when `virt` is quarantined against `partner` (or against everyone) for a host
     /// other than `real`.
     pub fn blocks(&self, virt: IpAddr, partner: Option<IpAddr>, real: IpAddr, now: u64) -> bool {

@@ -775,7 +775,7 @@ impl Translator {
     ) {
         let (u, n) = (self.ms(until), self.ms(now));
         if u > n {
-            self.leases.quarantine.restore(virtual_addr, partner, real, u);
+            self.leases.quarantine.add(virtual_addr, partner, real, u);
         }
     }
 
