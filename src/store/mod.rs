@@ -125,6 +125,27 @@ CREATE UNIQUE INDEX history_open ON history (real_addr, partner_addr) WHERE ende
 CREATE INDEX history_ended ON history (ended_ms) WHERE ended_ms IS NOT NULL;
 ";
 
+/// What a database file holds: the schema a new file gets, its version, and the table that
+/// tells a file of this kind from another vipgate database.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Schema {
+    /// The statements that create a fresh database.
+    pub sql: &'static str,
+    /// `PRAGMA user_version` of this build.
+    pub version: i64,
+    /// A table every database of this kind has.
+    pub marker_table: &'static str,
+    /// What the file is, for errors ("vipgate lease database").
+    pub kind: &'static str,
+}
+
+const LEASES: Schema = Schema {
+    sql: SCHEMA_V1,
+    version: SCHEMA_VERSION,
+    marker_table: "lease",
+    kind: "vipgate lease database",
+};
+
 /// A current lease as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseRow {
@@ -206,21 +227,21 @@ pub enum Change {
 pub enum StoreError {
     /// Another process (or another `Store` in this one) has the database open.
     #[error(
-        "the lease database {} is locked by another process (is another vipgate running?)",
+        "the database {} is locked by another process (is another vipgate running?)",
         .0.display()
     )]
     Locked(PathBuf),
     /// The file exists but is not a sound vipgate database (not a database, malformed,
     /// failed the integrity check, truncated, or another program's). It was not modified.
     #[error(
-        "the lease database {} is damaged ({}): move it away to start empty, or restore a backup",
+        "the database {} is damaged ({}): move it away to start empty, or restore a backup",
         .0.display(),
         .1
     )]
     Corrupt(PathBuf, String),
     /// The database was written by a newer vipgate with a schema this build does not know.
     #[error(
-        "the lease database {} has schema version {found}, newer than this vipgate knows \
+        "the database {} has schema version {found}, newer than this vipgate knows \
          ({supported}): run the newer vipgate, or restore a backup made by this version",
         path.display()
     )]
@@ -234,14 +255,14 @@ pub enum StoreError {
     },
     /// A file-system operation on the database, its directory or its lock file failed.
     #[error(
-        "cannot use the lease database file {}: {} (check the path, its permissions and free \
+        "cannot use the database file {}: {} (check the path, its permissions and free \
          disk space)",
         .0.display(),
         .1
     )]
     Io(PathBuf, io::Error),
     /// SQLite reported an error (e.g. disk full, I/O error) on the database.
-    #[error("the lease database {} failed: {}", .0.display(), .1)]
+    #[error("the database {} failed: {}", .0.display(), .1)]
     Sqlite(PathBuf, rusqlite::Error),
 }
 
@@ -278,167 +299,13 @@ impl Store {
     /// checks the schema version, and sets WAL mode with `synchronous=FULL`. An existing file
     /// with group/other permission bits is narrowed to 0600.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            if !parent.exists() {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(parent)
-                    .map_err(|e| StoreError::Io(parent.to_path_buf(), e))?;
-            }
-        }
-        let lock = Self::lock(&path)?;
-        match fs::symlink_metadata(&path) {
-            Ok(meta) if meta.is_file() => {
-                if meta.permissions().mode() & 0o077 != 0 {
-                    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
-                        .map_err(|e| StoreError::Io(path.clone(), e))?;
-                }
-            }
-            Ok(_) => {
-                return Err(StoreError::Corrupt(path, "it is not a regular file".into()));
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Self::create(&path)?,
-            Err(e) => return Err(StoreError::Io(path, e)),
-        }
-        let conn = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| sql_error(&path, e))?;
-        let store = Store { conn, path, _lock: lock };
-        store.check_and_configure()?;
-        Ok(store)
+        let (conn, path, lock) = open_database(path, &LEASES)?;
+        Ok(Store { conn, path, _lock: lock })
     }
 
     /// The database file this store uses.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// Takes the exclusive `flock` on `<path>.lock`, waiting at most [`LOCK_PATIENCE`].
-    /// `flock` locks belong to the open file description: two opens in one process conflict
-    /// exactly like two processes do, and the kernel drops the lock when the last descriptor
-    /// closes (at the latest when the process dies). The short wait covers a child the
-    /// previous holder forked: it shares the description until it `exec`s (the descriptor
-    /// is close-on-exec), and a restart right behind a stopping daemon.
-    fn lock(path: &Path) -> Result<File, StoreError> {
-        let lock_path = sidecar(path, ".lock");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|e| StoreError::Io(lock_path.clone(), e))?;
-        let started = Instant::now();
-        loop {
-            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => return Ok(file),
-                Err(rustix::io::Errno::WOULDBLOCK) if started.elapsed() < LOCK_PATIENCE => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(rustix::io::Errno::WOULDBLOCK) => {
-                    return Err(StoreError::Locked(path.to_path_buf()));
-                }
-                Err(e) => return Err(StoreError::Io(lock_path, e.into())),
-            }
-        }
-    }
-
-    /// Writes a fresh database to `<path>.new` and renames it to `path`.
-    fn create(path: &Path) -> Result<(), StoreError> {
-        let tmp = sidecar(path, ".new");
-        for stale in [tmp.clone(), sidecar(&tmp, "-journal"), sidecar(&tmp, "-wal")] {
-            match fs::remove_file(&stale) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(StoreError::Io(stale, e));
-                }
-                _ => {}
-            }
-        }
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| StoreError::Io(tmp.clone(), e))?;
-        {
-            let conn = Connection::open_with_flags(
-                &tmp,
-                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-            .map_err(|e| sql_error(&tmp, e))?;
-            let setup = || -> rusqlite::Result<()> {
-                conn.pragma_update(None, "synchronous", "FULL")?;
-                conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))?;
-                let tx = conn.unchecked_transaction()?;
-                tx.execute_batch(SCHEMA_V1)?;
-                tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-                tx.commit()
-            };
-            setup().map_err(|e| sql_error(&tmp, e))?;
-            conn.close().map_err(|(_, e)| sql_error(&tmp, e))?;
-        }
-        File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| StoreError::Io(tmp.clone(), e))?;
-        fs::rename(&tmp, path).map_err(|e| StoreError::Io(path.to_path_buf(), e))?;
-        if let Some(parent) = path.parent() {
-            File::open(parent)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| StoreError::Io(parent.to_path_buf(), e))?;
-        }
-        Ok(())
-    }
-
-    /// Integrity check, version check, then the durable settings. Reads before it writes,
-    /// so a file that is not ours is never modified.
-    fn check_and_configure(&self) -> Result<(), StoreError> {
-        let conn = &self.conn;
-        let err = |e| sql_error(&self.path, e);
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
-        let problems: Vec<String> = {
-            let mut stmt = conn.prepare("PRAGMA quick_check(4)").map_err(err)?;
-            let rows = stmt.query_map([], |row| row.get::<_, String>(0)).map_err(err)?;
-            rows.collect::<rusqlite::Result<_>>().map_err(err)?
-        };
-        if problems.iter().any(|p| p != "ok") {
-            let found: Vec<String> = problems
-                .iter()
-                .flat_map(|p| p.lines())
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with("***"))
-                .map(String::from)
-                .collect();
-            let detail = format!("integrity check failed: {}", found.join("; "));
-            return Err(StoreError::Corrupt(self.path.clone(), detail));
-        }
-        let version: i64 =
-            conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(err)?;
-        if version == 0 {
-            let detail = "it is empty or not a vipgate lease database: no schema version";
-            return Err(StoreError::Corrupt(self.path.clone(), detail.into()));
-        }
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::TooNew {
-                path: self.path.clone(),
-                found: version,
-                supported: SCHEMA_VERSION,
-            });
-        }
-        // Migrations from older versions go here (none yet: version 1 is the first).
-        let mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).map_err(err)?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            let e = io::Error::other(format!("cannot switch to WAL journal mode (got {mode})"));
-            return Err(StoreError::Io(self.path.clone(), e));
-        }
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
-        // After a checkpoint, a WAL grown by one huge group commit is cut back to this size.
-        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024).map_err(err)?;
-        conn.set_prepared_statement_cache_capacity(32);
-        Ok(())
     }
 
     fn err(&self, e: rusqlite::Error) -> StoreError {
@@ -714,6 +581,180 @@ impl Store {
             )
             .map_err(|e| self.err(e))
     }
+}
+
+/// Opens (or creates) the database at `path` holding `schema`: the parent directory (0700)
+/// and a fresh file (0600, written aside and renamed into place) when missing, the exclusive
+/// `flock` on `<path>.lock`, the integrity and schema checks, WAL with `synchronous=FULL`.
+/// See [`Store::open`].
+pub(crate) fn open_database(
+    path: &Path,
+    schema: &Schema,
+) -> Result<(Connection, PathBuf, File), StoreError> {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|e| StoreError::Io(parent.to_path_buf(), e))?;
+        }
+    }
+    let lock = lock(&path)?;
+    match fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_file() => {
+            if meta.permissions().mode() & 0o077 != 0 {
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                    .map_err(|e| StoreError::Io(path.clone(), e))?;
+            }
+        }
+        Ok(_) => {
+            return Err(StoreError::Corrupt(path, "it is not a regular file".into()));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => create(&path, schema)?,
+        Err(e) => return Err(StoreError::Io(path, e)),
+    }
+    let conn = Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| sql_error(&path, e))?;
+    check_and_configure(&conn, &path, schema)?;
+    Ok((conn, path, lock))
+}
+
+/// Takes the exclusive `flock` on `<path>.lock`, waiting at most [`LOCK_PATIENCE`].
+/// `flock` locks belong to the open file description: two opens in one process conflict
+/// exactly like two processes do, and the kernel drops the lock when the last descriptor
+/// closes (at the latest when the process dies). The short wait covers a child the
+/// previous holder forked: it shares the description until it `exec`s (the descriptor
+/// is close-on-exec), and a restart right behind a stopping daemon.
+fn lock(path: &Path) -> Result<File, StoreError> {
+    let lock_path = sidecar(path, ".lock");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Io(lock_path.clone(), e))?;
+    let started = Instant::now();
+    loop {
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(file),
+            Err(rustix::io::Errno::WOULDBLOCK) if started.elapsed() < LOCK_PATIENCE => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(StoreError::Locked(path.to_path_buf()));
+            }
+            Err(e) => return Err(StoreError::Io(lock_path, e.into())),
+        }
+    }
+}
+
+/// Writes a fresh database to `<path>.new` and renames it to `path`.
+fn create(path: &Path, schema: &Schema) -> Result<(), StoreError> {
+    let tmp = sidecar(path, ".new");
+    for stale in [tmp.clone(), sidecar(&tmp, "-journal"), sidecar(&tmp, "-wal")] {
+        match fs::remove_file(&stale) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(StoreError::Io(stale, e));
+            }
+            _ => {}
+        }
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| StoreError::Io(tmp.clone(), e))?;
+    {
+        let conn = Connection::open_with_flags(
+            &tmp,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| sql_error(&tmp, e))?;
+        let setup = || -> rusqlite::Result<()> {
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))?;
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(schema.sql)?;
+            tx.pragma_update(None, "user_version", schema.version)?;
+            tx.commit()
+        };
+        setup().map_err(|e| sql_error(&tmp, e))?;
+        conn.close().map_err(|(_, e)| sql_error(&tmp, e))?;
+    }
+    File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| StoreError::Io(tmp.clone(), e))?;
+    fs::rename(&tmp, path).map_err(|e| StoreError::Io(path.to_path_buf(), e))?;
+    if let Some(parent) = path.parent() {
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::Io(parent.to_path_buf(), e))?;
+    }
+    Ok(())
+}
+
+/// Integrity check, version check, then the durable settings. Reads before it writes,
+/// so a file that is not ours is never modified.
+fn check_and_configure(conn: &Connection, path: &Path, schema: &Schema) -> Result<(), StoreError> {
+    let err = |e| sql_error(path, e);
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    let problems: Vec<String> = {
+        let mut stmt = conn.prepare("PRAGMA quick_check(4)").map_err(err)?;
+        let rows = stmt.query_map([], |row| row.get::<_, String>(0)).map_err(err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(err)?
+    };
+    if problems.iter().any(|p| p != "ok") {
+        let found: Vec<String> = problems
+            .iter()
+            .flat_map(|p| p.lines())
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("***"))
+            .map(String::from)
+            .collect();
+        let detail = format!("integrity check failed: {}", found.join("; "));
+        return Err(StoreError::Corrupt(path.to_path_buf(), detail));
+    }
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(err)?;
+    if version == 0 {
+        let detail = format!("it is empty or not a {}: no schema version", schema.kind);
+        return Err(StoreError::Corrupt(path.to_path_buf(), detail));
+    }
+    let marked: bool = conn
+        .query_row(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [schema.marker_table],
+            |r| r.get(0),
+        )
+        .map_err(err)?;
+    if !marked {
+        let detail = format!("it is not a {} (no table {})", schema.kind, schema.marker_table);
+        return Err(StoreError::Corrupt(path.to_path_buf(), detail));
+    }
+    if version > schema.version {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            supported: schema.version,
+        });
+    }
+    // Migrations from older versions go here (none yet: version 1 is the first).
+    let mode: String =
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).map_err(err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        let e = io::Error::other(format!("cannot switch to WAL journal mode (got {mode})"));
+        return Err(StoreError::Io(path.to_path_buf(), e));
+    }
+    conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+    // After a checkpoint, a WAL grown by one huge group commit is cut back to this size.
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024).map_err(err)?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(())
 }
 
 /// Maps a SQLite error on `path` to the error a person can act on.
