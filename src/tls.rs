@@ -35,6 +35,8 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 
 /// ALPN protocol identifier of the authority protocol, version 1 (see `docs/protocol.md`).
 pub const ALPN: &[u8] = b"vipgate-authority/1";
+/// ALPN protocol identifier of the rendezvous protocol, version 1 (see `docs/rendezvous.md`).
+pub const RENDEZVOUS_ALPN: &[u8] = b"vipgate-rendezvous/1";
 
 /// Subject common name of the generated self-signed certificate.
 pub const CERT_COMMON_NAME: &str = "vipgate authority";
@@ -77,6 +79,16 @@ pub fn server_config(
     cert: Option<&Path>,
     key: Option<&Path>,
 ) -> anyhow::Result<(Arc<ServerConfig>, PathBuf)> {
+    server_config_for(ALPN, state_dir, cert, key)
+}
+
+/// [`server_config`] for the protocol `alpn` (e.g. [`RENDEZVOUS_ALPN`]).
+pub fn server_config_for(
+    alpn: &[u8],
+    state_dir: &Path,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> anyhow::Result<(Arc<ServerConfig>, PathBuf)> {
     let (cert_path, key_path) = match (cert, key) {
         (Some(c), Some(k)) => (c.to_path_buf(), k.to_path_buf()),
         (None, None) => ensure_generated(state_dir)?,
@@ -110,7 +122,7 @@ pub fn server_config(
                 key_path.display()
             ),
         })?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     config.send_tls13_tickets = 0;
     Ok((Arc::new(config), cert_path))
 }
@@ -120,6 +132,11 @@ pub fn server_config(
 ///
 /// TLS 1.3 only, ALPN [`ALPN`], no client certificate, no session resumption.
 pub fn client_config(ca: &Path) -> anyhow::Result<Arc<ClientConfig>> {
+    client_config_for(ALPN, ca)
+}
+
+/// [`client_config`] for the protocol `alpn` (e.g. [`RENDEZVOUS_ALPN`]).
+pub fn client_config_for(alpn: &[u8], ca: &Path) -> anyhow::Result<Arc<ClientConfig>> {
     let certs = read_certs(ca)?;
     let verifier = PinningVerifier::new(certs, provider());
     let mut config = ClientConfig::builder_with_provider(provider())
@@ -128,7 +145,7 @@ pub fn client_config(ca: &Path) -> anyhow::Result<Arc<ClientConfig>> {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
