@@ -17,5 +17,6 @@ pub mod control;
 pub mod gateway;
 pub mod nat;
 pub mod store;
+pub mod stun;
 pub mod tls;
 pub mod wire;
