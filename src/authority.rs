@@ -24,15 +24,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
 use ipnet::IpNet;
-use rustls::pki_types::ServerName;
-use rustls::{ClientConnection, StreamOwned};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
 
@@ -1007,24 +1004,20 @@ impl LineFramer {
 // ---------------------------------------------------------------------------------------------
 
 /// A blocking client of the authority, for the CLI: one TLS connection, one request at a time.
+#[derive(Debug)]
 pub struct AuthorityClient {
-    stream: StreamOwned<ClientConnection, TcpStream>,
-    addr: SocketAddr,
-    timeout: Duration,
+    line: crate::tls::LineClient,
     next_id: u64,
-    /// Bytes received after the last reply line.
-    pending: Vec<u8>,
 }
 
-impl fmt::Debug for AuthorityClient {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AuthorityClient")
-            .field("addr", &self.addr)
-            .field("timeout", &self.timeout)
-            .field("next_id", &self.next_id)
-            .finish_non_exhaustive()
-    }
-}
+/// How the authority's client names its server in errors.
+pub const SERVICE: crate::tls::Service = crate::tls::Service {
+    name: "authority",
+    alpn: crate::tls::ALPN,
+    running: "`vipgate gateway` running there with its authority enabled",
+    cert_hint: "copy the gateway's certificate (<state-dir>/tls/cert.pem, or the one given to \
+                it) here and pass it with --ca",
+};
 
 impl AuthorityClient {
     /// Connects to the authority at `addr` and completes the TLS 1.3 handshake, authenticating
@@ -1032,53 +1025,13 @@ impl AuthorityClient {
     /// the TLS server name is the IP address of `addr`). `timeout` bounds the TCP connect, the
     /// handshake, and later each [`call`](Self::call).
     pub fn connect(addr: SocketAddr, ca: &Path, timeout: Duration) -> anyhow::Result<Self> {
-        if timeout.is_zero() {
-            bail!("the authority timeout must be longer than zero");
-        }
-        let config = crate::tls::client_config(ca)?;
-        let deadline = Instant::now() + timeout;
-        let sock = TcpStream::connect_timeout(&addr, timeout).with_context(|| {
-            format!(
-                "cannot connect to the authority at {addr}: is `vipgate gateway` running there \
-                 with its authority enabled, and is TCP port {} reachable?",
-                addr.port()
-            )
-        })?;
-        sock.set_nodelay(true)
-            .and_then(|()| sock.set_write_timeout(Some(timeout)))
-            .with_context(|| format!("cannot set up the socket to {addr}"))?;
-        let conn = ClientConnection::new(config, ServerName::IpAddress(addr.ip().into()))
-            .with_context(|| format!("cannot start a TLS session with {addr}"))?;
-        let mut stream = StreamOwned::new(conn, sock);
-        while stream.conn.is_handshaking() {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                bail!("the TLS handshake with the authority at {addr} timed out after {timeout:?}");
-            }
-            stream
-                .sock
-                .set_read_timeout(Some(remaining))
-                .with_context(|| format!("cannot set up the socket to {addr}"))?;
-            match stream.conn.complete_io(&mut stream.sock) {
-                Ok(_) => {}
-                // A signal (or the process being stopped and continued) is not a failure.
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(handshake_error(e, addr, ca, timeout)),
-            }
-        }
-        if stream.conn.alpn_protocol() != Some(crate::tls::ALPN) {
-            bail!(
-                "the server at {addr} does not speak the vipgate authority protocol (it did not \
-                 agree to ALPN {:?}); check the address and port",
-                String::from_utf8_lossy(crate::tls::ALPN)
-            );
-        }
-        Ok(AuthorityClient { stream, addr, timeout, next_id: 1, pending: Vec::new() })
+        let line = crate::tls::LineClient::connect(&SERVICE, addr, ca, timeout)?;
+        Ok(AuthorityClient { line, next_id: 1 })
     }
 
     /// The authority's address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.line.addr()
     }
 
     /// Sends `command` with a fresh id and waits at most the connect timeout for its reply.
@@ -1089,12 +1042,9 @@ impl AuthorityClient {
         let id = Id::from(self.next_id);
         self.next_id += 1;
         let request = Request { id: id.clone(), command: command.clone() };
-        let addr = self.addr;
-        self.stream
-            .write_all(&request.to_line())
-            .and_then(|()| self.stream.flush())
-            .map_err(|e| io_error(e, addr, self.timeout, "sending the request to"))?;
-        let line = self.read_line()?;
+        let addr = self.addr();
+        self.line.send(&request.to_line())?;
+        let line = self.line.read_line(None)?.context("no reply")?;
         let reply = Reply::parse(&line)
             .with_context(|| format!("the authority at {addr} sent an unreadable reply"))?;
         if reply.id != id && reply.id != Id::Null {
@@ -1104,95 +1054,6 @@ impl AuthorityClient {
             );
         }
         Ok(reply)
-    }
-
-    /// Reads one line (without its `'\n'`) within the timeout.
-    fn read_line(&mut self) -> anyhow::Result<Vec<u8>> {
-        let deadline = Instant::now() + self.timeout;
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
-                let mut line: Vec<u8> = self.pending.drain(..=pos).collect();
-                line.pop();
-                return Ok(line);
-            }
-            if self.pending.len() > MAX_LINE {
-                bail!(
-                    "the authority at {} sent a reply line longer than {MAX_LINE} bytes",
-                    self.addr
-                );
-            }
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                bail!("no reply from the authority at {} within {:?}", self.addr, self.timeout);
-            }
-            self.stream
-                .sock
-                .set_read_timeout(Some(remaining))
-                .with_context(|| format!("cannot set up the socket to {}", self.addr))?;
-            match self.stream.read(&mut chunk) {
-                Ok(0) => {
-                    bail!("the authority at {} closed the connection without replying", self.addr)
-                }
-                Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(io_error(e, self.addr, self.timeout, "waiting for a reply from"))
-                }
-            }
-        }
-    }
-}
-
-impl Drop for AuthorityClient {
-    /// Ends the TLS session cleanly (close_notify), best effort and bounded by the write
-    /// timeout, so the authority sees an orderly close rather than a truncation.
-    fn drop(&mut self) {
-        self.stream.conn.send_close_notify();
-        let _ = self.stream.flush();
-    }
-}
-
-/// An actionable error for a failed TLS handshake.
-fn handshake_error(
-    e: std::io::Error,
-    addr: SocketAddr,
-    ca: &Path,
-    timeout: Duration,
-) -> anyhow::Error {
-    let tls = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
-    match (e.kind(), tls) {
-        (_, Some(rustls::Error::InvalidCertificate(why))) => anyhow!(
-            "the authority at {addr} presented a certificate that is neither pinned in {} nor \
-             issued by a certificate in it ({why:?}); copy the gateway's certificate \
-             (<state-dir>/tls/cert.pem, or the one given to it) here and pass it with --ca",
-            ca.display()
-        ),
-        (_, Some(rustls::Error::AlertReceived(alert))) => anyhow!(
-            "the server at {addr} refused the TLS handshake ({alert:?}); is it a vipgate \
-             authority of a compatible version?"
-        ),
-        (ErrorKind::WouldBlock | ErrorKind::TimedOut, _) => {
-            anyhow!("the TLS handshake with the authority at {addr} timed out after {timeout:?}")
-        }
-        (ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset, _) => anyhow!(
-            "the server at {addr} closed the connection during the TLS handshake; is it a \
-             vipgate authority port?"
-        ),
-        _ => anyhow!("the TLS handshake with the authority at {addr} failed: {e}"),
-    }
-}
-
-/// An actionable error for a failed read or write on an established connection.
-fn io_error(e: std::io::Error, addr: SocketAddr, timeout: Duration, doing: &str) -> anyhow::Error {
-    match e.kind() {
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => {
-            anyhow!("timed out after {timeout:?} {doing} the authority at {addr}")
-        }
-        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => {
-            anyhow!("the authority at {addr} closed the connection ({doing} it)")
-        }
-        _ => anyhow!("failed {doing} the authority at {addr}: {e}"),
     }
 }
 
@@ -1294,7 +1155,7 @@ mod tests {
     use super::*;
     use crate::tls::test_support::TempDir;
     use rustls::ServerConnection;
-    use std::io::{BufRead, BufReader};
+    use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;
     use std::path::PathBuf;
     use std::thread;
@@ -1812,7 +1673,7 @@ mod tests {
         let handle = thread::spawn(move || -> anyhow::Result<usize> {
             let (sock, _) = listener.accept()?;
             sock.set_read_timeout(Some(Duration::from_secs(5)))?;
-            let tls = StreamOwned::new(ServerConnection::new(config)?, sock);
+            let tls = rustls::StreamOwned::new(ServerConnection::new(config)?, sock);
             let mut reader = BufReader::new(tls);
             let mut served = 0;
             loop {

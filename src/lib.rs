@@ -16,6 +16,8 @@ pub mod config;
 pub mod control;
 pub mod gateway;
 pub mod nat;
+pub mod peer;
+pub mod rendezvous;
 pub mod store;
 pub mod stun;
 pub mod tls;

@@ -64,6 +64,31 @@ enum Command {
         #[command(flatten)]
         settings: Box<GatewaySettings>,
     },
+    /// Run the rendezvous server of seed 003: accounts, buddies and presence over TLS (port
+    /// 7444), the one-bit "same network?" answer, the relay of endpoint offers between mutual
+    /// buddies, and a STUN binding service on UDP and TCP (port 3478). Until SIGINT/SIGTERM.
+    ///
+    /// Two clients count as one network when their registered global addresses (the source
+    /// address of their login connections) are equal after masking (--mask-v4, --mask-v6), or
+    /// both lie in one --gateway-pool. The server never tells a client its buddy's address
+    /// unless --reveal-addresses is given.
+    Rendezvous {
+        #[command(flatten)]
+        settings: Box<vipgate::rendezvous::Settings>,
+        /// Log level: error, warn, info, debug or trace.
+        #[arg(long, value_name = "LEVEL", default_value = "info")]
+        log_level: log::LevelFilter,
+    },
+    /// A client of the rendezvous server: register, manage buddies, show presence, and open
+    /// a direct UDP path to a buddy (same network: LAN addresses; otherwise global ones from
+    /// STUN) to deliver a message that never passes through the server.
+    ///
+    /// Exit status: 0 done; 1 failed (server unreachable, TLS, timeout, no direct path);
+    /// 2 usage; 3 refused as not permitted (not a mutual buddy who is online).
+    Peer {
+        #[command(flatten)]
+        args: Box<vipgate::peer::PeerArgs>,
+    },
     /// Show the leases of the running gateway, or with --history its lease history.
     ///
     /// Reads the gateway's control socket (a Unix socket of mode 0600, so normally as root):
@@ -274,6 +299,27 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Authority { config, settings } => {
             let cfg = daemon_config(config, *settings)?;
             Ok(vipgate::gateway::run_authority(cfg)?)
+        }
+        Command::Rendezvous { settings, log_level } => {
+            env_logger::Builder::new()
+                .filter_level(log_level)
+                .filter_module("rustls", log_level.min(log::LevelFilter::Warn))
+                .format_target(false)
+                .init();
+            Ok(vipgate::rendezvous::run(*settings)?)
+        }
+        Command::Peer { args } => {
+            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+                .format_target(false)
+                .init();
+            vipgate::peer::run(*args).map_err(|e| {
+                let refused = e.downcast_ref::<vipgate::peer::Refused>();
+                let status = match refused {
+                    Some(r) if r.code == "not_permitted" => EXIT_NOT_PERMITTED,
+                    _ => EXIT_FAILURE,
+                };
+                Failure::new(status, format!("{e:#}"))
+            })
         }
         Command::Leases { control_socket, history: false, json, .. } => {
             leases(&control_socket, json)

@@ -20,10 +20,12 @@
 //! can be accepted. The WebPKI fallback checks everything (chain, validity time, name).
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::Write;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -32,6 +34,7 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{ClientConnection, StreamOwned};
 
 /// ALPN protocol identifier of the authority protocol, version 1 (see `docs/protocol.md`).
 pub const ALPN: &[u8] = b"vipgate-authority/1";
@@ -148,6 +151,222 @@ pub fn client_config_for(alpn: &[u8], ca: &Path) -> anyhow::Result<Arc<ClientCon
     config.alpn_protocols = vec![alpn.to_vec()];
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+/// A service the blocking [`LineClient`] talks to, for its error messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Service {
+    /// What the server is called ("authority", "rendezvous server").
+    pub name: &'static str,
+    /// Its ALPN protocol.
+    pub alpn: &'static [u8],
+    /// What should run at the address ("`vipgate rendezvous` running there").
+    pub running: &'static str,
+    /// What to do about a certificate that does not match.
+    pub cert_hint: &'static str,
+}
+
+/// A blocking TLS 1.3 client of a JSON-lines service (the authority, the rendezvous server),
+/// for the CLI: lines out, lines in, every wait bounded.
+pub struct LineClient {
+    stream: StreamOwned<ClientConnection, TcpStream>,
+    service: &'static Service,
+    addr: SocketAddr,
+    timeout: Duration,
+    /// Bytes received after the last line.
+    pending: Vec<u8>,
+}
+
+impl std::fmt::Debug for LineClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LineClient")
+            .field("service", &self.service.name)
+            .field("addr", &self.addr)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LineClient {
+    /// Connects to `addr` and completes the TLS 1.3 handshake, authenticating the server with
+    /// the certificates of the PEM file `ca` (see [`client_config`]; the TLS server name is the
+    /// IP address of `addr`) and requiring the service's ALPN protocol. `timeout` bounds the
+    /// TCP connect, the handshake, and later each read of a reply.
+    pub fn connect(
+        service: &'static Service,
+        addr: SocketAddr,
+        ca: &Path,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let name = service.name;
+        if timeout.is_zero() {
+            bail!("the {name} timeout must be longer than zero");
+        }
+        let config = client_config_for(service.alpn, ca)?;
+        let deadline = Instant::now() + timeout;
+        let sock = TcpStream::connect_timeout(&addr, timeout).with_context(|| {
+            format!(
+                "cannot connect to the {name} at {addr}: is {}, and is TCP port {} reachable?",
+                service.running,
+                addr.port()
+            )
+        })?;
+        sock.set_nodelay(true)
+            .and_then(|()| sock.set_write_timeout(Some(timeout)))
+            .with_context(|| format!("cannot set up the socket to {addr}"))?;
+        let conn = ClientConnection::new(config, ServerName::IpAddress(addr.ip().into()))
+            .with_context(|| format!("cannot start a TLS session with {addr}"))?;
+        let mut stream = StreamOwned::new(conn, sock);
+        while stream.conn.is_handshaking() {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                bail!("the TLS handshake with the {name} at {addr} timed out after {timeout:?}");
+            }
+            stream
+                .sock
+                .set_read_timeout(Some(remaining))
+                .with_context(|| format!("cannot set up the socket to {addr}"))?;
+            match stream.conn.complete_io(&mut stream.sock) {
+                Ok(_) => {}
+                // A signal (or the process being stopped and continued) is not a failure.
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(handshake_error(e, service, addr, ca, timeout)),
+            }
+        }
+        if stream.conn.alpn_protocol() != Some(service.alpn) {
+            bail!(
+                "the server at {addr} does not speak the vipgate {name} protocol (it did not \
+                 agree to ALPN {:?}); check the address and port",
+                String::from_utf8_lossy(service.alpn)
+            );
+        }
+        Ok(LineClient { stream, service, addr, timeout, pending: Vec::new() })
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// This end's address of the connection.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.stream.sock.local_addr()
+    }
+
+    /// Sends one line (which ends in `\n`).
+    pub fn send(&mut self, line: &[u8]) -> anyhow::Result<()> {
+        self.stream
+            .write_all(line)
+            .and_then(|()| self.stream.flush())
+            .map_err(|e| io_error(e, self.service, self.addr, self.timeout, "sending to"))
+    }
+
+    /// Reads one line (without its `\n`). `until`: `None` waits the timeout and fails past
+    /// it; `Some(t)` returns `Ok(None)` at `t` with nothing read.
+    pub fn read_line(&mut self, until: Option<Instant>) -> anyhow::Result<Option<Vec<u8>>> {
+        let name = self.service.name;
+        let deadline = until.unwrap_or_else(|| Instant::now() + self.timeout);
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.pending.drain(..=pos).collect();
+                line.pop();
+                return Ok(Some(line));
+            }
+            if self.pending.len() > crate::authority::MAX_LINE {
+                bail!(
+                    "the {name} at {} sent a line longer than {} bytes",
+                    self.addr,
+                    crate::authority::MAX_LINE
+                );
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                if until.is_some() {
+                    return Ok(None);
+                }
+                bail!("no reply from the {name} at {} within {:?}", self.addr, self.timeout);
+            }
+            self.stream
+                .sock
+                .set_read_timeout(Some(remaining))
+                .with_context(|| format!("cannot set up the socket to {}", self.addr))?;
+            match self.stream.read(&mut chunk) {
+                Ok(0) => {
+                    bail!("the {name} at {} closed the connection without replying", self.addr)
+                }
+                Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e)
+                    if until.is_some()
+                        && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => {
+                    return Err(io_error(e, self.service, self.addr, self.timeout, "waiting for"))
+                }
+            }
+        }
+    }
+}
+
+impl Drop for LineClient {
+    /// Ends the TLS session cleanly (close_notify), best effort and bounded by the write
+    /// timeout, so the server sees an orderly close rather than a truncation.
+    fn drop(&mut self) {
+        self.stream.conn.send_close_notify();
+        let _ = self.stream.flush();
+    }
+}
+
+/// An actionable error for a failed TLS handshake.
+fn handshake_error(
+    e: std::io::Error,
+    service: &Service,
+    addr: SocketAddr,
+    ca: &Path,
+    timeout: Duration,
+) -> anyhow::Error {
+    let name = service.name;
+    let tls = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match (e.kind(), tls) {
+        (_, Some(rustls::Error::InvalidCertificate(why))) => anyhow!(
+            "the {name} at {addr} presented a certificate that is neither pinned in {} nor \
+             issued by a certificate in it ({why:?}); {}",
+            ca.display(),
+            service.cert_hint
+        ),
+        (_, Some(rustls::Error::AlertReceived(alert))) => anyhow!(
+            "the server at {addr} refused the TLS handshake ({alert:?}); is it a vipgate \
+             {name} of a compatible version?"
+        ),
+        (ErrorKind::WouldBlock | ErrorKind::TimedOut, _) => {
+            anyhow!("the TLS handshake with the {name} at {addr} timed out after {timeout:?}")
+        }
+        (ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset, _) => anyhow!(
+            "the server at {addr} closed the connection during the TLS handshake; is it a \
+             vipgate {name} port?"
+        ),
+        _ => anyhow!("the TLS handshake with the {name} at {addr} failed: {e}"),
+    }
+}
+
+/// An actionable error for a failed read or write on an established connection.
+fn io_error(
+    e: std::io::Error,
+    service: &Service,
+    addr: SocketAddr,
+    timeout: Duration,
+    doing: &str,
+) -> anyhow::Error {
+    let name = service.name;
+    match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+            anyhow!("timed out after {timeout:?} {doing} the {name} at {addr}")
+        }
+        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => {
+            anyhow!("the {name} at {addr} closed the connection ({doing} it)")
+        }
+        _ => anyhow!("failed {doing} the {name} at {addr}: {e}"),
+    }
 }
 
 /// SHA-256 fingerprint of a DER certificate, as colon-separated upper-case hex (the format of

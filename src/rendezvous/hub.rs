@@ -1,0 +1,560 @@
+//! The rendezvous server's logic without I/O: sessions, presence, the same-network bit, the
+//! relay of offers and answers. The event loop feeds it connections and request lines and
+//! sends what it puts in [`Hub::outbox`]; password hashing, the one slow step, is handed back
+//! to the loop ([`Outcome`]) to run off the loop's thread.
+
+use super::protocol::{self, canonical, Code, Endpoint, Op, Request};
+use super::store::{Accounts, Standing};
+use ipnet::IpNet;
+use log::{info, warn};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant, SystemTime};
+
+/// A connection, as the loop numbers them.
+pub type ConnId = usize;
+
+/// How long an offer may wait for its answer.
+pub const OFFER_TTL: Duration = Duration::from_secs(30);
+/// Most unanswered offers one connection may have.
+pub const MAX_OFFERS_PER_CONN: usize = 16;
+/// Most logged-in connections per account.
+pub const MAX_SESSIONS_PER_USER: usize = 16;
+
+/// When two registered global addresses count as one network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Locality {
+    /// IPv4 addresses are compared on this many leading bits (32: exactly).
+    pub mask_v4: u8,
+    /// IPv6 addresses are compared on this many leading bits.
+    pub mask_v6: u8,
+    /// Address pools of gateways (e.g. a vipgate pool): any two addresses inside the same
+    /// prefix are one network.
+    pub pools: Vec<IpNet>,
+}
+
+impl Default for Locality {
+    fn default() -> Self {
+        Locality { mask_v4: 32, mask_v6: 64, pools: Vec::new() }
+    }
+}
+
+impl Locality {
+    /// The one bit: are `a` and `b` on the same network?
+    pub fn same(&self, a: IpAddr, b: IpAddr) -> bool {
+        let (a, b) = (canonical(a), canonical(b));
+        if self.pools.iter().any(|p| p.contains(&a) && p.contains(&b)) {
+            return true;
+        }
+        match (a, b) {
+            (IpAddr::V4(x), IpAddr::V4(y)) => {
+                let m = u32::MAX.checked_shl(32 - u32::from(self.mask_v4.min(32))).unwrap_or(0);
+                u32::from(x) & m == u32::from(y) & m
+            }
+            (IpAddr::V6(x), IpAddr::V6(y)) => {
+                let m = u128::MAX.checked_shl(128 - u32::from(self.mask_v6.min(128))).unwrap_or(0);
+                u128::from(x) & m == u128::from(y) & m
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What the loop must do to finish a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing: the reply is in the outbox.
+    Done,
+    /// Check `password` against `phc` (`None`: the account does not exist; check against a
+    /// dummy hash so both cases take the same time), then call [`Hub::logged_in`].
+    Verify {
+        /// The request id.
+        id: Value,
+        /// The account.
+        user: String,
+        /// The password given.
+        password: String,
+        /// The stored hash.
+        phc: Option<String>,
+        /// The login asked to listen.
+        listen: bool,
+    },
+    /// Hash `password`, then call [`Hub::registered`].
+    Hash {
+        /// The request id.
+        id: Value,
+        /// The new account.
+        user: String,
+        /// Its password.
+        password: String,
+    },
+}
+
+/// Counters of the hub.
+#[derive(Debug, Default, Clone)]
+pub struct HubStats {
+    /// Successful logins.
+    pub logins: u64,
+    /// Refused logins.
+    pub failed_logins: u64,
+    /// Accounts created.
+    pub registrations: u64,
+    /// Same-network questions answered (either way).
+    pub same_network: u64,
+    /// Requests refused with `not_permitted`.
+    pub not_permitted: u64,
+    /// Offers and answers relayed.
+    pub relayed: u64,
+}
+
+struct Session {
+    addr: IpAddr,
+    user: Option<String>,
+    listen: bool,
+    reported: Option<SocketAddr>,
+    since: Instant,
+}
+
+struct Offer {
+    from_conn: ConnId,
+    from_user: String,
+    to_user: String,
+    expires: Instant,
+}
+
+/// The rendezvous state. See the module docs.
+pub struct Hub {
+    locality: Locality,
+    reveal: bool,
+    accounts: Accounts,
+    sessions: HashMap<ConnId, Session>,
+    /// Logged-in connections of each online account, oldest first.
+    online: HashMap<String, Vec<ConnId>>,
+    offers: HashMap<u64, Offer>,
+    next_offer: u64,
+    /// Lines to send: (connection, line).
+    pub outbox: Vec<(ConnId, Vec<u8>)>,
+    /// Counters.
+    pub stats: HubStats,
+}
+
+impl Hub {
+    /// A hub over `accounts`.
+    pub fn new(accounts: Accounts, locality: Locality, reveal: bool, first_offer: u64) -> Hub {
+        Hub {
+            locality,
+            reveal,
+            accounts,
+            sessions: HashMap::new(),
+            online: HashMap::new(),
+            offers: HashMap::new(),
+            next_offer: first_offer.max(1),
+            outbox: Vec::new(),
+            stats: HubStats::default(),
+        }
+    }
+
+    /// A connection from `addr` was accepted.
+    pub fn connected(&mut self, conn: ConnId, addr: IpAddr, now: Instant) {
+        let s = Session {
+            addr: canonical(addr),
+            user: None,
+            listen: false,
+            reported: None,
+            since: now,
+        };
+        self.sessions.insert(conn, s);
+    }
+
+    /// A connection closed: its account may go offline.
+    pub fn closed(&mut self, conn: ConnId) {
+        let Some(s) = self.sessions.remove(&conn) else { return };
+        self.offers.retain(|_, o| o.from_conn != conn);
+        let Some(user) = s.user else { return };
+        let Some(list) = self.online.get_mut(&user) else { return };
+        list.retain(|&c| c != conn);
+        if list.is_empty() {
+            self.online.remove(&user);
+            info!("{user} is offline");
+            self.announce(&user, false);
+        }
+    }
+
+    /// Number of online accounts.
+    pub fn online_users(&self) -> usize {
+        self.online.len()
+    }
+
+    /// Number of open connections (logged in or not).
+    pub fn connections(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// True when `conn` is logged in.
+    pub fn logged_in(&self, conn: ConnId) -> bool {
+        self.sessions.get(&conn).is_some_and(|s| s.user.is_some())
+    }
+
+    fn reply(&mut self, conn: ConnId, line: Vec<u8>) {
+        self.outbox.push((conn, line));
+    }
+
+    fn refuse(&mut self, conn: ConnId, id: &Value, code: Code) -> Outcome {
+        if code == Code::NotPermitted {
+            self.stats.not_permitted += 1;
+        }
+        self.reply(conn, protocol::error(id, code));
+        Outcome::Done
+    }
+
+    fn internal(&mut self, conn: ConnId, id: &Value, e: impl std::fmt::Display) -> Outcome {
+        warn!("rendezvous database: {e}");
+        self.refuse(conn, id, Code::Internal)
+    }
+
+    /// Handles one request of `conn`.
+    pub fn request(&mut self, conn: ConnId, req: Request, now: Instant) -> Outcome {
+        let Request { id, op } = req;
+        let Some(session) = self.sessions.get(&conn) else { return Outcome::Done };
+        let me = session.user.clone();
+        match (op, me) {
+            (Op::Ping {}, _) => {
+                self.reply(conn, protocol::ok(&id, json!({})));
+                Outcome::Done
+            }
+            (Op::Register { .. } | Op::Login { .. }, Some(_)) => {
+                self.refuse(conn, &id, Code::AlreadyLoggedIn)
+            }
+            (Op::Register { user, password }, None) => match self.accounts.password_hash(&user) {
+                Ok(Some(_)) => self.refuse(conn, &id, Code::NameTaken),
+                Ok(None) => Outcome::Hash { id, user, password },
+                Err(e) => self.internal(conn, &id, e),
+            },
+            (Op::Login { user, password, listen }, None) => {
+                match self.accounts.password_hash(&user) {
+                    Ok(phc) => Outcome::Verify { id, user, password, phc, listen },
+                    Err(e) => self.internal(conn, &id, e),
+                }
+            }
+            (_, None) => self.refuse(conn, &id, Code::NotLoggedIn),
+            (op, Some(me)) => self.logged_in_request(conn, &id, &me, op, now),
+        }
+    }
+
+    fn logged_in_request(
+        &mut self,
+        conn: ConnId,
+        id: &Value,
+        me: &str,
+        op: Op,
+        now: Instant,
+    ) -> Outcome {
+        match op {
+            Op::BuddyAdd { user } => {
+                if user == me {
+                    let msg = "you cannot be your own buddy";
+                    self.reply(conn, protocol::error_msg(id, Code::BadRequest, msg));
+                    return Outcome::Done;
+                }
+                self.ask(conn, id, me, &user, false)
+            }
+            Op::BuddyAccept { user } => self.ask(conn, id, me, &user, true),
+            Op::BuddyRemove { user } => match self.accounts.remove(me, &user) {
+                Ok(before) => {
+                    if before != Standing::None {
+                        info!("{me} removed {user}");
+                        self.push_to(&user, "buddy_removed", json!({"user": me}));
+                    }
+                    self.reply(conn, protocol::ok(id, json!({})));
+                    Outcome::Done
+                }
+                Err(e) => self.internal(conn, id, e),
+            },
+            Op::BuddyList {} => match self.accounts.relations(me) {
+                Ok(rel) => {
+                    let list: Vec<Value> = rel
+                        .into_iter()
+                        .map(|(name, st)| {
+                            let mut v = json!({"user": name, "state": st.as_str()});
+                            if st == Standing::Mutual {
+                                v["online"] = Value::Bool(self.online.contains_key(&name));
+                            }
+                            v
+                        })
+                        .collect();
+                    self.reply(conn, protocol::ok(id, json!({ "buddies": list })));
+                    Outcome::Done
+                }
+                Err(e) => self.internal(conn, id, e),
+            },
+            Op::SameNetwork { user } => {
+                let Some(theirs) = self.buddy_session(me, &user) else {
+                    return self.refuse(conn, id, Code::NotPermitted);
+                };
+                let mine = self.sessions[&conn].addr;
+                let same = self.locality.same(mine, self.sessions[&theirs].addr);
+                self.stats.same_network += 1;
+                self.reply(conn, protocol::ok(id, json!({ "same": same })));
+                Outcome::Done
+            }
+            Op::AddressOf { user } => {
+                if !self.reveal {
+                    return self.refuse(conn, id, Code::Disabled);
+                }
+                let Some(theirs) = self.buddy_session(me, &user) else {
+                    return self.refuse(conn, id, Code::NotPermitted);
+                };
+                let s = &self.sessions[&theirs];
+                let mut fields = json!({ "address": s.addr.to_string() });
+                if let Some(r) = s.reported {
+                    fields["endpoint"] = Value::String(r.to_string());
+                }
+                self.reply(conn, protocol::ok(id, fields));
+                Outcome::Done
+            }
+            Op::ReportEndpoint { endpoint } => {
+                if let Some(s) = self.sessions.get_mut(&conn) {
+                    s.reported = Some(endpoint);
+                }
+                self.reply(conn, protocol::ok(id, json!({})));
+                Outcome::Done
+            }
+            Op::Offer { user, endpoint } => self.offer(conn, id, me, &user, endpoint, now),
+            Op::Answer { session, endpoint } => self.answer(conn, id, me, session, endpoint, now),
+            Op::Ping {} | Op::Register { .. } | Op::Login { .. } => Outcome::Done,
+        }
+    }
+
+    /// `buddy_add` (`accept_only` false) and `buddy_accept` (true).
+    fn ask(
+        &mut self,
+        conn: ConnId,
+        id: &Value,
+        me: &str,
+        user: &str,
+        accept_only: bool,
+    ) -> Outcome {
+        if accept_only {
+            match self.accounts.standing(me, user) {
+                Ok(Standing::Incoming | Standing::Mutual) => {}
+                Ok(_) => return self.refuse(conn, id, Code::NoRequest),
+                Err(e) => return self.internal(conn, id, e),
+            }
+        }
+        let st = match self.accounts.ask(me, user) {
+            Ok(st) => st,
+            Err(e) => return self.internal(conn, id, e),
+        };
+        match st {
+            Standing::Mutual => {
+                info!("{me} and {user} are buddies");
+                self.push_to(user, "buddy_accepted", json!({"user": me}));
+                // Each sees the other's presence from now on.
+                if self.online.contains_key(user) {
+                    self.push_to(me, "presence", json!({"user": user, "online": true}));
+                    self.push_to(user, "presence", json!({"user": me, "online": true}));
+                }
+            }
+            _ => self.push_to(user, "buddy_request", json!({"user": me})),
+        }
+        self.reply(conn, protocol::ok(id, json!({ "state": st.as_str() })));
+        Outcome::Done
+    }
+
+    /// The newest logged-in connection of `user` if it is a mutual buddy of `me` and online.
+    fn buddy_session(&self, me: &str, user: &str) -> Option<ConnId> {
+        let newest = *self.online.get(user)?.last()?;
+        match self.accounts.standing(me, user) {
+            Ok(Standing::Mutual) => Some(newest),
+            _ => None,
+        }
+    }
+
+    fn offer(
+        &mut self,
+        conn: ConnId,
+        id: &Value,
+        me: &str,
+        user: &str,
+        endpoint: Endpoint,
+        now: Instant,
+    ) -> Outcome {
+        if self.buddy_session(me, user).is_none() {
+            return self.refuse(conn, id, Code::NotPermitted);
+        }
+        let listeners: Vec<ConnId> = self.online[user]
+            .iter()
+            .copied()
+            .filter(|c| self.sessions.get(c).is_some_and(|s| s.listen))
+            .collect();
+        if listeners.is_empty() {
+            return self.refuse(conn, id, Code::NotListening);
+        }
+        self.expire(now);
+        if self.offers.values().filter(|o| o.from_conn == conn).count() >= MAX_OFFERS_PER_CONN {
+            return self.refuse(conn, id, Code::Busy);
+        }
+        let session = self.next_offer;
+        self.next_offer += 1;
+        let offer = Offer {
+            from_conn: conn,
+            from_user: me.to_string(),
+            to_user: user.to_string(),
+            expires: now + OFFER_TTL,
+        };
+        self.offers.insert(session, offer);
+        let ev = relayed("offer", me, session, &endpoint);
+        for c in listeners {
+            self.outbox.push((c, ev.clone()));
+        }
+        self.stats.relayed += 1;
+        info!("offer {session}: {me} -> {user} ({})", endpoint.kind.as_str());
+        self.reply(conn, protocol::ok(id, json!({ "session": session })));
+        Outcome::Done
+    }
+
+    fn answer(
+        &mut self,
+        conn: ConnId,
+        id: &Value,
+        me: &str,
+        session: u64,
+        endpoint: Endpoint,
+        now: Instant,
+    ) -> Outcome {
+        self.expire(now);
+        let mine = self.offers.get(&session).is_some_and(|o| o.to_user == me);
+        if !mine {
+            return self.refuse(conn, id, Code::NoSuchOffer);
+        }
+        let Some(o) = self.offers.remove(&session) else { return Outcome::Done };
+        // Still buddies? (A removal between offer and answer ends the exchange.)
+        if self.buddy_session(me, &o.from_user).is_none() {
+            return self.refuse(conn, id, Code::NotPermitted);
+        }
+        self.outbox.push((o.from_conn, relayed("answer", me, session, &endpoint)));
+        self.stats.relayed += 1;
+        info!("answer {session}: {me} -> {} ({})", o.from_user, endpoint.kind.as_str());
+        self.reply(conn, protocol::ok(id, json!({})));
+        Outcome::Done
+    }
+
+    /// Drops offers past their time.
+    pub fn expire(&mut self, now: Instant) {
+        self.offers.retain(|_, o| o.expires > now);
+    }
+
+    /// The worker checked a login's password.
+    pub fn logged_in_checked(
+        &mut self,
+        conn: ConnId,
+        id: &Value,
+        user: &str,
+        listen: bool,
+        ok: bool,
+    ) {
+        let Some(s) = self.sessions.get(&conn) else { return };
+        if !ok {
+            self.stats.failed_logins += 1;
+            info!("login as {user} from {} refused", s.addr);
+            self.refuse(conn, id, Code::LoginFailed);
+            return;
+        }
+        if s.user.is_some() {
+            self.refuse(conn, id, Code::AlreadyLoggedIn);
+            return;
+        }
+        if self.online.get(user).is_some_and(|l| l.len() >= MAX_SESSIONS_PER_USER) {
+            let msg = format!("{user} has {MAX_SESSIONS_PER_USER} sessions already; log one out");
+            self.reply(conn, protocol::error_msg(id, Code::Busy, &msg));
+            return;
+        }
+        let addr = s.addr;
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.user = Some(user.to_string());
+            s.listen = listen;
+        }
+        self.stats.logins += 1;
+        let first = !self.online.contains_key(user);
+        self.online.entry(user.to_string()).or_default().push(conn);
+        info!("{user} logged in from {addr}{}", if listen { " (listening)" } else { "" });
+        self.reply(conn, protocol::ok(id, json!({ "address": addr.to_string() })));
+        // The new session learns who is online; the buddies learn about it (once).
+        let buddies = self.accounts.buddies(user).unwrap_or_default();
+        for b in buddies {
+            if self.online.contains_key(&b) {
+                self.outbox
+                    .push((conn, protocol::event("presence", json!({"user": b, "online": true}))));
+            }
+        }
+        if first {
+            self.announce(user, true);
+        }
+    }
+
+    /// The worker hashed a new account's password (`Err`: it failed).
+    pub fn registered(
+        &mut self,
+        conn: ConnId,
+        id: &Value,
+        user: &str,
+        phc: Result<String, String>,
+    ) {
+        let created = match phc {
+            Ok(phc) => self.accounts.create(user, &phc, SystemTime::now()),
+            Err(e) => {
+                self.internal(conn, id, e);
+                return;
+            }
+        };
+        match created {
+            Ok(true) => {
+                self.stats.registrations += 1;
+                info!("account {user} registered");
+                self.reply(conn, protocol::ok(id, json!({})));
+            }
+            Ok(false) => {
+                self.refuse(conn, id, Code::NameTaken);
+            }
+            Err(e) => {
+                self.internal(conn, id, e);
+            }
+        }
+    }
+
+    /// Tells the online mutual buddies of `user` that it came online or went offline.
+    fn announce(&mut self, user: &str, online: bool) {
+        let buddies = self.accounts.buddies(user).unwrap_or_default();
+        for b in buddies {
+            self.push_to(&b, "presence", json!({"user": user, "online": online}));
+        }
+    }
+
+    /// Pushes an event to every logged-in connection of `user`.
+    fn push_to(&mut self, user: &str, name: &str, fields: Value) {
+        let Some(conns) = self.online.get(user) else { return };
+        let ev = protocol::event(name, fields);
+        for &c in conns {
+            self.outbox.push((c, ev.clone()));
+        }
+    }
+
+    /// How long `conn` has been open.
+    pub fn age(&self, conn: ConnId, now: Instant) -> Option<Duration> {
+        self.sessions.get(&conn).map(|s| now.saturating_duration_since(s.since))
+    }
+}
+
+fn relayed(name: &str, from: &str, session: u64, e: &Endpoint) -> Vec<u8> {
+    protocol::event(
+        name,
+        json!({
+            "user": from,
+            "session": session,
+            "kind": e.kind.as_str(),
+            "endpoint": e.endpoint.to_string(),
+            "token": e.token,
+        }),
+    )
+}

@@ -1,0 +1,779 @@
+//! `vipgate rendezvous`: the server of seed 003. Accounts, buddies and presence over a TLS
+//! JSON-lines service; the one-bit same-network answer; the relay of endpoint offers between
+//! mutual buddies; a STUN binding service on UDP and TCP so clients learn their global
+//! address. One mio loop; the accounts in SQLite under `--state-dir`; password hashing
+//! (argon2id) on a worker thread so a login never stalls the loop.
+//!
+//! - [`protocol`]: the wire format (also `docs/rendezvous.md`).
+//! - [`hub`]: the logic, without I/O.
+//! - [`store`]: the accounts database.
+
+pub mod hub;
+pub mod protocol;
+pub mod store;
+
+use crate::authority::{Frame, LineFramer, RateLimiter};
+use crate::stun;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hub::{ConnId, Hub, Locality, Outcome};
+use ipnet::IpNet;
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream, UdpSocket};
+use mio::{Events, Interest, Poll, Token, Waker};
+use rustls::{ServerConfig, ServerConnection};
+use serde_json::Value;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/vipgate/rendezvous";
+/// SOFTWARE attribute of STUN responses.
+pub const SOFTWARE: &str = concat!("vipgate ", env!("CARGO_PKG_VERSION"));
+/// Time to finish the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a connection that has not logged in may stay silent.
+pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a logged-in connection may stay silent (clients ping every 30 s).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Time a STUN-over-TCP connection may stay silent.
+pub const STUN_TCP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most TLS connections at once.
+pub const MAX_CONNS: usize = 4096;
+/// Most STUN-over-TCP connections at once.
+pub const MAX_STUN_CONNS: usize = 1024;
+/// Most listen addresses of each kind.
+pub const MAX_LISTENERS: usize = 8;
+/// Most password checks queued for the worker; past it, logins get `busy`.
+const MAX_HASH_JOBS: usize = 64;
+/// Most bytes queued for a client that does not read; past it, it is disconnected.
+const MAX_QUEUED: usize = 1 << 20;
+/// Largest STUN message accepted over TCP.
+const MAX_STUN_TCP: usize = 2048;
+/// Most STUN datagrams served per readiness event of one socket (the others wait a turn).
+const STUN_BATCH: usize = 256;
+
+const SIGNALS: Token = Token(0);
+const WAKER: Token = Token(1);
+const TLS_LISTEN: usize = 10;
+const STUN_UDP: usize = 30;
+const STUN_TCP_LISTEN: usize = 50;
+const STUN_CONN: usize = 1_000;
+const TLS_CONN: usize = 10_000;
+
+/// Flags of `vipgate rendezvous`.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// TLS address of the rendezvous service. Repeatable; [::]:PORT serves IPv4 too.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "[::]:7444")]
+    pub listen: Vec<SocketAddr>,
+    /// STUN binding service address, served on UDP and TCP. Repeatable.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "[::]:3478")]
+    pub stun_listen: Vec<SocketAddr>,
+    /// Directory of the accounts database and the generated TLS certificate.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// TLS certificate (PEM chain) instead of the generated <state-dir>/tls/cert.pem.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key of --cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Two IPv4 addresses are one network when their first N bits agree (32: only equal).
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u8).range(0..=32))]
+    pub mask_v4: u8,
+    /// Two IPv6 addresses are one network when their first N bits agree.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u8).range(0..=128))]
+    pub mask_v6: u8,
+    /// A gateway's address pool (e.g. a vipgate --pool): any two addresses inside it are one
+    /// network. Repeatable.
+    #[arg(long, value_name = "PREFIX")]
+    pub gateway_pool: Vec<IpNet>,
+    /// Let mutual buddies ask for each other's registered address (`address_of`). Off by
+    /// default: it hands a buddy your address, which the one-bit answer never does.
+    #[arg(long)]
+    pub reveal_addresses: bool,
+    /// Login and register attempts allowed per second from one address (burst: twice that).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub login_rate: u32,
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub fn run(settings: Settings) -> Result<()> {
+    let server = Server::bind(settings)?;
+    server.run()
+}
+
+struct TlsConn {
+    sock: TcpStream,
+    tls: ServerConnection,
+    framer: LineFramer,
+    peer: IpAddr,
+    deadline: Instant,
+    /// A password check is out: later lines wait.
+    busy: bool,
+    closing: bool,
+}
+
+struct StunConn {
+    sock: TcpStream,
+    peer: SocketAddr,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    deadline: Instant,
+}
+
+enum Job {
+    Verify {
+        conn: ConnId,
+        id: Value,
+        user: String,
+        password: String,
+        phc: Option<String>,
+        listen: bool,
+    },
+    Hash {
+        conn: ConnId,
+        id: Value,
+        user: String,
+        password: String,
+    },
+}
+
+enum Done {
+    Verified { conn: ConnId, id: Value, user: String, listen: bool, ok: bool },
+    Hashed { conn: ConnId, id: Value, user: String, phc: Result<String, String> },
+}
+
+/// Counters of the server's own I/O.
+#[derive(Debug, Default)]
+struct Stats {
+    stun_udp: u64,
+    stun_tcp: u64,
+    stun_dropped: u64,
+    tls_broken: u64,
+    refused_conns: u64,
+}
+
+/// A bound, ready server: tests and `run` use it.
+pub struct Server {
+    poll: Poll,
+    config: Arc<ServerConfig>,
+    listeners: Vec<TcpListener>,
+    udp: Vec<UdpSocket>,
+    stun_listeners: Vec<TcpListener>,
+    conns: Vec<Option<TlsConn>>,
+    stun_conns: Vec<Option<StunConn>>,
+    hub: Hub,
+    jobs: mpsc::SyncSender<Job>,
+    done: mpsc::Receiver<Done>,
+    in_flight: usize,
+    limiter: RateLimiter,
+    stats: Stats,
+}
+
+fn bind_dual<T>(
+    a: SocketAddr,
+    what: &str,
+    bind: impl Fn(SocketAddr) -> io::Result<T>,
+) -> Result<T> {
+    match bind(a) {
+        Ok(s) => Ok(s),
+        Err(e) if a.ip().is_unspecified() && a.is_ipv6() => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], a.port()));
+            debug!("cannot bind {a} ({e}); using {v4}");
+            bind(v4).with_context(|| format!("cannot listen on {v4} ({what})"))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot listen on {a} ({what})")),
+    }
+}
+
+impl Server {
+    /// Opens the database, loads or generates the certificate, binds every address.
+    pub fn bind(s: Settings) -> Result<Server> {
+        if s.listen.len() > MAX_LISTENERS || s.stun_listen.len() > MAX_LISTENERS {
+            bail!("at most {MAX_LISTENERS} --listen and {MAX_LISTENERS} --stun-listen addresses");
+        }
+        let accounts = store::Accounts::open(&s.state_dir.join(store::DB_FILE))?;
+        let (config, cert) = crate::tls::server_config_for(
+            crate::tls::RENDEZVOUS_ALPN,
+            &s.state_dir,
+            s.cert.as_deref(),
+            s.key.as_deref(),
+        )?;
+        let poll = Poll::new().context("cannot create the event loop")?;
+        let reg = poll.registry();
+        let mut listeners = Vec::new();
+        for (k, a) in s.listen.iter().enumerate() {
+            let mut l = bind_dual(*a, "--listen", TcpListener::bind)?;
+            reg.register(&mut l, Token(TLS_LISTEN + k), Interest::READABLE)?;
+            listeners.push(l);
+        }
+        let mut udp = Vec::new();
+        let mut stun_listeners = Vec::new();
+        for (k, a) in s.stun_listen.iter().enumerate() {
+            let mut u = bind_dual(*a, "--stun-listen, UDP", UdpSocket::bind)?;
+            reg.register(&mut u, Token(STUN_UDP + k), Interest::READABLE)?;
+            udp.push(u);
+            let mut l = bind_dual(*a, "--stun-listen, TCP", TcpListener::bind)?;
+            reg.register(&mut l, Token(STUN_TCP_LISTEN + k), Interest::READABLE)?;
+            stun_listeners.push(l);
+        }
+        let waker = Arc::new(Waker::new(reg, WAKER)?);
+        let (jobs, job_rx) = mpsc::sync_channel::<Job>(MAX_HASH_JOBS);
+        let (done_tx, done) = mpsc::channel::<Done>();
+        std::thread::Builder::new()
+            .name("password-hash".into())
+            .spawn(move || hash_worker(job_rx, done_tx, waker))
+            .context("cannot start the password-hash thread")?;
+        let mut first = [0u8; 4];
+        getrandom::getrandom(&mut first).context("no randomness from the kernel")?;
+        let locality =
+            Locality { mask_v4: s.mask_v4, mask_v6: s.mask_v6, pools: s.gateway_pool.clone() };
+        let hub =
+            Hub::new(accounts, locality, s.reveal_addresses, u64::from(u32::from_ne_bytes(first)));
+        let addrs = |v: &[TcpListener]| -> Vec<String> {
+            v.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect()
+        };
+        info!(
+            "rendezvous on {} (TLS, certificate {}), STUN on {} (UDP and TCP); same network: \
+             IPv4 /{}, IPv6 /{}, gateway pools [{}]; reveal mode {}",
+            addrs(&listeners).join(", "),
+            cert.display(),
+            addrs(&stun_listeners).join(", "),
+            s.mask_v4,
+            s.mask_v6,
+            s.gateway_pool.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "),
+            if s.reveal_addresses { "ON" } else { "off" }
+        );
+        Ok(Server {
+            poll,
+            config,
+            listeners,
+            udp,
+            stun_listeners,
+            conns: Vec::new(),
+            stun_conns: Vec::new(),
+            hub,
+            jobs,
+            done,
+            in_flight: 0,
+            limiter: RateLimiter::new(s.login_rate.max(1), s.login_rate.max(1) * 2, 65_536),
+            stats: Stats::default(),
+        })
+    }
+
+    /// Serves until SIGINT or SIGTERM.
+    pub fn run(mut self) -> Result<()> {
+        let mut signals = signal_hook_mio::v1_0::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])?;
+        self.poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        info!("ready");
+        let mut events = Events::with_capacity(256);
+        let mut next_report = Instant::now() + Duration::from_secs(60);
+        loop {
+            let now = Instant::now();
+            let next = self.expire(now).min(next_report);
+            let wait = next.saturating_duration_since(now);
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e).context("the event loop failed");
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    SIGNALS => {
+                        if let Some(sig) = signals.pending().next() {
+                            info!("signal {sig}: shutting down");
+                            return Ok(());
+                        }
+                    }
+                    WAKER => self.finished_jobs(),
+                    Token(t) if t >= TLS_CONN => self.tls_ready(t - TLS_CONN),
+                    Token(t) if t >= STUN_CONN => self.stun_conn_ready(t - STUN_CONN),
+                    Token(t) if t >= STUN_TCP_LISTEN => self.accept_stun(t - STUN_TCP_LISTEN),
+                    Token(t) if t >= STUN_UDP => self.serve_udp(t - STUN_UDP),
+                    Token(t) if t >= TLS_LISTEN => self.accept_tls(t - TLS_LISTEN),
+                    _ => {}
+                }
+            }
+            self.flush_outbox();
+            if Instant::now() >= next_report {
+                next_report = Instant::now() + Duration::from_secs(60);
+                let s = &self.stats;
+                let h = &self.hub.stats;
+                info!(
+                    "{} connection(s), {} online; logins {} (refused {}), registrations {}, \
+                     same-network answers {}, relayed {}, not permitted {}; STUN udp {} tcp {} \
+                     dropped {}; TLS broken {}, refused connections {}",
+                    self.hub.connections(),
+                    self.hub.online_users(),
+                    h.logins,
+                    h.failed_logins,
+                    h.registrations,
+                    h.same_network,
+                    h.relayed,
+                    h.not_permitted,
+                    s.stun_udp,
+                    s.stun_tcp,
+                    s.stun_dropped,
+                    s.tls_broken,
+                    s.refused_conns
+                );
+            }
+        }
+    }
+
+    // --- STUN ---------------------------------------------------------------------------
+
+    fn serve_udp(&mut self, k: usize) {
+        let Some(sock) = self.udp.get(k) else { return };
+        let mut buf = [0u8; 1500];
+        let mut out = [0u8; stun::MAX_RESPONSE];
+        for _ in 0..STUN_BATCH {
+            let (n, from) = match sock.recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // ICMP errors surface as ECONNREFUSED and the like on the next call: ignore.
+                Err(_) => continue,
+            };
+            match stun::serve(&buf[..n], from, SOFTWARE, &mut out) {
+                Some(len) => {
+                    self.stats.stun_udp += 1;
+                    let _ = sock.send_to(&out[..len], from);
+                }
+                None => self.stats.stun_dropped += 1,
+            }
+        }
+        // More may be queued: edge-triggered readiness will not fire again for them.
+        let _ = self.poll.registry().reregister(
+            &mut self.udp[k],
+            Token(STUN_UDP + k),
+            Interest::READABLE,
+        );
+    }
+
+    fn accept_stun(&mut self, k: usize) {
+        loop {
+            let Some(l) = self.stun_listeners.get(k) else { return };
+            let (mut sock, peer) = match l.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            let Some(slot) = crate::gateway::free_slot(&mut self.stun_conns, MAX_STUN_CONNS) else {
+                self.stats.refused_conns += 1;
+                continue;
+            };
+            if self
+                .poll
+                .registry()
+                .register(&mut sock, Token(STUN_CONN + slot), Interest::READABLE)
+                .is_err()
+            {
+                continue;
+            }
+            let deadline = Instant::now() + STUN_TCP_TIMEOUT;
+            self.stun_conns[slot] =
+                Some(StunConn { sock, peer, buf: Vec::new(), out: Vec::new(), deadline });
+        }
+    }
+
+    fn stun_conn_ready(&mut self, slot: usize) {
+        let Some(Some(mut c)) = self.stun_conns.get_mut(slot).map(Option::take) else { return };
+        let alive = self.stun_progress(&mut c);
+        let reg = self.poll.registry();
+        if alive {
+            let interest = if c.out.is_empty() {
+                Interest::READABLE
+            } else {
+                Interest::READABLE | Interest::WRITABLE
+            };
+            let _ = reg.reregister(&mut c.sock, Token(STUN_CONN + slot), interest);
+            self.stun_conns[slot] = Some(c);
+        } else {
+            let _ = reg.deregister(&mut c.sock);
+        }
+    }
+
+    /// Reads, answers every complete message, writes. False when the connection is over.
+    fn stun_progress(&mut self, c: &mut StunConn) -> bool {
+        let mut chunk = [0u8; 2048];
+        loop {
+            match c.sock.read(&mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+            if c.buf.len() > 2 * MAX_STUN_TCP {
+                break;
+            }
+        }
+        let mut out = [0u8; stun::MAX_RESPONSE];
+        loop {
+            let len = match stun::message_len(&c.buf) {
+                Ok(Some(len)) if len <= MAX_STUN_TCP => len,
+                Ok(None) => break,
+                // Not STUN, or absurdly long: this stream cannot be resynchronised.
+                _ => {
+                    self.stats.stun_dropped += 1;
+                    return false;
+                }
+            };
+            if c.buf.len() < len {
+                break;
+            }
+            c.deadline = Instant::now() + STUN_TCP_TIMEOUT;
+            match stun::serve(&c.buf[..len], c.peer, SOFTWARE, &mut out) {
+                Some(n) => {
+                    self.stats.stun_tcp += 1;
+                    c.out.extend_from_slice(&out[..n]);
+                }
+                None => self.stats.stun_dropped += 1,
+            }
+            c.buf.drain(..len);
+            if c.out.len() > MAX_STUN_TCP * 8 {
+                return false; // a client that sends and never reads
+            }
+        }
+        while !c.out.is_empty() {
+            match c.sock.write(&c.out) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    c.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    // --- TLS ------------------------------------------------------------------------------
+
+    fn accept_tls(&mut self, k: usize) {
+        loop {
+            let Some(l) = self.listeners.get(k) else { return };
+            let (mut sock, peer) = match l.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    debug!("accept failed: {e}");
+                    return;
+                }
+            };
+            let Some(slot) = crate::gateway::free_slot(&mut self.conns, MAX_CONNS) else {
+                self.stats.refused_conns += 1;
+                continue;
+            };
+            let Ok(mut tls) = ServerConnection::new(self.config.clone()) else { continue };
+            tls.set_buffer_limit(Some(MAX_QUEUED));
+            let _ = sock.set_nodelay(true);
+            if self
+                .poll
+                .registry()
+                .register(&mut sock, Token(TLS_CONN + slot), Interest::READABLE)
+                .is_err()
+            {
+                continue;
+            }
+            let now = Instant::now();
+            let peer = protocol::canonical(peer.ip());
+            self.hub.connected(slot, peer, now);
+            self.conns[slot] = Some(TlsConn {
+                sock,
+                tls,
+                framer: LineFramer::new(),
+                peer,
+                deadline: now + HANDSHAKE_TIMEOUT,
+                busy: false,
+                closing: false,
+            });
+        }
+    }
+
+    fn tls_ready(&mut self, slot: usize) {
+        let Some(Some(mut c)) = self.conns.get_mut(slot).map(Option::take) else { return };
+        let alive = self.tls_read(slot, &mut c);
+        self.conns[slot] = Some(c);
+        if !alive {
+            self.close(slot);
+            return;
+        }
+        self.handle_lines(slot);
+    }
+
+    /// Reads and decrypts what arrived into the framer. False when the connection is over.
+    fn tls_read(&mut self, slot: usize, c: &mut TlsConn) -> bool {
+        loop {
+            match c.tls.read_tls(&mut c.sock) {
+                Ok(0) => {
+                    c.closing = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+            if let Err(e) = c.tls.process_new_packets() {
+                debug!("connection {slot} from {}: TLS error: {e}", c.peer);
+                let _ = c.tls.write_tls(&mut c.sock);
+                self.stats.tls_broken += 1;
+                return false;
+            }
+            let mut plain = [0u8; 4096];
+            loop {
+                match c.tls.reader().read(&mut plain) {
+                    Ok(0) => {
+                        c.closing = true;
+                        break;
+                    }
+                    Ok(n) => c.framer.feed(&plain[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => return false,
+                }
+            }
+            // A client that floods lines while a password check is out waits on TCP.
+            if c.framer.buffered() > crate::authority::MAX_LINE * 4 {
+                break;
+            }
+        }
+        true
+    }
+
+    /// Handles the complete lines of connection `slot` until one needs the hash worker.
+    fn handle_lines(&mut self, slot: usize) {
+        loop {
+            let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else { return };
+            if c.busy {
+                return;
+            }
+            let Some(frame) = c.framer.next_frame() else {
+                if c.closing {
+                    self.close(slot);
+                }
+                return;
+            };
+            let now = Instant::now();
+            let peer = c.peer;
+            c.deadline = now + if self.hub.logged_in(slot) { IDLE_TIMEOUT } else { LOGIN_TIMEOUT };
+            let line = match frame {
+                Frame::Line(line) => line,
+                Frame::TooLong => {
+                    let reply = protocol::error(&Value::Null, protocol::Code::TooLong);
+                    self.hub.outbox.push((slot, reply));
+                    c.closing = true;
+                    continue;
+                }
+            };
+            let req = match protocol::parse(&line) {
+                Ok(r) => r,
+                Err(reply) => {
+                    self.hub.outbox.push((slot, reply));
+                    continue;
+                }
+            };
+            let guarded =
+                matches!(req.op, protocol::Op::Login { .. } | protocol::Op::Register { .. });
+            if guarded && !self.limiter.allow(peer, now) {
+                self.hub.outbox.push((slot, protocol::error(&req.id, protocol::Code::RateLimited)));
+                continue;
+            }
+            let job = match self.hub.request(slot, req, now) {
+                Outcome::Done => continue,
+                Outcome::Verify { id, user, password, phc, listen } => {
+                    Job::Verify { conn: slot, id, user, password, phc, listen }
+                }
+                Outcome::Hash { id, user, password } => {
+                    Job::Hash { conn: slot, id, user, password }
+                }
+            };
+            let id = match &job {
+                Job::Verify { id, .. } | Job::Hash { id, .. } => id.clone(),
+            };
+            if self.in_flight >= MAX_HASH_JOBS || self.jobs.try_send(job).is_err() {
+                self.hub.outbox.push((slot, protocol::error(&id, protocol::Code::Busy)));
+                continue;
+            }
+            self.in_flight += 1;
+            if let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) {
+                c.busy = true;
+            }
+        }
+    }
+
+    fn finished_jobs(&mut self) {
+        while let Ok(done) = self.done.try_recv() {
+            self.in_flight = self.in_flight.saturating_sub(1);
+            let conn = match done {
+                Done::Verified { conn, id, user, listen, ok } => {
+                    self.hub.logged_in_checked(conn, &id, &user, listen, ok);
+                    conn
+                }
+                Done::Hashed { conn, id, user, phc } => {
+                    self.hub.registered(conn, &id, &user, phc);
+                    conn
+                }
+            };
+            if let Some(c) = self.conns.get_mut(conn).and_then(Option::as_mut) {
+                c.busy = false;
+                self.handle_lines(conn);
+            }
+        }
+    }
+
+    /// Sends every queued line and the TLS records waiting, and sets each connection's
+    /// interest to match.
+    fn flush_outbox(&mut self) {
+        let lines = std::mem::take(&mut self.hub.outbox);
+        let mut touched: Vec<usize> = Vec::with_capacity(lines.len());
+        let mut overflowed: Vec<usize> = Vec::new();
+        for (slot, line) in lines {
+            let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else { continue };
+            if c.tls.writer().write_all(&line).is_err() {
+                overflowed.push(slot);
+            }
+            touched.push(slot);
+        }
+        for slot in overflowed {
+            warn!("connection {slot} does not read what it is sent: closing it");
+            self.close(slot);
+        }
+        // Connections read this turn may owe handshake records too.
+        for slot in 0..self.conns.len() {
+            if self.conns[slot].as_ref().is_some_and(|c| c.tls.wants_write()) {
+                touched.push(slot);
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for slot in touched {
+            let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else { continue };
+            let mut ok = true;
+            while c.tls.wants_write() {
+                match c.tls.write_tls(&mut c.sock) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            let interest = if c.tls.wants_write() {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if !ok
+                || self
+                    .poll
+                    .registry()
+                    .reregister(&mut c.sock, Token(TLS_CONN + slot), interest)
+                    .is_err()
+            {
+                self.close(slot);
+            }
+        }
+    }
+
+    fn close(&mut self, slot: usize) {
+        if let Some(mut c) = self.conns.get_mut(slot).and_then(Option::take) {
+            c.tls.send_close_notify();
+            let _ = c.tls.write_tls(&mut c.sock);
+            let _ = self.poll.registry().deregister(&mut c.sock);
+            self.hub.closed(slot);
+        }
+    }
+
+    /// Closes what is past its deadline; returns the next deadline.
+    fn expire(&mut self, now: Instant) -> Instant {
+        self.hub.expire(now);
+        let mut next = now + Duration::from_secs(60);
+        for slot in 0..self.conns.len() {
+            match self.conns[slot].as_ref() {
+                Some(c) if c.deadline <= now && !c.busy => {
+                    debug!("connection {slot} from {} timed out", c.peer);
+                    self.close(slot);
+                }
+                Some(c) => next = next.min(c.deadline.max(now + Duration::from_millis(10))),
+                None => {}
+            }
+        }
+        let reg = self.poll.registry();
+        for slot in self.stun_conns.iter_mut() {
+            if slot.as_ref().is_some_and(|c| c.deadline <= now) {
+                if let Some(mut c) = slot.take() {
+                    let _ = reg.deregister(&mut c.sock);
+                }
+            } else if let Some(c) = slot.as_ref() {
+                next = next.min(c.deadline);
+            }
+        }
+        next
+    }
+
+    /// The TLS addresses bound.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("tls", &self.local_addrs()).finish_non_exhaustive()
+    }
+}
+
+/// The password-hash thread: argon2id with the crate's defaults (19 MiB, 2 passes, 1 lane:
+/// OWASP's recommended minimum), one job at a time.
+fn hash_worker(jobs: mpsc::Receiver<Job>, done: mpsc::Sender<Done>, waker: Arc<Waker>) {
+    use argon2::password_hash::{
+        rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+    };
+    let argon = argon2::Argon2::default();
+    // A login for an account that does not exist is checked against this, so it costs the
+    // same time as a real one and does not tell which names exist.
+    let dummy = argon
+        .hash_password(b"no such account", &SaltString::generate(&mut OsRng))
+        .map(|h| h.to_string())
+        .unwrap_or_default();
+    while let Ok(job) = jobs.recv() {
+        let result = match job {
+            Job::Verify { conn, id, user, password, phc, listen } => {
+                let stored = phc.as_deref().unwrap_or(&dummy);
+                let ok = PasswordHash::new(stored)
+                    .map(|h| argon.verify_password(password.as_bytes(), &h).is_ok())
+                    .unwrap_or(false)
+                    && phc.is_some();
+                Done::Verified { conn, id, user, listen, ok }
+            }
+            Job::Hash { conn, id, user, password } => {
+                let salt = SaltString::generate(&mut OsRng);
+                let phc = argon
+                    .hash_password(password.as_bytes(), &salt)
+                    .map(|h| h.to_string())
+                    .map_err(|e| e.to_string());
+                Done::Hashed { conn, id, user, phc }
+            }
+        };
+        if done.send(result).is_err() {
+            return;
+        }
+        let _ = waker.wake();
+    }
+}
