@@ -558,3 +558,194 @@ fn relayed(name: &str, from: &str, session: u64, e: &Endpoint) -> Vec<u8> {
         }),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::test_support::TempDir;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn locality_masks_and_pools() {
+        let exact = Locality::default();
+        assert!(exact.same(ip("203.0.113.5"), ip("203.0.113.5")));
+        assert!(!exact.same(ip("203.0.113.5"), ip("203.0.113.6")));
+        assert!(exact.same(ip("::ffff:203.0.113.5"), ip("203.0.113.5")), "v4-mapped is v4");
+        assert!(exact.same(ip("2001:db8:1:2::1"), ip("2001:db8:1:2::99")), "IPv6 /64 by default");
+        assert!(!exact.same(ip("2001:db8:1:2::1"), ip("2001:db8:1:3::1")));
+        assert!(!exact.same(ip("203.0.113.5"), ip("2001:db8::1")), "families never match");
+        let masked = Locality { mask_v4: 24, mask_v6: 48, pools: vec![] };
+        assert!(masked.same(ip("203.0.113.5"), ip("203.0.113.200")));
+        assert!(!masked.same(ip("203.0.113.5"), ip("198.51.100.5")));
+        assert!(masked.same(ip("2001:db8:1:2::1"), ip("2001:db8:1:ffff::1")));
+        let zero = Locality { mask_v4: 0, mask_v6: 0, pools: vec![] };
+        assert!(zero.same(ip("192.0.2.1"), ip("198.51.100.1")), "/0: every address");
+        let pooled =
+            Locality { pools: vec!["198.51.100.0/24".parse().unwrap()], ..Locality::default() };
+        assert!(pooled.same(ip("198.51.100.7"), ip("198.51.100.200")));
+        assert!(!pooled.same(ip("198.51.100.7"), ip("203.0.113.7")), "one inside, one outside");
+    }
+
+    struct Fixture {
+        _dir: TempDir,
+        hub: Hub,
+        now: Instant,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = TempDir::new("hub");
+            let accounts = Accounts::open(&dir.path().join("r.db")).expect("open");
+            let locality =
+                Locality { pools: vec!["198.51.100.0/24".parse().unwrap()], ..Locality::default() };
+            Fixture {
+                _dir: dir,
+                hub: Hub::new(accounts, locality, false, 100),
+                now: Instant::now(),
+            }
+        }
+
+        /// Connection `conn` from `addr`, logged in as `user` (account created if missing).
+        fn login(&mut self, conn: ConnId, addr: &str, user: &str, listen: bool) {
+            let _ = self.hub.accounts.create(user, "phc", SystemTime::now());
+            self.hub.connected(conn, ip(addr), self.now);
+            self.hub.logged_in_checked(conn, &json!(0), user, listen, true);
+            self.take(conn);
+        }
+
+        fn buddies(&mut self, x: &str, y: &str) {
+            self.hub.accounts.ask(x, y).unwrap();
+            self.hub.accounts.ask(y, x).unwrap();
+        }
+
+        fn call(&mut self, conn: ConnId, op: Value) -> Value {
+            let mut req = op;
+            req["id"] = json!(1);
+            let r = protocol::parse(&serde_json::to_vec(&req).unwrap()).expect("valid request");
+            assert_eq!(self.hub.request(conn, r, self.now), Outcome::Done);
+            let mine: Vec<Value> =
+                self.take(conn).into_iter().filter(|v| v.get("id").is_some()).collect();
+            assert_eq!(mine.len(), 1, "one reply: {mine:?}");
+            mine[0].clone()
+        }
+
+        /// The lines queued for `conn` (removed from the outbox), parsed.
+        fn take(&mut self, conn: ConnId) -> Vec<Value> {
+            let (mine, rest): (Vec<_>, Vec<_>) =
+                self.hub.outbox.drain(..).partition(|(c, _)| *c == conn);
+            self.hub.outbox = rest;
+            mine.into_iter().map(|(_, l)| serde_json::from_slice(&l).unwrap()).collect()
+        }
+    }
+
+    fn token() -> &'static str {
+        "0123456789abcdef0123456789abcdef"
+    }
+
+    #[test]
+    fn the_bit_goes_only_to_mutual_online_buddies_and_refusals_are_identical() {
+        let mut f = Fixture::new();
+        f.login(1, "198.51.100.7", "alice", false);
+        f.login(2, "198.51.100.99", "bob", false);
+        f.login(3, "203.0.113.20", "carol", false);
+        f.buddies("alice", "bob");
+        f.buddies("alice", "carol");
+        assert_eq!(f.call(1, json!({"op": "same_network", "user": "bob"}))["same"], true);
+        assert_eq!(f.call(1, json!({"op": "same_network", "user": "carol"}))["same"], false);
+        f.hub.accounts.ask("bob", "carol").unwrap(); // one way only
+        let mut refusals: Vec<Value> = ["carol", "nobody", "bob"]
+            .iter()
+            .map(|u| {
+                f.call(if *u == "bob" { 3 } else { 2 }, json!({"op": "same_network", "user": u}))
+            })
+            .collect();
+        for r in &mut refusals {
+            assert_eq!(r["error"], "not_permitted", "{r}");
+        }
+        assert!(refusals.windows(2).all(|w| w[0] == w[1]), "{refusals:?}");
+        // Offline buddy: the same refusal.
+        f.hub.closed(2);
+        assert_eq!(
+            f.call(1, json!({"op": "same_network", "user": "bob"}))["error"],
+            "not_permitted"
+        );
+        // Never an address in any reply.
+        assert_eq!(f.call(1, json!({"op": "address_of", "user": "carol"}))["error"], "disabled");
+    }
+
+    #[test]
+    fn presence_is_announced_once_per_account_and_only_to_buddies() {
+        let mut f = Fixture::new();
+        f.buddies("alice", "bob");
+        f.login(1, "192.0.2.1", "alice", false);
+        f.login(2, "192.0.2.2", "bob", false);
+        let ev = f.take(1);
+        assert_eq!(ev, vec![json!({"event": "presence", "user": "bob", "online": true})]);
+        f.login(3, "192.0.2.3", "bob", false); // a second session: no new announcement
+        assert!(f.take(1).is_empty());
+        f.login(4, "192.0.2.4", "mallory", false);
+        assert!(f.take(1).is_empty(), "a stranger's login is not announced");
+        f.hub.closed(2);
+        assert!(f.take(1).is_empty(), "bob still has a session");
+        f.hub.closed(3);
+        assert_eq!(f.take(1), vec![json!({"event": "presence", "user": "bob", "online": false})]);
+    }
+
+    #[test]
+    fn offers_reach_listening_buddies_and_answers_only_the_offerer() {
+        let mut f = Fixture::new();
+        f.buddies("alice", "bob");
+        f.login(1, "192.0.2.1", "alice", false);
+        f.login(2, "192.0.2.2", "bob", false);
+        let offer = json!({"op": "offer", "user": "bob", "kind": "global",
+                           "endpoint": "192.0.2.1:4000", "token": token()});
+        assert_eq!(f.call(1, offer.clone())["error"], "not_listening");
+        f.login(3, "192.0.2.2", "bob", true);
+        let r = f.call(1, offer.clone());
+        let session = r["session"].as_u64().expect("session");
+        let ev = f.take(3);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0]["event"], "offer");
+        assert_eq!(ev[0]["user"], "alice");
+        assert_eq!(ev[0]["endpoint"], "192.0.2.1:4000");
+        assert!(f.take(2).is_empty(), "only listening sessions get offers");
+        // Someone else cannot answer it.
+        f.login(4, "192.0.2.9", "mallory", false);
+        let answer = json!({"op": "answer", "session": session, "kind": "global",
+                            "endpoint": "192.0.2.2:5000", "token": token()});
+        assert_eq!(f.call(4, answer.clone())["error"], "no_such_offer");
+        assert_eq!(f.call(3, answer.clone())["ok"], true);
+        let ev = f.take(1);
+        assert_eq!(ev[0]["event"], "answer");
+        assert_eq!(ev[0]["session"], session);
+        assert_eq!(ev[0]["endpoint"], "192.0.2.2:5000");
+        assert_eq!(f.call(3, answer)["error"], "no_such_offer", "answered once");
+        // Expired offers cannot be answered.
+        let s2 = f.call(1, offer)["session"].as_u64().unwrap();
+        f.now += OFFER_TTL + Duration::from_secs(1);
+        let late = json!({"op": "answer", "session": s2, "kind": "global",
+                          "endpoint": "192.0.2.2:5000", "token": token()});
+        assert_eq!(f.call(3, late)["error"], "no_such_offer");
+        // A non-buddy's offer is refused like everything else.
+        let to_alice = json!({"op": "offer", "user": "alice", "kind": "global",
+                              "endpoint": "192.0.2.9:4000", "token": token()});
+        assert_eq!(f.call(4, to_alice)["error"], "not_permitted");
+    }
+
+    #[test]
+    fn requests_before_login_and_double_logins_are_refused() {
+        let mut f = Fixture::new();
+        f.hub.connected(1, ip("192.0.2.1"), f.now);
+        assert_eq!(f.call(1, json!({"op": "buddy_list"}))["error"], "not_logged_in");
+        assert_eq!(f.call(1, json!({"op": "ping"}))["ok"], true);
+        f.login(2, "192.0.2.2", "alice", false);
+        let again = json!({"op": "login", "user": "alice", "password": "whatever-1"});
+        assert_eq!(f.call(2, again)["error"], "already_logged_in");
+        f.hub.logged_in_checked(1, &json!(5), "alice", false, false);
+        assert_eq!(f.take(1)[0]["error"], "login_failed");
+        assert_eq!(f.call(2, json!({"op": "buddy_add", "user": "alice"}))["error"], "bad_request");
+    }
+}
