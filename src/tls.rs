@@ -153,6 +153,52 @@ pub fn client_config_for(alpn: &[u8], ca: &Path) -> anyhow::Result<Arc<ClientCon
     Ok(Arc::new(config))
 }
 
+/// What one [`read_round`] of a non-blocking server connection gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Round {
+    /// Records arrived (and their plaintext is in the framer): read again.
+    More,
+    /// Nothing more to read now.
+    Drained,
+    /// The client closed its side (TCP FIN or TLS close_notify).
+    Eof,
+    /// Not TLS, broken TLS, or a socket error: close the connection. A TLS alert was sent as
+    /// a last gasp.
+    Broken,
+}
+
+/// Reads once from `sock` into the TLS session and moves the decrypted bytes into `framer`.
+/// Shared by the authority's and the rendezvous server's event loops.
+pub(crate) fn read_round(
+    tls: &mut rustls::ServerConnection,
+    sock: &mut mio::net::TcpStream,
+    framer: &mut crate::authority::LineFramer,
+) -> Round {
+    loop {
+        match tls.read_tls(sock) {
+            Ok(0) => return Round::Eof,
+            Ok(_) => break,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Round::Drained,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return Round::Broken,
+        }
+    }
+    if let Err(e) = tls.process_new_packets() {
+        log::debug!("TLS error from {:?}: {e}", sock.peer_addr().ok());
+        let _ = tls.write_tls(sock);
+        return Round::Broken;
+    }
+    let mut plain = [0u8; 4096];
+    loop {
+        match tls.reader().read(&mut plain) {
+            Ok(0) => return Round::Eof,
+            Ok(n) => framer.feed(&plain[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Round::More,
+            Err(_) => return Round::Broken,
+        }
+    }
+}
+
 /// A service the blocking [`LineClient`] talks to, for its error messages.
 #[derive(Debug, Clone, Copy)]
 pub struct Service {

@@ -781,3 +781,21 @@ fn error_line(msg: &str) -> Vec<u8> {
     v.push(b'\n');
     v
 }
+
+/// Binds `a` with `bind`; an unspecified IPv6 address (`[::]:PORT`, dual stack) falls back to
+/// `0.0.0.0:PORT` on a box without IPv6. `what` names the setting in errors.
+pub(crate) fn bind_dual<T>(
+    a: std::net::SocketAddr,
+    what: &str,
+    bind: impl Fn(std::net::SocketAddr) -> io::Result<T>,
+) -> Result<T> {
+    match bind(a) {
+        Ok(s) => Ok(s),
+        Err(e) if a.ip().is_unspecified() && a.is_ipv6() => {
+            let v4 = std::net::SocketAddr::from(([0, 0, 0, 0], a.port()));
+            debug!("cannot bind {a} ({e}); using {v4}");
+            bind(v4).with_context(|| format!("cannot listen on {v4} ({what})"))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot listen on {a} ({what})")),
+    }
+}

@@ -10,14 +10,15 @@
 use super::durable::Durable;
 use crate::authority::{self, Command, Frame, Id, LineFramer, RateLimiter, Reply};
 use crate::nat::{LeaseError, Translator};
-use anyhow::{Context, Result};
+use crate::tls::Round;
+use anyhow::Result;
 use ipnet::IpNet;
 use log::{debug, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 use rustls::{ServerConfig, ServerConnection};
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -108,20 +109,8 @@ impl Rental {
         }
         let mut listeners = Vec::new();
         for (k, a) in listen.iter().enumerate() {
-            let mut l = match TcpListener::bind(*a) {
-                Ok(l) => l,
-                Err(e) if a.ip().is_unspecified() && a.is_ipv6() => {
-                    let v4 = SocketAddr::from(([0, 0, 0, 0], a.port()));
-                    debug!("cannot bind {a} ({e}); using {v4}");
-                    TcpListener::bind(v4)
-                        .with_context(|| format!("the authority cannot listen on {v4}"))?
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("the authority cannot listen on {a} (see --authority-listen)")
-                    })
-                }
-            };
+            let mut l =
+                super::bind_dual(*a, "the authority, see --authority-listen", TcpListener::bind)?;
             registry.register(&mut l, Token(LISTENER_TOKENS + k), Interest::READABLE)?;
             listeners.push(l);
         }
@@ -246,36 +235,16 @@ impl Rental {
                 c.throttled = !c.closing;
                 break;
             }
-            match c.tls.read_tls(&mut c.sock) {
-                Ok(0) => {
+            match crate::tls::read_round(&mut c.tls, &mut c.sock, &mut c.framer) {
+                Round::More => {}
+                Round::Drained => break,
+                Round::Eof => {
                     eof = true;
                     break;
                 }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return false,
-            }
-            if let Err(e) = c.tls.process_new_packets() {
-                // Not TLS, or broken TLS: the alert goes out as a last gasp, then close.
-                debug!("authority: TLS error from {}: {e}", c.peer);
-                let _ = c.tls.write_tls(&mut c.sock);
-                self.stats.broken_connections += 1;
-                return false;
-            }
-            if c.tls.is_handshaking() {
-                continue;
-            }
-            let mut plain = [0u8; 4096];
-            loop {
-                match c.tls.reader().read(&mut plain) {
-                    Ok(0) => {
-                        eof = true;
-                        break;
-                    }
-                    Ok(n) => c.framer.feed(&plain[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => return false,
+                Round::Broken => {
+                    self.stats.broken_connections += 1;
+                    return false;
                 }
             }
             while c.waiting.len() < MAX_WAITING && !c.closing {

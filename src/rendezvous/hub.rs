@@ -67,7 +67,7 @@ pub enum Outcome {
     /// Nothing: the reply is in the outbox.
     Done,
     /// Check `password` against `phc` (`None`: the account does not exist; check against a
-    /// dummy hash so both cases take the same time), then call [`Hub::logged_in`].
+    /// dummy hash so both cases take the same time), then call [`Hub::logged_in_checked`].
     Verify {
         /// The request id.
         id: Value,

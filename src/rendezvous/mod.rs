@@ -14,6 +14,7 @@ pub mod store;
 
 use crate::authority::{Frame, LineFramer, RateLimiter};
 use crate::stun;
+use crate::tls::Round;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hub::{ConnId, Hub, Locality, Outcome};
@@ -127,21 +128,10 @@ struct StunConn {
     deadline: Instant,
 }
 
-enum Job {
-    Verify {
-        conn: ConnId,
-        id: Value,
-        user: String,
-        password: String,
-        phc: Option<String>,
-        listen: bool,
-    },
-    Hash {
-        conn: ConnId,
-        id: Value,
-        user: String,
-        password: String,
-    },
+/// A password to check or hash ([`Outcome::Verify`] or [`Outcome::Hash`]) for a connection.
+struct Job {
+    conn: ConnId,
+    work: Outcome,
 }
 
 enum Done {
@@ -176,22 +166,6 @@ pub struct Server {
     stats: Stats,
 }
 
-fn bind_dual<T>(
-    a: SocketAddr,
-    what: &str,
-    bind: impl Fn(SocketAddr) -> io::Result<T>,
-) -> Result<T> {
-    match bind(a) {
-        Ok(s) => Ok(s),
-        Err(e) if a.ip().is_unspecified() && a.is_ipv6() => {
-            let v4 = SocketAddr::from(([0, 0, 0, 0], a.port()));
-            debug!("cannot bind {a} ({e}); using {v4}");
-            bind(v4).with_context(|| format!("cannot listen on {v4} ({what})"))
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot listen on {a} ({what})")),
-    }
-}
-
 impl Server {
     /// Opens the database, loads or generates the certificate, binds every address.
     pub fn bind(s: Settings) -> Result<Server> {
@@ -209,17 +183,17 @@ impl Server {
         let reg = poll.registry();
         let mut listeners = Vec::new();
         for (k, a) in s.listen.iter().enumerate() {
-            let mut l = bind_dual(*a, "--listen", TcpListener::bind)?;
+            let mut l = crate::gateway::bind_dual(*a, "--listen", TcpListener::bind)?;
             reg.register(&mut l, Token(TLS_LISTEN + k), Interest::READABLE)?;
             listeners.push(l);
         }
         let mut udp = Vec::new();
         let mut stun_listeners = Vec::new();
         for (k, a) in s.stun_listen.iter().enumerate() {
-            let mut u = bind_dual(*a, "--stun-listen, UDP", UdpSocket::bind)?;
+            let mut u = crate::gateway::bind_dual(*a, "--stun-listen, UDP", UdpSocket::bind)?;
             reg.register(&mut u, Token(STUN_UDP + k), Interest::READABLE)?;
             udp.push(u);
-            let mut l = bind_dual(*a, "--stun-listen, TCP", TcpListener::bind)?;
+            let mut l = crate::gateway::bind_dual(*a, "--stun-listen, TCP", TcpListener::bind)?;
             reg.register(&mut l, Token(STUN_TCP_LISTEN + k), Interest::READABLE)?;
             stun_listeners.push(l);
         }
@@ -506,7 +480,7 @@ impl Server {
 
     fn tls_ready(&mut self, slot: usize) {
         let Some(Some(mut c)) = self.conns.get_mut(slot).map(Option::take) else { return };
-        let alive = self.tls_read(slot, &mut c);
+        let alive = self.tls_read(&mut c);
         self.conns[slot] = Some(c);
         if !alive {
             self.close(slot);
@@ -516,39 +490,20 @@ impl Server {
     }
 
     /// Reads and decrypts what arrived into the framer. False when the connection is over.
-    fn tls_read(&mut self, slot: usize, c: &mut TlsConn) -> bool {
-        loop {
-            match c.tls.read_tls(&mut c.sock) {
-                Ok(0) => {
+    fn tls_read(&mut self, c: &mut TlsConn) -> bool {
+        // A client that floods lines while a password check is out waits on TCP.
+        while c.framer.buffered() <= crate::authority::MAX_LINE * 4 {
+            match crate::tls::read_round(&mut c.tls, &mut c.sock, &mut c.framer) {
+                Round::More => {}
+                Round::Drained => break,
+                Round::Eof => {
                     c.closing = true;
                     break;
                 }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return false,
-            }
-            if let Err(e) = c.tls.process_new_packets() {
-                debug!("connection {slot} from {}: TLS error: {e}", c.peer);
-                let _ = c.tls.write_tls(&mut c.sock);
-                self.stats.tls_broken += 1;
-                return false;
-            }
-            let mut plain = [0u8; 4096];
-            loop {
-                match c.tls.reader().read(&mut plain) {
-                    Ok(0) => {
-                        c.closing = true;
-                        break;
-                    }
-                    Ok(n) => c.framer.feed(&plain[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => return false,
+                Round::Broken => {
+                    self.stats.tls_broken += 1;
+                    return false;
                 }
-            }
-            // A client that floods lines while a password check is out waits on TCP.
-            if c.framer.buffered() > crate::authority::MAX_LINE * 4 {
-                break;
             }
         }
         true
@@ -592,18 +547,12 @@ impl Server {
                 self.hub.outbox.push((slot, protocol::error(&req.id, protocol::Code::RateLimited)));
                 continue;
             }
-            let job = match self.hub.request(slot, req, now) {
+            let work = self.hub.request(slot, req, now);
+            let id = match &work {
                 Outcome::Done => continue,
-                Outcome::Verify { id, user, password, phc, listen } => {
-                    Job::Verify { conn: slot, id, user, password, phc, listen }
-                }
-                Outcome::Hash { id, user, password } => {
-                    Job::Hash { conn: slot, id, user, password }
-                }
+                Outcome::Verify { id, .. } | Outcome::Hash { id, .. } => id.clone(),
             };
-            let id = match &job {
-                Job::Verify { id, .. } | Job::Hash { id, .. } => id.clone(),
-            };
+            let job = Job { conn: slot, work };
             if self.in_flight >= MAX_HASH_JOBS || self.jobs.try_send(job).is_err() {
                 self.hub.outbox.push((slot, protocol::error(&id, protocol::Code::Busy)));
                 continue;
@@ -753,8 +702,10 @@ fn hash_worker(jobs: mpsc::Receiver<Job>, done: mpsc::Sender<Done>, waker: Arc<W
         .map(|h| h.to_string())
         .unwrap_or_default();
     while let Ok(job) = jobs.recv() {
-        let result = match job {
-            Job::Verify { conn, id, user, password, phc, listen } => {
+        let conn = job.conn;
+        let result = match job.work {
+            Outcome::Done => continue,
+            Outcome::Verify { id, user, password, phc, listen } => {
                 let stored = phc.as_deref().unwrap_or(&dummy);
                 let ok = PasswordHash::new(stored)
                     .map(|h| argon.verify_password(password.as_bytes(), &h).is_ok())
@@ -762,7 +713,7 @@ fn hash_worker(jobs: mpsc::Receiver<Job>, done: mpsc::Sender<Done>, waker: Arc<W
                     && phc.is_some();
                 Done::Verified { conn, id, user, listen, ok }
             }
-            Job::Hash { conn, id, user, password } => {
+            Outcome::Hash { id, user, password } => {
                 let salt = SaltString::generate(&mut OsRng);
                 let phc = argon
                     .hash_password(password.as_bytes(), &salt)
