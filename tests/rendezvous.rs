@@ -609,3 +609,40 @@ fn a_listener_with_an_authority_offers_a_virtual_address_rented_for_the_buddy() 
     assert_eq!(rented["origin"], "explicit", "{leases:?}");
     assert_eq!(rented["virtual"].as_str(), Some(peer.ip().to_string().as_str()), "{leases:?}");
 }
+
+#[test]
+fn no_direct_path_is_a_clear_failure_and_a_wrong_password_is_refused() {
+    let w = World::new();
+    for (ns, u) in [(&w.a, "alice"), (&w.c, "carol")] {
+        w.register(ns, u);
+    }
+    w.befriend(&w.a, "alice", &w.c, "carol");
+    // carol's host drops UDP between ephemeral ports (STUN to and from port 3478 still
+    // works): a firewall no hole punching gets through.
+    ip_batch(
+        &w.c,
+        "rule add priority 100 ipproto udp dport 3478 lookup main\n\
+         rule add priority 101 ipproto udp sport 3478 lookup main\n\
+         rule add priority 102 ipproto udp dport 1024-65534 prohibit",
+    );
+    let _carol = w.background(&w.c, "carol", "listen");
+    let started = Instant::now();
+    let o = w.peer(&w.a, "alice", &["--timeout", "3", "connect", "carol", "--message", "lost"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(err.contains("no direct path to carol opened within 3s"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(15), "bounded by --timeout");
+    assert!(o.stdout.is_empty(), "no path line on failure: {o:?}");
+
+    fs::write(w.lab.dir().join("wrong"), "not the password\n").unwrap();
+    let wrong = w.lab.dir().join("wrong").to_string_lossy().to_string();
+    let mut args = w.peer_args("alice", &["buddy", "list"]);
+    let at = args.iter().position(|a| a == "--password-file").unwrap() + 1;
+    args[at] = wrong;
+    let o = run_within(
+        Command::new("ip").args(["netns", "exec", &w.a]).args(&args),
+        Duration::from_secs(30),
+    );
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("login_failed"), "{o:?}");
+}

@@ -736,6 +736,23 @@ mod tests {
     }
 
     #[test]
+    fn reveal_mode_hands_a_buddy_the_registered_address_and_nothing_to_others() {
+        let mut f = Fixture::new();
+        f.hub.reveal = true;
+        f.buddies("alice", "bob");
+        f.login(1, "192.0.2.1", "alice", false);
+        f.login(2, "::ffff:203.0.113.9", "bob", false);
+        f.login(3, "192.0.2.3", "mallory", false);
+        let report = json!({"op": "report_endpoint", "endpoint": "203.0.113.9:40000"});
+        assert_eq!(f.call(2, report)["ok"], true);
+        let r = f.call(1, json!({"op": "address_of", "user": "bob"}));
+        assert_eq!(r["address"], "203.0.113.9");
+        assert_eq!(r["endpoint"], "203.0.113.9:40000");
+        let r = f.call(3, json!({"op": "address_of", "user": "bob"}));
+        assert_eq!(r["error"], "not_permitted");
+    }
+
+    #[test]
     fn requests_before_login_and_double_logins_are_refused() {
         let mut f = Fixture::new();
         f.hub.connected(1, ip("192.0.2.1"), f.now);
