@@ -59,8 +59,9 @@ pub struct PeerArgs {
     /// 3478].
     #[arg(long, value_name = "ADDR:PORT")]
     pub stun: Option<SocketAddr>,
-    /// A vipgate rental authority: on a different network, rent a virtual address for the
-    /// buddy's address and offer that (the way back is then open before the buddy sends).
+    /// A vipgate rental authority (`listen` only): when answering an offer from a different
+    /// network, rent a virtual address for the offering buddy's address and answer with it
+    /// instead of the STUN one (the way back is then open before the buddy's first packet).
     #[arg(long, value_name = "ADDR:PORT", requires = "authority_ca")]
     pub authority: Option<SocketAddr>,
     /// The authority's certificate (PEM) to pin.
