@@ -30,10 +30,13 @@ CLI=demo-cli-$S CLI2=demo-cl2-$S GW=demo-gw-$S SRV=demo-srv-$S THIRD=demo-3rd-$S
 TMP=$(mktemp -d /tmp/vipgate-demo.XXXXXX)
 CTL=$TMP/control.sock
 GWPID=
-BG=() # every other background process, ended by its id
+BG=() # every other background process (by id, not name)
 cleanup() {
+    set +e # a killed process's status must not cut the cleanup short
     [ -n "$GWPID" ] && kill "$GWPID" 2>/dev/null && wait "$GWPID" 2>/dev/null
-    for p in "${BG[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
+    for ((i = ${#BG[@]} - 1; i >= 0; i--)); do # listeners before the server they use
+        kill "${BG[i]}" 2>/dev/null && wait "${BG[i]}" 2>/dev/null
+    done
     for n in $CLI $CLI2 $GW $SRV $THIRD; do ip netns del "$n" 2>/dev/null || true; done
     rm -rf "$TMP"
 }
@@ -81,7 +84,7 @@ for _ in $(seq 50); do "$VIPGATE" stats --control-socket "$CTL" >/dev/null 2>&1 
 sed 's/^/   gateway| /' "$TMP/gateway.log"
 
 say "2. The client (192.0.2.10) connects to the server (198.51.100.2); the server says whom it sees"
-run_in $SRV socat TCP-LISTEN:7000,reuseaddr SYSTEM:'echo "server: you are $SOCAT_PEERADDR"' &
+ip netns exec $SRV socat TCP-LISTEN:7000,reuseaddr SYSTEM:'echo "server: you are $SOCAT_PEERADDR"' &
 BG+=($!)
 sleep 0.3
 reply=$(run_in $CLI socat -T3 - TCP:198.51.100.2:7000,connect-timeout=3 </dev/null)
@@ -91,7 +94,7 @@ case $VIRT in 198.18.0.*) ;; *) echo "demo: expected a pool address, got '$VIRT'
 run_in $CLI ping -c 1 -W 2 198.51.100.2 | sed -n '2p' | sed 's/^/   client| ping: /'
 
 say "3. The server opens a NEW connection to $VIRT, the address it saw; it reaches the client"
-run_in $CLI socat TCP-LISTEN:7001,reuseaddr SYSTEM:'echo "client: hello $SOCAT_PEERADDR, you reached me"' &
+ip netns exec $CLI socat TCP-LISTEN:7001,reuseaddr SYSTEM:'echo "client: hello $SOCAT_PEERADDR, you reached me"' &
 BG+=($!)
 sleep 0.3
 echo "   server| $(run_in $SRV socat -T3 - TCP:$VIRT:7001,connect-timeout=3 </dev/null)"
@@ -138,29 +141,44 @@ BG+=($!)
 wait_for "$TMP/rdv.log" " ready"
 sed 's/^/   rendezvous| /' "$TMP/rdv.log"
 
-say "8. alice (192.0.2.10), bob (192.0.2.11) and carol (203.0.113.2) register; alice befriends both"
-{ peer $CLI alice register; peer $CLI2 bob register; peer $THIRD carol register
-  peer $CLI alice buddy add bob; peer $CLI2 bob buddy accept alice
-  peer $CLI alice buddy add carol; peer $THIRD carol buddy accept alice; } | sed 's/^/   peer| /'
+show() { # show WHO COMMAND...: COMMAND's output, indented and labelled
+    local label; label=$(printf '%-6s' "$1"); shift
+    "$@" | sed "s/^/   $label| /"
+}
+relayed() { # the rendezvous server's log lines of the offer and answer between $1 and $2
+    grep -E " (offer [0-9]+: $1 -> $2|answer [0-9]+: $2 -> $1) " "$TMP/rdv.log" |
+        sed 's/^\[[^]]*\] //; s/^/   rendezvous| /'
+}
 
-say "9. bob and carol listen; the server registered each by the address it sees"
+say "8. alice (192.0.2.10), bob (192.0.2.11) and carol (203.0.113.2) register; alice befriends both"
+show alice peer $CLI alice register
+show bob peer $CLI2 bob register
+show carol peer $THIRD carol register
+show alice peer $CLI alice buddy add bob
+show bob peer $CLI2 bob buddy accept alice
+show alice peer $CLI alice buddy add carol
+show carol peer $THIRD carol buddy accept alice
+
+say "9. bob and carol listen; the server knows bob by his gateway address, carol by her own"
 listen_bg $CLI2 bob
 listen_bg $THIRD carol
-cat "$TMP/bob.out" "$TMP/carol.out" | sed 's/^/   peer| /'
+show bob grep 'listening user=' "$TMP/bob.out"
+show carol grep 'listening user=' "$TMP/carol.out"
 
-say "10. alice -> bob: same network (the one bit), so LAN endpoints; the message goes direct"
-echo "   alice | $(peer $CLI alice connect bob --message "hello bob, over the LAN")"
+say "10. alice -> bob: the one bit says same network: LAN endpoints, and the message goes direct"
+show alice peer $CLI alice connect bob --message "hello bob, over the LAN"
 wait_for "$TMP/bob.out" "from=alice"
-echo "   bob   | $(grep 'from=alice' "$TMP/bob.out")"
+show bob grep 'from=alice' "$TMP/bob.out"
+relayed alice bob
 
-say "11. alice -> carol: different networks, so global endpoints (STUN), through the gateway"
-echo "   alice | $(peer $CLI alice connect carol --message "hello carol, across the gateway")"
+say "11. alice -> carol: different networks, so global endpoints (from STUN), through the gateway"
+show alice peer $CLI alice connect carol --message "hello carol, across the gateway"
 wait_for "$TMP/carol.out" "from=alice"
-echo "   carol | $(grep 'from=alice' "$TMP/carol.out")"
-echo "   rendezvous| $(grep -cE ' (offer|answer) [0-9]+:' "$TMP/rdv.log") relayed offers and answers (endpoints); message text in its log: $(grep -c 'hello' "$TMP/rdv.log" || true)"
+show carol grep 'from=alice' "$TMP/carol.out"
+relayed alice carol
 
-say "12. carol asks about bob, who is not her buddy: refused, and she learns nothing"
-if out=$(peer $THIRD carol connect bob --message "who are you?" 2>&1); then
+say "12. carol asks about bob, who is not her buddy: refused, and she learns nothing about him"
+if out=$(peer $THIRD carol connect bob --message "where are you?" 2>&1); then
     echo "demo: carol was answered: $out" >&2; exit 1
 else
     status=$?
