@@ -567,6 +567,22 @@ fn garbage_on_every_port_never_takes_the_server_down() {
         }
         codes
     });
+    // A line over the limit gets `too_long` before the server closes.
+    let ca = w.ca.clone();
+    let too_long = in_ns(&w.c, move || {
+        let srv: SocketAddr = format!("{SERVER}:7444").parse().unwrap();
+        let mut l =
+            vipgate::tls::LineClient::connect(&vipgate::peer::SERVICE, srv, &ca, IO_TIMEOUT)
+                .expect("connect");
+        let mut line = vec![b'x'; vipgate::authority::MAX_LINE + 10];
+        line.push(b'\n');
+        let _ = l.send(&line);
+        let reply = l.read_line(None).expect("a reply before the close").unwrap_or_default();
+        let after = l.read_line(None);
+        (String::from_utf8_lossy(&reply).into_owned(), after.is_err())
+    });
+    assert!(too_long.0.contains("too_long"), "{too_long:?}");
+    assert!(too_long.1, "then the connection is closed");
     assert!(replies[0].contains("bad_request"), "{replies:?}");
     assert!(
         replies[1].contains("bad_request"),
@@ -645,4 +661,21 @@ fn no_direct_path_is_a_clear_failure_and_a_wrong_password_is_refused() {
     );
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("login_failed"), "{o:?}");
+}
+
+#[test]
+fn a_quiet_session_stays_online_past_the_login_timeout() {
+    let w = World::new();
+    w.register(&w.a, "alice");
+    w.register(&w.c, "carol");
+    w.befriend(&w.a, "alice", &w.c, "carol");
+    let mut alice = w.background(&w.a, "alice", "online");
+    let _carol = w.background(&w.c, "carol", "listen");
+    eventually(&mut alice, "presence user=carol online=true");
+    // Past the server's 30 s login timeout and the client's 30 s ping interval.
+    std::thread::sleep(Duration::from_secs(40));
+    assert!(alice.child.try_wait().unwrap().is_none(), "alice's session ended: {}", alice.text());
+    assert!(!alice.text().contains("online=false"), "{}", alice.text());
+    let list = w.peer_ok(&w.a, "alice", &["buddy", "list"]);
+    assert!(list.contains("carol mutual online"), "{list}");
 }

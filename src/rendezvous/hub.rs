@@ -335,18 +335,20 @@ impl Hub {
         user: &str,
         accept_only: bool,
     ) -> Outcome {
-        if accept_only {
-            match self.accounts.standing(me, user) {
-                Ok(Standing::Incoming | Standing::Mutual) => {}
-                Ok(_) => return self.refuse(conn, id, Code::NoRequest),
-                Err(e) => return self.internal(conn, id, e),
-            }
+        let before = match self.accounts.standing(me, user) {
+            Ok(st) => st,
+            Err(e) => return self.internal(conn, id, e),
+        };
+        if accept_only && !matches!(before, Standing::Incoming | Standing::Mutual) {
+            return self.refuse(conn, id, Code::NoRequest);
         }
         let st = match self.accounts.ask(me, user) {
             Ok(st) => st,
             Err(e) => return self.internal(conn, id, e),
         };
         match st {
+            // Asked again: nothing changed, nobody is told again.
+            _ if st == before => {}
             Standing::Mutual => {
                 info!("{me} and {user} are buddies");
                 self.push_to(user, "buddy_accepted", json!({"user": me}));
@@ -750,6 +752,19 @@ mod tests {
         assert_eq!(r["endpoint"], "203.0.113.9:40000");
         let r = f.call(3, json!({"op": "address_of", "user": "bob"}));
         assert_eq!(r["error"], "not_permitted");
+    }
+
+    #[test]
+    fn a_password_check_that_ends_after_its_connection_changes_nothing() {
+        let mut f = Fixture::new();
+        let _ = f.hub.accounts.create("alice", "phc", SystemTime::now());
+        f.hub.connected(7, ip("192.0.2.1"), f.now);
+        f.hub.closed(7);
+        f.hub.connected(8, ip("192.0.2.2"), f.now); // the next connection
+        f.hub.logged_in_checked(7, &json!(1), "alice", false, true);
+        assert!(!f.hub.logged_in(7) && !f.hub.logged_in(8));
+        assert_eq!(f.hub.online_users(), 0);
+        assert!(f.hub.outbox.is_empty(), "{:?}", f.hub.outbox);
     }
 
     #[test]

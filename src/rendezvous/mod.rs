@@ -45,6 +45,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const STUN_TCP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most TLS connections at once.
 pub const MAX_CONNS: usize = 4096;
+// Connection ids keep the slot in their low 16 bits.
+const _: () = assert!(MAX_CONNS <= 0x1_0000);
 /// Most STUN-over-TCP connections at once.
 pub const MAX_STUN_CONNS: usize = 1024;
 /// Most listen addresses of each kind.
@@ -110,6 +112,10 @@ pub fn run(settings: Settings) -> Result<()> {
 }
 
 struct TlsConn {
+    /// Unique for the server's lifetime: `serial << 16 | slot`, so a late answer of the hash
+    /// worker or a queued line never reaches the next connection in the same slot.
+    id: ConnId,
+    opened: Instant,
     sock: TcpStream,
     tls: ServerConnection,
     framer: LineFramer,
@@ -162,6 +168,7 @@ pub struct Server {
     jobs: mpsc::SyncSender<Job>,
     done: mpsc::Receiver<Done>,
     in_flight: usize,
+    serial: usize,
     limiter: RateLimiter,
     stats: Stats,
 }
@@ -236,6 +243,7 @@ impl Server {
             jobs,
             done,
             in_flight: 0,
+            serial: 0,
             limiter: RateLimiter::new(s.login_rate.max(1), s.login_rate.max(1) * 2, 65_536),
             stats: Stats::default(),
         })
@@ -465,8 +473,12 @@ impl Server {
             }
             let now = Instant::now();
             let peer = protocol::canonical(peer.ip());
-            self.hub.connected(slot, peer, now);
+            self.serial += 1;
+            let id = (self.serial << 16) | slot;
+            self.hub.connected(id, peer, now);
             self.conns[slot] = Some(TlsConn {
+                id,
+                opened: now,
                 sock,
                 tls,
                 framer: LineFramer::new(),
@@ -481,6 +493,11 @@ impl Server {
     fn tls_ready(&mut self, slot: usize) {
         let Some(Some(mut c)) = self.conns.get_mut(slot).map(Option::take) else { return };
         let alive = self.tls_read(&mut c);
+        if !c.tls.is_handshaking() && !self.hub.logged_in(c.id) {
+            // Handshake done: the login is due LOGIN_TIMEOUT after the connection opened,
+            // whatever else (pings) the client sends meanwhile.
+            c.deadline = c.opened + LOGIN_TIMEOUT;
+        }
         self.conns[slot] = Some(c);
         if !alive {
             self.close(slot);
@@ -518,18 +535,22 @@ impl Server {
             }
             let Some(frame) = c.framer.next_frame() else {
                 if c.closing {
+                    // The replies (a too_long, the answers to the last lines) go out first.
+                    self.flush_outbox();
                     self.close(slot);
                 }
                 return;
             };
             let now = Instant::now();
-            let peer = c.peer;
-            c.deadline = now + if self.hub.logged_in(slot) { IDLE_TIMEOUT } else { LOGIN_TIMEOUT };
+            let (id, peer) = (c.id, c.peer);
+            if self.hub.logged_in(id) {
+                c.deadline = now + IDLE_TIMEOUT;
+            }
             let line = match frame {
                 Frame::Line(line) => line,
                 Frame::TooLong => {
                     let reply = protocol::error(&Value::Null, protocol::Code::TooLong);
-                    self.hub.outbox.push((slot, reply));
+                    self.hub.outbox.push((id, reply));
                     c.closing = true;
                     continue;
                 }
@@ -537,24 +558,24 @@ impl Server {
             let req = match protocol::parse(&line) {
                 Ok(r) => r,
                 Err(reply) => {
-                    self.hub.outbox.push((slot, reply));
+                    self.hub.outbox.push((id, reply));
                     continue;
                 }
             };
             let guarded =
                 matches!(req.op, protocol::Op::Login { .. } | protocol::Op::Register { .. });
             if guarded && !self.limiter.allow(peer, now) {
-                self.hub.outbox.push((slot, protocol::error(&req.id, protocol::Code::RateLimited)));
+                self.hub.outbox.push((id, protocol::error(&req.id, protocol::Code::RateLimited)));
                 continue;
             }
-            let work = self.hub.request(slot, req, now);
-            let id = match &work {
+            let work = self.hub.request(id, req, now);
+            let rid = match &work {
                 Outcome::Done => continue,
                 Outcome::Verify { id, .. } | Outcome::Hash { id, .. } => id.clone(),
             };
-            let job = Job { conn: slot, work };
+            let job = Job { conn: id, work };
             if self.in_flight >= MAX_HASH_JOBS || self.jobs.try_send(job).is_err() {
-                self.hub.outbox.push((slot, protocol::error(&id, protocol::Code::Busy)));
+                self.hub.outbox.push((id, protocol::error(&rid, protocol::Code::Busy)));
                 continue;
             }
             self.in_flight += 1;
@@ -562,6 +583,11 @@ impl Server {
                 c.busy = true;
             }
         }
+    }
+
+    /// The open connection with id `id`, if it is still open.
+    fn conn_mut(&mut self, id: ConnId) -> Option<&mut TlsConn> {
+        self.conns.get_mut(id & 0xffff).and_then(Option::as_mut).filter(|c| c.id == id)
     }
 
     fn finished_jobs(&mut self) {
@@ -577,9 +603,13 @@ impl Server {
                     conn
                 }
             };
-            if let Some(c) = self.conns.get_mut(conn).and_then(Option::as_mut) {
+            let logged_in = self.hub.logged_in(conn);
+            if let Some(c) = self.conn_mut(conn) {
                 c.busy = false;
-                self.handle_lines(conn);
+                if logged_in {
+                    c.deadline = Instant::now() + IDLE_TIMEOUT;
+                }
+                self.handle_lines(conn & 0xffff);
             }
         }
     }
@@ -590,12 +620,12 @@ impl Server {
         let lines = std::mem::take(&mut self.hub.outbox);
         let mut touched: Vec<usize> = Vec::with_capacity(lines.len());
         let mut overflowed: Vec<usize> = Vec::new();
-        for (slot, line) in lines {
-            let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else { continue };
+        for (id, line) in lines {
+            let Some(c) = self.conn_mut(id) else { continue }; // closed meanwhile
             if c.tls.writer().write_all(&line).is_err() {
-                overflowed.push(slot);
+                overflowed.push(id & 0xffff);
             }
-            touched.push(slot);
+            touched.push(id & 0xffff);
         }
         for slot in overflowed {
             warn!("connection {slot} does not read what it is sent: closing it");
@@ -645,7 +675,7 @@ impl Server {
             c.tls.send_close_notify();
             let _ = c.tls.write_tls(&mut c.sock);
             let _ = self.poll.registry().deregister(&mut c.sock);
-            self.hub.closed(slot);
+            self.hub.closed(c.id);
         }
     }
 
