@@ -598,21 +598,7 @@ fn parse_ip(s: &str) -> Result<IpAddr, String> {
 
 /// `IP:PORT`, `[IPv6]:PORT`, `IP` or `[IPv6]` (then port [`authority::DEFAULT_PORT`]).
 fn parse_authority(s: &str) -> Result<SocketAddr, String> {
-    let bare = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(s);
-    let addr = match (s.parse::<SocketAddr>(), bare.parse::<IpAddr>()) {
-        (Ok(a), _) => a,
-        (Err(_), Ok(ip)) => SocketAddr::new(ip, authority::DEFAULT_PORT),
-        (Err(_), Err(_)) => {
-            return Err(format!(
-                "expected IP:PORT, [IPv6]:PORT or a bare IP address (then port {})",
-                authority::DEFAULT_PORT
-            ))
-        }
-    };
-    if addr.port() == 0 {
-        return Err("port 0 cannot be dialled; give the authority's port".to_string());
-    }
-    Ok(addr)
+    vipgate::tls::parse_endpoint(s, authority::DEFAULT_PORT, "the authority")
 }
 
 /// An RFC 3339 time such as `2026-11-22T01:00:00Z` (any offset, any fraction).

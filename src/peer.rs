@@ -57,12 +57,12 @@ pub struct PeerArgs {
     pub password_file: PathBuf,
     /// STUN server to learn the global endpoint from [default: the server's address, port
     /// 3478].
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR", value_parser = parse_stun)]
     pub stun: Option<SocketAddr>,
     /// A vipgate rental authority (`listen` only): when answering an offer from a different
     /// network, rent a virtual address for the offering buddy's address and answer with it
     /// instead of the STUN one (the way back is then open before the buddy's first packet).
-    #[arg(long, value_name = "ADDR:PORT", requires = "authority_ca")]
+    #[arg(long, value_name = "ADDR", value_parser = parse_authority, requires = "authority_ca")]
     pub authority: Option<SocketAddr>,
     /// The authority's certificate (PEM) to pin.
     #[arg(long, value_name = "FILE", requires = "authority")]
@@ -137,9 +137,15 @@ pub struct Refused {
 }
 
 fn parse_server(s: &str) -> Result<SocketAddr, String> {
-    s.parse::<SocketAddr>()
-        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, DEFAULT_PORT)))
-        .map_err(|_| format!("{s:?} is not IP:PORT, [IPv6]:PORT or an IP address"))
+    crate::tls::parse_endpoint(s, DEFAULT_PORT, "the server")
+}
+
+fn parse_stun(s: &str) -> Result<SocketAddr, String> {
+    crate::tls::parse_endpoint(s, crate::stun::DEFAULT_PORT, "the STUN server")
+}
+
+fn parse_authority(s: &str) -> Result<SocketAddr, String> {
+    crate::tls::parse_endpoint(s, crate::authority::DEFAULT_PORT, "the authority")
 }
 
 /// A logged-in (or not yet) connection to the rendezvous server.
@@ -159,7 +165,7 @@ impl Session {
 
     /// This end's address of the connection: the address on the local network.
     pub fn local_ip(&self) -> Result<IpAddr> {
-        Ok(protocol::canonical(self.line.local_addr().context("no local address")?.ip()))
+        Ok(self.line.local_addr().context("no local address")?.ip().to_canonical())
     }
 
     /// Sends `request` (an object with `op`) and waits for its reply; events that arrive

@@ -293,13 +293,7 @@ fn exchange(
 
 /// An IPv4-mapped IPv6 address (from a dual-stack socket) as the IPv4 address it stands for.
 fn canonical(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), addr.port()),
-            None => addr,
-        },
-        IpAddr::V4(_) => addr,
-    }
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {

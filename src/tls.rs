@@ -199,6 +199,43 @@ pub(crate) fn read_round(
     }
 }
 
+/// Writes the TLS records `tls` holds to `sock` until none is left (`Ok(true)`) or the socket
+/// takes no more (`Ok(false)`). Shared by the authority's and the rendezvous server's loops.
+pub(crate) fn write_round(
+    tls: &mut rustls::ServerConnection,
+    sock: &mut mio::net::TcpStream,
+) -> std::io::Result<bool> {
+    while tls.wants_write() {
+        match tls.write_tls(sock) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Where a client dials: `IP:PORT`, `[IPv6]:PORT`, or a bare IP address (with or without
+/// brackets), which gets `default_port`. Port 0 is refused; `what` names the server in that
+/// error.
+pub fn parse_endpoint(s: &str, default_port: u16, what: &str) -> Result<SocketAddr, String> {
+    let bare = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(s);
+    let addr = match (s.parse::<SocketAddr>(), bare.parse::<std::net::IpAddr>()) {
+        (Ok(a), _) => a,
+        (Err(_), Ok(ip)) => SocketAddr::new(ip, default_port),
+        (Err(_), Err(_)) => {
+            return Err(format!(
+                "expected IP:PORT, [IPv6]:PORT or a bare IP address (then port {default_port})"
+            ))
+        }
+    };
+    if addr.port() == 0 {
+        return Err(format!("port 0 cannot be dialled; give {what}'s port"));
+    }
+    Ok(addr)
+}
+
 /// A service the blocking [`LineClient`] talks to, for its error messages.
 #[derive(Debug, Clone, Copy)]
 pub struct Service {

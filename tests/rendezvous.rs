@@ -285,12 +285,6 @@ fn pool_contains(ip: IpAddr) -> bool {
     POOL.parse::<ipnet::IpNet>().unwrap().contains(&ip)
 }
 
-/// Waits until `bg`'s output contains `needle` (bounded), for lines a listener prints
-/// after the connecting side already finished.
-fn eventually(bg: &mut Bg, needle: &str) {
-    bg.wait_for(needle);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
@@ -318,14 +312,14 @@ fn same_network_goes_local_different_goes_global_and_the_message_never_crosses_t
     let (kind, peer) = path_of(&out);
     assert_eq!(kind, "local", "{out}");
     assert_eq!(peer.ip(), B.parse::<IpAddr>().unwrap(), "the LAN address of bob: {out}");
-    eventually(&mut bob, "from=alice path=local message=local-secret-4711");
+    bob.wait_for("from=alice path=local message=local-secret-4711");
 
     // Inside to outside: different networks, global endpoints.
     let out = w.peer_ok(&w.a, "alice", &["connect", "carol", "--message", "global-secret-0815"]);
     let (kind, peer) = path_of(&out);
     assert_eq!(kind, "global", "{out}");
     assert_eq!(peer.ip(), C.parse::<IpAddr>().unwrap(), "{out}");
-    eventually(&mut carol, "from=alice path=global message=global-secret-0815");
+    carol.wait_for("from=alice path=global message=global-secret-0815");
 
     // Outside to inside: carol reaches alice at a virtual address (not the one STUN gave
     // the server: per-partner mapping gives alice another one for carol).
@@ -334,7 +328,7 @@ fn same_network_goes_local_different_goes_global_and_the_message_never_crosses_t
     let (kind, peer) = path_of(&out);
     assert_eq!(kind, "global", "{out}");
     assert!(pool_contains(peer.ip()), "carol must see alice's virtual address, saw {peer}");
-    eventually(&mut alice, "from=carol path=global message=reverse-secret-1234");
+    alice.wait_for("from=carol path=global message=reverse-secret-1234");
     let leases = w.gateway.leases();
     let for_carol = leases
         .iter()
@@ -418,9 +412,9 @@ fn presence_events_arrive_when_a_buddy_logs_in_and_out() {
     w.befriend(&w.a, "alice", &w.c, "carol");
     let mut alice = w.background(&w.a, "alice", "online");
     let mut carol = w.background(&w.c, "carol", "listen");
-    eventually(&mut alice, "presence user=carol online=true");
+    alice.wait_for("presence user=carol online=true");
     carol.stop();
-    eventually(&mut alice, "presence user=carol online=false");
+    alice.wait_for("presence user=carol online=false");
     // bob is no buddy: his coming and going is not announced to alice.
     let mut bob = w.background(&w.b, "bob", "online");
     bob.stop();
@@ -429,9 +423,9 @@ fn presence_events_arrive_when_a_buddy_logs_in_and_out() {
     // Becoming buddies while both are online shows each other's presence at once.
     let mut bob = w.background(&w.b, "bob", "online");
     w.befriend(&w.b, "bob", &w.a, "alice");
-    eventually(&mut alice, "buddy_request user=bob");
-    eventually(&mut alice, "presence user=bob online=true");
-    eventually(&mut bob, "presence user=alice online=true");
+    alice.wait_for("buddy_request user=bob");
+    alice.wait_for("presence user=bob online=true");
+    bob.wait_for("presence user=alice online=true");
     let list = w.peer_ok(&w.a, "alice", &["buddy", "list"]);
     assert!(list.contains("bob mutual online"), "{list}");
     assert!(list.contains("carol mutual offline"), "{list}");
@@ -616,7 +610,7 @@ fn a_listener_with_an_authority_offers_a_virtual_address_rented_for_the_buddy() 
     let out = w.peer_ok(&w.c, "carol", &["connect", "alice", "--message", "rented-path"]);
     let (kind, peer) = path_of(&out);
     assert_eq!(kind, "global", "{out}");
-    eventually(&mut alice, "from=carol path=global message=rented-path");
+    alice.wait_for("from=carol path=global message=rented-path");
     let leases = w.gateway.leases();
     let rented = leases
         .iter()
@@ -671,7 +665,7 @@ fn a_quiet_session_stays_online_past_the_login_timeout() {
     w.befriend(&w.a, "alice", &w.c, "carol");
     let mut alice = w.background(&w.a, "alice", "online");
     let _carol = w.background(&w.c, "carol", "listen");
-    eventually(&mut alice, "presence user=carol online=true");
+    alice.wait_for("presence user=carol online=true");
     // Past the server's 30 s login timeout and the client's 30 s ping interval.
     std::thread::sleep(Duration::from_secs(40));
     assert!(alice.child.try_wait().unwrap().is_none(), "alice's session ended: {}", alice.text());

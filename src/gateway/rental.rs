@@ -279,18 +279,10 @@ impl Rental {
     fn pump(c: &mut Conn) -> io::Result<bool> {
         loop {
             Self::flush(c);
-            loop {
-                if !c.tls.wants_write() {
-                    c.unsent = 0;
-                    break;
-                }
-                match c.tls.write_tls(&mut c.sock) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
+            if !crate::tls::write_round(&mut c.tls, &mut c.sock)? {
+                return Ok(false);
             }
+            c.unsent = 0;
             if !matches!(c.waiting.front(), Some(Waiting::Ready(_))) {
                 return Ok(true);
             }

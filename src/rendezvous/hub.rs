@@ -3,7 +3,7 @@
 //! sends what it puts in [`Hub::outbox`]; password hashing, the one slow step, is handed back
 //! to the loop ([`Outcome`]) to run off the loop's thread.
 
-use super::protocol::{self, canonical, Code, Endpoint, Op, Request};
+use super::protocol::{self, Code, Endpoint, Op, Request};
 use super::store::{Accounts, Standing};
 use ipnet::IpNet;
 use log::{info, warn};
@@ -43,7 +43,7 @@ impl Default for Locality {
 impl Locality {
     /// The one bit: are `a` and `b` on the same network?
     pub fn same(&self, a: IpAddr, b: IpAddr) -> bool {
-        let (a, b) = (canonical(a), canonical(b));
+        let (a, b) = (a.to_canonical(), b.to_canonical());
         if self.pools.iter().any(|p| p.contains(&a) && p.contains(&b)) {
             return true;
         }
@@ -113,7 +113,6 @@ struct Session {
     user: Option<String>,
     listen: bool,
     reported: Option<SocketAddr>,
-    since: Instant,
 }
 
 struct Offer {
@@ -156,14 +155,8 @@ impl Hub {
     }
 
     /// A connection from `addr` was accepted.
-    pub fn connected(&mut self, conn: ConnId, addr: IpAddr, now: Instant) {
-        let s = Session {
-            addr: canonical(addr),
-            user: None,
-            listen: false,
-            reported: None,
-            since: now,
-        };
+    pub fn connected(&mut self, conn: ConnId, addr: IpAddr) {
+        let s = Session { addr: addr.to_canonical(), user: None, listen: false, reported: None };
         self.sessions.insert(conn, s);
     }
 
@@ -541,11 +534,6 @@ impl Hub {
             self.outbox.push((c, ev.clone()));
         }
     }
-
-    /// How long `conn` has been open.
-    pub fn age(&self, conn: ConnId, now: Instant) -> Option<Duration> {
-        self.sessions.get(&conn).map(|s| now.saturating_duration_since(s.since))
-    }
 }
 
 fn relayed(name: &str, from: &str, session: u64, e: &Endpoint) -> Vec<u8> {
@@ -613,7 +601,7 @@ mod tests {
         /// Connection `conn` from `addr`, logged in as `user` (account created if missing).
         fn login(&mut self, conn: ConnId, addr: &str, user: &str, listen: bool) {
             let _ = self.hub.accounts.create(user, "phc", SystemTime::now());
-            self.hub.connected(conn, ip(addr), self.now);
+            self.hub.connected(conn, ip(addr));
             self.hub.logged_in_checked(conn, &json!(0), user, listen, true);
             self.take(conn);
         }
@@ -758,9 +746,9 @@ mod tests {
     fn a_password_check_that_ends_after_its_connection_changes_nothing() {
         let mut f = Fixture::new();
         let _ = f.hub.accounts.create("alice", "phc", SystemTime::now());
-        f.hub.connected(7, ip("192.0.2.1"), f.now);
+        f.hub.connected(7, ip("192.0.2.1"));
         f.hub.closed(7);
-        f.hub.connected(8, ip("192.0.2.2"), f.now); // the next connection
+        f.hub.connected(8, ip("192.0.2.2")); // the next connection
         f.hub.logged_in_checked(7, &json!(1), "alice", false, true);
         assert!(!f.hub.logged_in(7) && !f.hub.logged_in(8));
         assert_eq!(f.hub.online_users(), 0);
@@ -770,7 +758,7 @@ mod tests {
     #[test]
     fn requests_before_login_and_double_logins_are_refused() {
         let mut f = Fixture::new();
-        f.hub.connected(1, ip("192.0.2.1"), f.now);
+        f.hub.connected(1, ip("192.0.2.1"));
         assert_eq!(f.call(1, json!({"op": "buddy_list"}))["error"], "not_logged_in");
         assert_eq!(f.call(1, json!({"op": "ping"}))["ok"], true);
         f.login(2, "192.0.2.2", "alice", false);

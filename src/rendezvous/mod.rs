@@ -121,6 +121,8 @@ struct TlsConn {
     framer: LineFramer,
     peer: IpAddr,
     deadline: Instant,
+    /// Registered for WRITABLE too (TLS records wait for the socket).
+    writable: bool,
     /// A password check is out: later lines wait.
     busy: bool,
     closing: bool,
@@ -169,6 +171,8 @@ pub struct Server {
     done: mpsc::Receiver<Done>,
     in_flight: usize,
     serial: usize,
+    /// Slots read from this turn: their TLS may owe records (handshake, alerts).
+    read: Vec<usize>,
     limiter: RateLimiter,
     stats: Stats,
 }
@@ -244,6 +248,7 @@ impl Server {
             done,
             in_flight: 0,
             serial: 0,
+            read: Vec::new(),
             limiter: RateLimiter::new(s.login_rate.max(1), s.login_rate.max(1) * 2, 65_536),
             stats: Stats::default(),
         })
@@ -472,10 +477,10 @@ impl Server {
                 continue;
             }
             let now = Instant::now();
-            let peer = protocol::canonical(peer.ip());
+            let peer = crate::authority::peer_ip(peer);
             self.serial += 1;
             let id = (self.serial << 16) | slot;
-            self.hub.connected(id, peer, now);
+            self.hub.connected(id, peer);
             self.conns[slot] = Some(TlsConn {
                 id,
                 opened: now,
@@ -484,6 +489,7 @@ impl Server {
                 framer: LineFramer::new(),
                 peer,
                 deadline: now + HANDSHAKE_TIMEOUT,
+                writable: false,
                 busy: false,
                 closing: false,
             });
@@ -499,6 +505,7 @@ impl Server {
             c.deadline = c.opened + LOGIN_TIMEOUT;
         }
         self.conns[slot] = Some(c);
+        self.read.push(slot);
         if !alive {
             self.close(slot);
             return;
@@ -617,57 +624,45 @@ impl Server {
     /// Sends every queued line and the TLS records waiting, and sets each connection's
     /// interest to match.
     fn flush_outbox(&mut self) {
-        let lines = std::mem::take(&mut self.hub.outbox);
-        let mut touched: Vec<usize> = Vec::with_capacity(lines.len());
-        let mut overflowed: Vec<usize> = Vec::new();
-        for (id, line) in lines {
+        let mut lines = std::mem::take(&mut self.hub.outbox);
+        let mut touched = std::mem::take(&mut self.read);
+        let mut overflowed = Vec::new();
+        for (id, line) in lines.drain(..) {
             let Some(c) = self.conn_mut(id) else { continue }; // closed meanwhile
             if c.tls.writer().write_all(&line).is_err() {
                 overflowed.push(id & 0xffff);
             }
             touched.push(id & 0xffff);
         }
+        self.hub.outbox = lines; // keeps its capacity
         for slot in overflowed {
             warn!("connection {slot} does not read what it is sent: closing it");
             self.close(slot);
         }
-        // Connections read this turn may owe handshake records too.
-        for slot in 0..self.conns.len() {
-            if self.conns[slot].as_ref().is_some_and(|c| c.tls.wants_write()) {
-                touched.push(slot);
-            }
-        }
         touched.sort_unstable();
         touched.dedup();
-        for slot in touched {
+        for &slot in &touched {
             let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else { continue };
-            let mut ok = true;
-            while c.tls.wants_write() {
-                match c.tls.write_tls(&mut c.sock) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        ok = false;
-                        break;
-                    }
+            let Ok(drained) = crate::tls::write_round(&mut c.tls, &mut c.sock) else {
+                self.close(slot);
+                continue;
+            };
+            // Interest changes only when the socket filled up or drained.
+            if drained == c.writable {
+                c.writable = !drained;
+                let interest = if drained {
+                    Interest::READABLE
+                } else {
+                    Interest::READABLE | Interest::WRITABLE
+                };
+                let token = Token(TLS_CONN + slot);
+                if self.poll.registry().reregister(&mut c.sock, token, interest).is_err() {
+                    self.close(slot);
                 }
             }
-            let interest = if c.tls.wants_write() {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            if !ok
-                || self
-                    .poll
-                    .registry()
-                    .reregister(&mut c.sock, Token(TLS_CONN + slot), interest)
-                    .is_err()
-            {
-                self.close(slot);
-            }
         }
+        touched.clear();
+        self.read = touched;
     }
 
     fn close(&mut self, slot: usize) {

@@ -308,7 +308,7 @@ fn check_endpoint(e: &Endpoint) -> Result<(), String> {
 }
 
 fn check_addr(a: SocketAddr) -> Result<(), String> {
-    let ip = canonical(a.ip());
+    let ip = a.ip().to_canonical();
     if a.port() == 0 || ip.is_unspecified() || ip.is_multicast() || is_broadcast(ip) {
         return Err(format!("{a} is not a usable unicast endpoint"));
     }
@@ -317,14 +317,6 @@ fn check_addr(a: SocketAddr) -> Result<(), String> {
 
 fn is_broadcast(ip: IpAddr) -> bool {
     matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
-}
-
-/// An IPv4-mapped IPv6 address (from a dual-stack socket) as the IPv4 address it is.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 #[cfg(test)]
