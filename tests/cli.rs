@@ -163,6 +163,14 @@ impl Stub {
     }
 
     /// The request lines the stub received.
+    /// `vipgate CMD --authority <stub> --ca <its certificate> ARGS...`.
+    fn run(&self, cmd: &str, args: &[&str]) -> Run {
+        let addr = self.addr();
+        let mut all = vec![cmd, "--authority", &addr, "--ca", self.ca()];
+        all.extend_from_slice(args);
+        vipgate(&all)
+    }
+
     fn requests(self) -> Vec<String> {
         self.handle.join().expect("stub thread")
     }
@@ -355,17 +363,7 @@ fn another_certificate_is_refused() {
 fn no_reply_times_out() {
     let stub = Stub::start(|_| None);
     let started = Instant::now();
-    let run = vipgate(&[
-        "renew",
-        "--authority",
-        &stub.addr(),
-        "--ca",
-        stub.ca(),
-        "--virtual",
-        "198.18.0.7",
-        "--timeout",
-        "0.5",
-    ]);
+    let run = stub.run("renew", &["--virtual", "198.18.0.7", "--timeout", "0.5"]);
     run.fails(1, &["timed out after 500ms", &stub.addr()]);
     assert!(started.elapsed() < Duration::from_secs(4));
     assert_eq!(stub.requests().len(), 1);
@@ -378,17 +376,7 @@ fn no_reply_times_out() {
 #[test]
 fn rent_prints_only_the_virtual_address() {
     let stub = Stub::start(|req| Some(Reply::leased(req.id, ip("198.18.0.7"), expires())));
-    let run = vipgate(&[
-        "rent",
-        "--authority",
-        &stub.addr(),
-        "--ca",
-        stub.ca(),
-        "--partner",
-        "198.51.100.2",
-        "--ttl",
-        "600",
-    ]);
+    let run = stub.run("rent", &["--partner", "198.51.100.2", "--ttl", "600"]);
     assert_eq!(run.status, 0, "{}", run.stderr);
     assert_eq!(run.stdout, "198.18.0.7\n");
     assert_eq!(run.stderr, "");
@@ -399,28 +387,12 @@ fn rent_prints_only_the_virtual_address() {
 #[test]
 fn renew_prints_the_virtual_address_and_release_nothing() {
     let stub = Stub::start(|req| Some(Reply::leased(req.id, ip("2001:db8:ff::7"), expires())));
-    let run = vipgate(&[
-        "renew",
-        "--authority",
-        &stub.addr(),
-        "--ca",
-        stub.ca(),
-        "--virtual",
-        "2001:db8:ff::7",
-    ]);
+    let run = stub.run("renew", &["--virtual", "2001:db8:ff::7"]);
     assert_eq!((run.status, run.stdout.as_str()), (0, "2001:db8:ff::7\n"), "{}", run.stderr);
     assert_eq!(stub.requests(), [r#"{"id":1,"cmd":"renew","virtual":"2001:db8:ff::7"}"#]);
 
     let stub = Stub::start(|req| Some(Reply::released(req.id)));
-    let run = vipgate(&[
-        "release",
-        "--authority",
-        &stub.addr(),
-        "--ca",
-        stub.ca(),
-        "--virtual",
-        "198.18.0.7",
-    ]);
+    let run = stub.run("release", &["--virtual", "198.18.0.7"]);
     assert_eq!((run.status, run.stdout.as_str(), run.stderr.as_str()), (0, "", ""));
     assert_eq!(stub.requests(), [r#"{"id":1,"cmd":"release","virtual":"198.18.0.7"}"#]);
 }
@@ -428,17 +400,8 @@ fn renew_prints_the_virtual_address_and_release_nothing() {
 #[test]
 fn inquire_prints_the_real_address() {
     let stub = Stub::start(|req| Some(Reply::real(req.id, ip("192.0.2.10"))));
-    let run = vipgate(&[
-        "inquire",
-        "--authority",
-        &stub.addr(),
-        "--ca",
-        stub.ca(),
-        "--virtual",
-        "198.18.0.7",
-        "--at",
-        "2026-11-22T02:00:00+01:00",
-    ]);
+    let run =
+        stub.run("inquire", &["--virtual", "198.18.0.7", "--at", "2026-11-22T02:00:00+01:00"]);
     assert_eq!((run.status, run.stdout.as_str()), (0, "192.0.2.10\n"), "{}", run.stderr);
     assert_eq!(
         stub.requests(),
@@ -449,15 +412,7 @@ fn inquire_prints_the_real_address() {
 #[test]
 fn a_refused_inquiry_exits_3() {
     let stub = Stub::start(|req| Some(Reply::not_permitted(req.id)));
-    let run = vipgate(&[
-        "inquire",
-        "--authority",
-        &stub.addr(),
-        "--ca",
-        stub.ca(),
-        "--virtual",
-        "198.18.0.8",
-    ]);
+    let run = stub.run("inquire", &["--virtual", "198.18.0.8"]);
     run.fails(
         3,
         &["vipgate: not permitted: only the partner recorded for this virtual address may ask \
@@ -467,15 +422,7 @@ fn a_refused_inquiry_exits_3() {
     stub.requests();
 
     let stub = Stub::start(|req| Some(Reply::not_permitted(req.id)));
-    let run = vipgate(&[
-        "release",
-        "--authority",
-        &stub.addr(),
-        "--ca",
-        stub.ca(),
-        "--virtual",
-        "198.18.0.8",
-    ]);
+    let run = stub.run("release", &["--virtual", "198.18.0.8"]);
     run.fails(3, &["not permitted: only the host that rented this virtual address may release"]);
     stub.requests();
 }
@@ -483,15 +430,7 @@ fn a_refused_inquiry_exits_3() {
 #[test]
 fn an_exhausted_pool_exits_4() {
     let stub = Stub::start(|req| Some(Reply::no_address(req.id)));
-    let run = vipgate(&[
-        "rent",
-        "--authority",
-        &stub.addr(),
-        "--ca",
-        stub.ca(),
-        "--partner",
-        "198.51.100.2",
-    ]);
+    let run = stub.run("rent", &["--partner", "198.51.100.2"]);
     run.fails(4, &["no address available"]);
     assert!(run.stdout.is_empty());
     stub.requests();
@@ -500,43 +439,19 @@ fn an_exhausted_pool_exits_4() {
 #[test]
 fn other_refusals_exit_1_with_the_authoritys_reason() {
     let stub = Stub::start(|req| Some(Reply::not_served(req.id, ip("203.0.113.9"))));
-    let run = vipgate(&[
-        "rent",
-        "--authority",
-        &stub.addr(),
-        "--ca",
-        stub.ca(),
-        "--partner",
-        "198.51.100.2",
-    ]);
+    let run = stub.run("rent", &["--partner", "198.51.100.2"]);
     run.fails(1, &["not served: your address 203.0.113.9 is not in a LAN prefix"]);
     stub.requests();
 
     let stub = Stub::start(|req| Some(Reply::rate_limited(req.id)));
-    let run = vipgate(&[
-        "inquire",
-        "--authority",
-        &stub.addr(),
-        "--ca",
-        stub.ca(),
-        "--virtual",
-        "198.18.0.7",
-    ]);
+    let run = stub.run("inquire", &["--virtual", "198.18.0.7"]);
     run.fails(1, &["rate limited"]);
     stub.requests();
 
     let stub = Stub::start(|req| {
         Some(Reply::error(req.id, authority::ErrorCode::Internal, "disk full\n\u{1b}[31mred"))
     });
-    let run = vipgate(&[
-        "rent",
-        "--authority",
-        &stub.addr(),
-        "--ca",
-        stub.ca(),
-        "--partner",
-        "198.51.100.2",
-    ]);
+    let run = stub.run("rent", &["--partner", "198.51.100.2"]);
     run.fails(1, &["the authority failed: disk full"]);
     assert!(!run.stderr.contains('\u{1b}'), "control characters are not echoed");
     stub.requests();
@@ -545,16 +460,7 @@ fn other_refusals_exit_1_with_the_authoritys_reason() {
 #[test]
 fn json_prints_the_reply_object_on_one_line() {
     let stub = Stub::start(|req| Some(Reply::leased(req.id, ip("198.18.0.7"), expires())));
-    let run = vipgate(&[
-        "rent",
-        "--authority",
-        &stub.addr(),
-        "--ca",
-        stub.ca(),
-        "--partner",
-        "198.51.100.2",
-        "--json",
-    ]);
+    let run = stub.run("rent", &["--partner", "198.51.100.2", "--json"]);
     assert_eq!(run.status, 0, "{}", run.stderr);
     assert_eq!(run.stdout.lines().count(), 1, "{:?}", run.stdout);
     let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON");
@@ -565,16 +471,7 @@ fn json_prints_the_reply_object_on_one_line() {
 
     // A refusal too, with its exit status.
     let stub = Stub::start(|req| Some(Reply::not_permitted(req.id)));
-    let run = vipgate(&[
-        "inquire",
-        "--authority",
-        &stub.addr(),
-        "--ca",
-        stub.ca(),
-        "--virtual",
-        "198.18.0.8",
-        "--json",
-    ]);
+    let run = stub.run("inquire", &["--virtual", "198.18.0.8", "--json"]);
     assert_eq!(run.status, 3, "{}", run.stderr);
     let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON");
     assert_eq!(v["ok"], false);
