@@ -15,12 +15,11 @@ use common::netns::*;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
 use std::collections::BTreeSet;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Process, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use vipgate::authority::{AuthorityClient, Command, ErrorCode, Id, Outcome, Reply, Request};
 
@@ -489,72 +488,6 @@ fn inquiries_about_the_past_are_answered_from_the_history() {
 // 4: the answer travels encrypted
 // ---------------------------------------------------------------------------------------------
 
-/// A `tcpdump` writing a capture file, running in a namespace; killed on drop.
-struct Capture {
-    child: Child,
-    file: PathBuf,
-}
-
-impl Capture {
-    /// Starts `tcpdump -i IFACE -w FILE FILTER...` in `ns` and waits (bounded) until it listens.
-    fn start(ns: &str, iface: &str, file: &Path, filter: &[&str]) -> Capture {
-        let mut child = Process::new("ip")
-            .args(["netns", "exec", ns, "tcpdump", "-Z", "root", "-i", iface, "-U", "-n"])
-            // Immediate mode: packets reach the file at once, not when a ring block fills.
-            .args(["--immediate-mode", "-s", "0", "-w"])
-            .arg(file)
-            .args(filter)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run tcpdump (is it installed?): {e}"));
-        let err = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut cap = Capture { child, file: file.to_path_buf() };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut said = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(l) if l.contains("listening on") => return cap,
-                Ok(l) => said.push(l),
-                Err(_) => {
-                    let status = cap.child.try_wait().ok().flatten();
-                    panic!("tcpdump in {ns} is not listening after 5 s ({status:?}): {said:?}")
-                }
-            }
-        }
-    }
-
-    /// Stops it with SIGINT (it flushes the file) and returns the capture's bytes.
-    fn finish(mut self) -> Vec<u8> {
-        // SAFETY: kill(2) of the tcpdump we started (`ip netns exec` execs it in place) and
-        // have not reaped yet.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "tcpdump did not stop within 5 s of SIGINT");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::fs::read(&self.file).unwrap_or_else(|e| panic!("{}: {e}", self.file.display()))
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// One TCP segment of a capture.
 struct Segment {
     src: SocketAddr,
@@ -626,10 +559,6 @@ fn tcp_segments(pcap: &[u8]) -> Vec<Segment> {
         });
     }
     out
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 #[test]
