@@ -600,6 +600,26 @@ impl Ctx {
             Addrs::HostOtherPool => Some((h, self.other_pool)),
         }
     }
+
+    /// Addresses the packet quoted at `b[i..]` by an ICMP error as sent by the partner to the
+    /// virtual address (`inbound`) or by the host to the partner.
+    fn aim_quoted(&self, b: &mut [u8], i: usize, inbound: bool) {
+        let (s, d) = if inbound {
+            (self.virt, self.spec.partner)
+        } else {
+            (self.spec.partner, self.spec.host)
+        };
+        set_addr(&mut b[i..], false, s);
+        set_addr(&mut b[i..], true, d);
+    }
+
+    /// Addresses the outer header as `a` says.
+    fn aim(&self, b: &mut [u8], a: Addrs) {
+        if let Some((s, d)) = self.pick(a) {
+            set_addr(b, false, s);
+            set_addr(b, true, d);
+        }
+    }
 }
 
 /// An ICMP error shape for garbage: valid outer checksum, a header-ish embedded packet.
@@ -727,19 +747,10 @@ fn materialize(g: &Garbage, c4: &Ctx, c6: &Ctx) -> Vec<u8> {
                     b[i + 2..i + 4].copy_from_slice(&il.to_be_bytes());
                     b[i + 6..i + 8].copy_from_slice(&e.inner_frag.to_be_bytes());
                     b[i + 9] = e.inner_proto;
-                    let (s, d) = if e.inbound {
-                        (c4.virt, c4.spec.partner)
-                    } else {
-                        (c4.spec.partner, c4.spec.host)
-                    };
-                    set_addr(&mut b[i..], false, s);
-                    set_addr(&mut b[i..], true, d);
+                    c4.aim_quoted(&mut b, i, e.inbound);
                 }
             }
-            if let Some((s, d)) = c4.pick(a) {
-                set_addr(&mut b, false, s);
-                set_addr(&mut b, true, d);
-            }
+            c4.aim(&mut b, a);
         }
         6 if !b.is_empty() => {
             b[0] = 0x60 | (b[0] & 0x0f);
@@ -777,19 +788,10 @@ fn materialize(g: &Garbage, c4: &Ctx, c6: &Ctx) -> Vec<u8> {
                     let il = e.inner_len.unwrap_or((len - i - 40) as u16);
                     b[i + 4..i + 6].copy_from_slice(&il.to_be_bytes());
                     b[i + 6] = e.inner_proto;
-                    let (s, d) = if e.inbound {
-                        (c6.virt, c6.spec.partner)
-                    } else {
-                        (c6.spec.partner, c6.spec.host)
-                    };
-                    set_addr(&mut b[i..], false, s);
-                    set_addr(&mut b[i..], true, d);
+                    c6.aim_quoted(&mut b, i, e.inbound);
                 }
             }
-            if let Some((s, d)) = c6.pick(a) {
-                set_addr(&mut b, false, s);
-                set_addr(&mut b, true, d);
-            }
+            c6.aim(&mut b, a);
         }
         _ => return b,
     }
