@@ -5,7 +5,11 @@
 //! `scripts/netbench.sh` steers traffic into the TUN exactly as the gateway does. On
 //! SIGTERM/SIGINT it prints how many packets and bytes it copied, then exits.
 //!
-//! Usage: `tun_copy [NAME]` (as root, normally inside a network namespace).
+//! With `--offload` it opens the device with the same offloads as `vipgate gateway
+//! --offload on` (virtio-net header, TSO, USO) and writes every frame back with its header
+//! unchanged, so super-packets stay super-packets: the ceiling for the gateway with offloads.
+//!
+//! Usage: `tun_copy [NAME] [--offload]` (as root, normally inside a network namespace).
 
 use std::io::{self, ErrorKind};
 use std::os::fd::AsRawFd;
@@ -13,19 +17,29 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use vipgate::config::OffloadMode;
 use vipgate::gateway::tun::TunDevice;
 
 fn main() -> anyhow::Result<()> {
-    let name = std::env::args().nth(1).unwrap_or_else(|| "vgcopy0".to_string());
-    let tun = TunDevice::open(&name)?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let offload = args.iter().any(|a| a == "--offload");
+    let name = args.iter().find(|a| !a.starts_with("--")).cloned();
+    let name = name.unwrap_or_else(|| "vgcopy0".to_string());
+    let mode = if offload { OffloadMode::On } else { OffloadMode::Off };
+    let tun = TunDevice::open(&name, mode)?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
-    eprintln!("tun_copy: copying on {} (pid {})", tun.name(), std::process::id());
+    eprintln!(
+        "tun_copy: copying on {} (offloads: {}, pid {})",
+        tun.name(),
+        tun.describe_offloads(),
+        std::process::id()
+    );
 
     let started = Instant::now();
-    let mut buf = vec![0u8; 65536];
+    let mut buf = vec![0u8; 65536 + vipgate::wire::vnet::HDR_LEN];
     let (mut packets, mut bytes, mut write_errors, mut wakeups) = (0u64, 0u64, 0u64, 0u64);
     let mut pfd = libc::pollfd { fd: tun.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     while !stop.load(Ordering::Relaxed) {

@@ -45,6 +45,29 @@ pub enum FilteringArg {
     Any,
 }
 
+/// Whether to ask the kernel for offloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OffloadMode {
+    /// Use them when the kernel offers them; plain packets otherwise.
+    #[default]
+    Auto,
+    /// Require them: refuse to start without.
+    On,
+    /// Plain packets only (no virtio-net header).
+    Off,
+}
+
+impl std::fmt::Display for OffloadMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OffloadMode::Auto => "auto",
+            OffloadMode::On => "on",
+            OffloadMode::Off => "off",
+        })
+    }
+}
+
 /// Every setting of `vipgate gateway`, as flags and as TOML keys.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -68,6 +91,13 @@ pub struct GatewaySettings {
     /// TUN device to create [default: vip0].
     #[arg(long, value_name = "NAME")]
     pub tun: Option<String>,
+
+    /// TUN segmentation and checksum offloads (IFF_VNET_HDR, TSO, USO): one read or write
+    /// then moves a 64 KB TCP super-packet. `auto` uses them when the kernel offers them and
+    /// turns them off by itself if the kernel refuses a super-packet on write; `on` refuses
+    /// to start without them [default: auto].
+    #[arg(long, value_enum)]
+    pub offload: Option<OffloadMode>,
 
     /// How a host's virtual address is chosen [default: per-partner].
     #[arg(long, value_enum)]
@@ -183,6 +213,8 @@ pub struct GatewayConfig {
     pub nat: nat::Config,
     /// TUN device name.
     pub tun: String,
+    /// TUN offloads.
+    pub offload: OffloadMode,
     /// State directory.
     pub state_dir: PathBuf,
     /// Control socket path.
@@ -241,6 +273,7 @@ impl GatewaySettings {
             pool: list(self.pool, file.pool),
             exclude: list(self.exclude, file.exclude),
             tun: self.tun.or(file.tun),
+            offload: self.offload.or(file.offload),
             mapping: self.mapping.or(file.mapping),
             filtering: self.filtering.or(file.filtering),
             lease_idle: self.lease_idle.or(file.lease_idle),
@@ -356,6 +389,7 @@ impl GatewaySettings {
             ),
             nat,
             tun,
+            offload: self.offload.unwrap_or_default(),
             state_dir: self.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             control_socket: self.control_socket.unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
             metrics_listen: self.metrics_listen,

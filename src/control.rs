@@ -134,6 +134,15 @@ pub struct Stats {
     pub tun_tx: u64,
     /// Failed TUN writes.
     pub tun_write_errors: u64,
+    /// Super-packets (GSO, several segments in one) read from the TUN.
+    #[serde(default)]
+    pub tun_super_packets: u64,
+    /// Frames dropped because their virtio-net header was unusable.
+    #[serde(default)]
+    pub tun_offload_errors: u64,
+    /// Segments written one by one after the kernel refused a super-packet.
+    #[serde(default)]
+    pub tun_segmented_in_software: u64,
     /// The translator's counters.
     #[serde(flatten)]
     pub translator: crate::nat::Counters,
@@ -230,6 +239,24 @@ impl Stats {
             "counter",
             "Failed writes to the TUN device.",
             &[("", self.tun_write_errors)],
+        );
+        metric(
+            "tun_super_packets_read_total",
+            "counter",
+            "GSO super-packets read from the TUN device (offloads on).",
+            &[("", self.tun_super_packets)],
+        );
+        metric(
+            "tun_offload_errors_total",
+            "counter",
+            "Frames dropped for an unusable virtio-net header.",
+            &[("", self.tun_offload_errors)],
+        );
+        metric(
+            "tun_segmented_in_software_total",
+            "counter",
+            "Segments written one by one after the kernel refused a super-packet.",
+            &[("", self.tun_segmented_in_software)],
         );
         metric(
             "packets_passed_total",

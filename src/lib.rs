@@ -8,7 +8,7 @@
 //! See `docs/architecture.md` for the packet path and where each claim of the source
 //! documents lives in the code.
 
-#![deny(unsafe_code)]
+#![deny(unsafe_code)] // except `gateway::tun` (ioctls)
 #![warn(missing_docs)]
 
 pub mod authority;

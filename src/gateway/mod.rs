@@ -10,12 +10,14 @@
 pub mod durable;
 pub mod rental;
 pub mod routing;
+#[allow(unsafe_code)] // the ioctls and writev of the TUN device, nowhere else
 pub mod tun;
 
 use crate::config::GatewayConfig;
 use crate::control::{self, LeaseRecord, Request, Stats};
 use crate::nat::{DropReason, LeaseEvent, Origin, Translator, Verdict};
 use crate::store::Done;
+use crate::wire::vnet::{self, Checksum, VnetHdr};
 use anyhow::{Context, Result};
 use durable::Durable;
 use log::{debug, info, warn};
@@ -34,6 +36,8 @@ use tun::TunDevice;
 
 /// Most packets handled per turn of the loop before other sources get their turn.
 pub const BATCH: usize = 64;
+/// The largest frame a TUN read returns: a 64 KB (super-)packet and its virtio-net header.
+const FRAME_MAX: usize = 65536 + vnet::HDR_LEN;
 const TUN: Token = Token(0);
 const CONTROL: Token = Token(1);
 const METRICS: Token = Token(2);
@@ -132,7 +136,7 @@ fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
                 cfg.rule_priority + routing::RULE_BAND - 1
             );
         }
-        let tun = TunDevice::open(&cfg.tun)?;
+        let tun = TunDevice::open(&cfg.tun, cfg.offload)?;
         let cleanup =
             Cleanup { routing: Some(routing.clone()), socket: cfg.control_socket.clone() };
         routing.install()?;
@@ -144,9 +148,10 @@ fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
     let show = |v: &[ipnet::IpNet]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
     match &tun {
         Some(t) => info!(
-            "vipgate gateway {}: TUN {}, serving {} from pool {}",
+            "vipgate gateway {}: TUN {} (offloads: {}), serving {} from pool {}",
             env!("CARGO_PKG_VERSION"),
             t.name(),
+            t.describe_offloads(),
             show(&cfg.nat.lan),
             show(&cfg.nat.pools)
         ),
@@ -173,7 +178,8 @@ fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
     let mut gw = Gateway {
         nat,
         tun,
-        buf: vec![0u8; 65536].into_boxed_slice(),
+        buf: vec![0u8; FRAME_MAX].into_boxed_slice(),
+        scratch: vec![0u8; FRAME_MAX].into_boxed_slice(),
         stats: Stats::default(),
         start,
         conns: Vec::new(),
@@ -283,7 +289,10 @@ struct Conn {
 struct Gateway {
     nat: Translator,
     tun: Option<TunDevice>,
+    /// One frame as read from the TUN (virtio-net header, then the packet).
     buf: Box<[u8]>,
+    /// One segment, when a super-packet must be cut in software.
+    scratch: Box<[u8]>,
     stats: Stats,
     start: Instant,
     conns: Vec<Option<Conn>>,
@@ -414,21 +423,46 @@ impl Gateway {
     /// left (the batch filled up before `WouldBlock`).
     fn drain_tun(&mut self, now: Instant) -> bool {
         let Some(tun) = &self.tun else { return false };
+        let mut refused = false;
+        let mut more = true;
         for _ in 0..BATCH {
             let n = match tun.recv(&mut self.buf) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    more = false;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     warn!("TUN read failed: {e}");
-                    return false;
+                    more = false;
+                    break;
                 }
             };
             self.stats.tun_rx += 1;
-            let packet = &mut self.buf[..n];
-            dispatch(&mut self.nat, tun, self.durable.as_mut(), &mut self.stats, packet, now);
+            let io = Io { tun, stats: &mut self.stats, scratch: &mut self.scratch };
+            refused |= dispatch(&mut self.nat, io, self.durable.as_mut(), &mut self.buf[..n], now);
         }
-        true
+        if refused {
+            self.offloads_refused();
+        }
+        more
+    }
+
+    /// The kernel refused a super-packet on write (it was sent cut in software): from now on,
+    /// no more super-packets either way.
+    fn offloads_refused(&mut self) {
+        let Some(tun) = self.tun.as_mut() else { return };
+        match tun.set_offloads(0) {
+            Ok(()) => warn!(
+                "TUN {}: the kernel refused a super-packet on write; segmentation offloads are                  off from now on (start with --offload off to skip this)",
+                tun.name()
+            ),
+            Err(e) => warn!(
+                "TUN {}: the kernel refused a super-packet on write, and turning offloads off                  failed too ({e}): super-packets are cut in software",
+                tun.name()
+            ),
+        }
     }
 
     /// Takes the store writer's results: commits release the packets and replies that waited
@@ -482,8 +516,13 @@ impl Gateway {
     fn release_held(&mut self, now: Instant) {
         let Some(held) = self.durable.as_mut().map(|d| d.take_held()) else { return };
         let Some(tun) = &self.tun else { return };
-        for mut packet in held {
-            dispatch(&mut self.nat, tun, self.durable.as_mut(), &mut self.stats, &mut packet, now);
+        let mut refused = false;
+        for mut frame in held {
+            let io = Io { tun, stats: &mut self.stats, scratch: &mut self.scratch };
+            refused |= dispatch(&mut self.nat, io, self.durable.as_mut(), &mut frame, now);
+        }
+        if refused {
+            self.offloads_refused();
         }
     }
 
@@ -707,6 +746,9 @@ impl Gateway {
             tun_rx: self.stats.tun_rx,
             tun_tx: self.stats.tun_tx,
             tun_write_errors: self.stats.tun_write_errors,
+            tun_super_packets: self.stats.tun_super_packets,
+            tun_offload_errors: self.stats.tun_offload_errors,
+            tun_segmented_in_software: self.stats.tun_segmented_in_software,
             held_dropped: self.durable.as_ref().map_or(0, |d| d.held_dropped),
             store_failures: self.durable.as_ref().map_or(0, |d| d.commit_failures),
             authority_connections: self.rental.as_ref().map_or(0, |r| r.stats.connections),
@@ -736,31 +778,85 @@ impl Gateway {
     }
 }
 
-/// Translates one packet and writes what the verdict says to the TUN: the rewritten packet,
-/// the translator's ICMP error, or the packet as it came when it is not about any lease. A
-/// packet whose lease is not durable yet is kept until the commit.
+/// The TUN side of [`dispatch`].
+struct Io<'a> {
+    tun: &'a TunDevice,
+    stats: &'a mut Stats,
+    scratch: &'a mut [u8],
+}
+
+/// Translates one frame read from the TUN and writes back what must go out: the frame, the
+/// translator's ICMP error, or the frame as it came when it is not about any lease. A frame
+/// whose lease is not durable yet is kept until the commit. With offloads, the virtio-net
+/// header says how to treat the transport checksum, and goes back out with the packet
+/// unchanged (a super-packet stays one). True when the kernel refused a super-packet on write
+/// (it was then cut and written in software).
 fn dispatch(
     nat: &mut Translator,
-    tun: &TunDevice,
+    io: Io,
     durable: Option<&mut Durable>,
-    stats: &mut Stats,
-    packet: &mut [u8],
+    frame: &mut [u8],
     now: Instant,
-) {
-    let out: &[u8] = match nat.translate(packet, now) {
-        Verdict::Forward(_) | Verdict::Pass => packet,
-        Verdict::Reply(_, reply) => reply,
+) -> bool {
+    let h = io.tun.header_len();
+    if frame.len() < h {
+        io.stats.tun_offload_errors += 1;
+        return false;
+    }
+    let (head, packet) = frame.split_at_mut(h);
+    let mut hdr = VnetHdr::default();
+    let csum = if h == 0 {
+        Checksum::Full
+    } else {
+        hdr = VnetHdr::read(head);
+        match vnet::prepare(&mut hdr, packet) {
+            Ok(c) => {
+                // `prepare` may have finished the checksum itself and cleared the flag.
+                hdr.write(head);
+                c
+            }
+            Err(e) => {
+                io.stats.tun_offload_errors += 1;
+                debug!("TUN frame dropped: {e} ({hdr:?})");
+                return false;
+            }
+        }
+    };
+    if hdr.is_gso() {
+        io.stats.tun_super_packets += 1;
+    }
+    let sent = match nat.translate_with(packet, csum, now) {
+        Verdict::Forward(_) | Verdict::Pass => io.tun.send(frame),
+        Verdict::Reply(_, reply) => io.tun.send_packet(reply),
         Verdict::Hold => {
             if let Some(d) = durable {
-                d.hold(packet);
+                d.hold(frame);
             }
-            return;
+            return false;
         }
-        Verdict::Drop(_) => return,
+        Verdict::Drop(_) => return false,
     };
-    match tun.send(out) {
-        Ok(_) => stats.tun_tx += 1,
-        Err(_) => stats.tun_write_errors += 1,
+    match sent {
+        Ok(_) => {
+            io.stats.tun_tx += 1;
+            false
+        }
+        Err(e) if hdr.is_gso() && e.raw_os_error() == Some(libc::EINVAL) => {
+            let stats = io.stats;
+            let cut =
+                vnet::segment(&hdr, &frame[h..], io.scratch, |seg| match io.tun.send_packet(seg) {
+                    Ok(_) => stats.tun_segmented_in_software += 1,
+                    Err(_) => stats.tun_write_errors += 1,
+                });
+            if cut.is_err() {
+                stats.tun_write_errors += 1;
+            }
+            true
+        }
+        Err(_) => {
+            io.stats.tun_write_errors += 1;
+            false
+        }
     }
 }
 

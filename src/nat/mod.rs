@@ -282,11 +282,13 @@ pub enum DropReason {
     LeaseTableFull,
     /// The flow table is full.
     FlowTableFull,
+    /// A partial (offloaded) checksum that is not the TCP or UDP checksum of the packet.
+    BadOffload,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 17;
+    pub const COUNT: usize = 18;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Truncated,
@@ -306,6 +308,7 @@ impl DropReason {
         DropReason::PoolExhausted,
         DropReason::LeaseTableFull,
         DropReason::FlowTableFull,
+        DropReason::BadOffload,
     ];
 
     /// A snake_case name for metrics and logs.
@@ -328,6 +331,7 @@ impl DropReason {
             DropReason::PoolExhausted => "pool_exhausted",
             DropReason::LeaseTableFull => "lease_table_full",
             DropReason::FlowTableFull => "flow_table_full",
+            DropReason::BadOffload => "bad_offload",
         }
     }
 

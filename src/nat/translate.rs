@@ -9,6 +9,7 @@
 
 use super::flow::{wide, Wide};
 use super::{Direction, DropReason, Filtering, Origin, Translator, Verdict, NEVER};
+use crate::wire::vnet::Checksum;
 use crate::wire::{
     self, addr_delta, checksum, ipv4, protocol, read_u16, write_addr, write_u16, Datagram, Delta,
     Fragment, Transport,
@@ -25,8 +26,21 @@ impl Translator {
     /// `Forward`: the buffer now holds the rewritten packet (same length). `Drop`: counted.
     /// `Reply`: counted as a drop, and the returned bytes are an ICMP error for the sender.
     pub fn translate<'a>(&'a mut self, packet: &mut [u8], now: Instant) -> Verdict<'a> {
+        self.translate_with(packet, Checksum::Full, now)
+    }
+
+    /// Translates one packet whose transport checksum may be partial (read from a TUN device
+    /// with offloads, see [`crate::wire::vnet`]): a partial checksum gets the pseudo-header
+    /// update only ([`Delta::apply_partial`]), which is all a super-packet needs. A partial
+    /// checksum anywhere but at the packet's TCP or UDP checksum is a `BadOffload` drop.
+    pub fn translate_with<'a>(
+        &'a mut self,
+        packet: &mut [u8],
+        csum: Checksum,
+        now: Instant,
+    ) -> Verdict<'a> {
         let now_ms = self.ms(now);
-        match self.route(packet, now_ms) {
+        match self.route(packet, csum, now_ms) {
             Ok(dir) => {
                 match dir {
                     Direction::Outbound => self.counters.outbound += 1,
@@ -55,8 +69,16 @@ impl Translator {
         }
     }
 
-    fn route(&mut self, pkt: &mut [u8], now: u64) -> Result<Direction, Stop> {
-        let d = wire::parse(pkt)?;
+    fn route(&mut self, pkt: &mut [u8], csum: Checksum, now: u64) -> Result<Direction, Stop> {
+        let mut d = wire::parse(pkt)?;
+        if let Checksum::Partial { at } = csum {
+            if !matches!(d.protocol, protocol::TCP | protocol::UDP)
+                || d.pseudo_checksum_offset() != Some(at)
+            {
+                return Err(DropReason::BadOffload.into());
+            }
+            d.partial_checksum = true;
+        }
         if let Transport::IcmpError { .. } = d.transport {
             return self.route_error(pkt, &d);
         }
@@ -426,7 +448,11 @@ fn rewrite(pkt: &mut [u8], d: &Datagram, at: usize, new: Wide, delta: Delta) {
         pkt[at..at + 16].copy_from_slice(&new);
     }
     if let Some(c) = d.pseudo_checksum_offset() {
-        update_l4_checksum(pkt, c, d.protocol, delta);
+        if d.partial_checksum {
+            write_u16(pkt, c, delta.apply_partial(read_u16(pkt, c)));
+        } else {
+            update_l4_checksum(pkt, c, d.protocol, delta);
+        }
     }
 }
 

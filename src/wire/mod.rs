@@ -13,6 +13,7 @@ pub mod checksum;
 pub mod ipv4;
 pub mod ipv6;
 pub mod transport;
+pub mod vnet;
 
 pub use checksum::Delta;
 pub use transport::{icmpv4, icmpv6, protocol, tcp_flags, IcmpPacket, TcpPacket, UdpPacket};
@@ -117,6 +118,9 @@ pub struct Datagram {
     pub fragment: Fragment,
     /// What the transport header says.
     pub transport: Transport,
+    /// The transport checksum is partial (pseudo-header sum only, to be finished by the
+    /// device: TUN offloads). Never set by the parser; see [`vnet::Checksum`].
+    pub partial_checksum: bool,
 }
 
 impl Datagram {
@@ -251,7 +255,7 @@ fn finish(
     } else {
         transport(&buf[l4..len], protocol, src.is_ipv4(), fragment, embedded)?
     };
-    Ok(Datagram { src, dst, protocol, l4, len, fragment, transport })
+    Ok(Datagram { src, dst, protocol, l4, len, fragment, transport, partial_checksum: false })
 }
 
 fn transport(
