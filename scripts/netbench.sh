@@ -9,13 +9,16 @@
 #   kernel-nat  nftables 1:1 source NAT of the client to 198.19.0.10 (pool 198.19.0.0/24)
 #   tun-copy    examples/tun_copy.rs: every packet, both directions, goes through a TUN and
 #               is written back unchanged (same policy routing as the gateway)
-#   vipgate     `vipgate gateway --lan 198.18.1.0/24 --pool 198.19.0.0/24` (no offloads)
+#   tun-copy-offload  the same with the gateway's TUN offloads (tun_copy --offload): frames
+#               keep their virtio-net header, super-packets stay whole
+#   vipgate     `vipgate gateway --lan 198.18.1.0/24 --pool 198.19.0.0/24 --offload off`
+#   vipgate-offload  the same with `--offload on` (IFF_VNET_HDR, TSO4/6, USO)
 # Tests per mode: ping RTT (-c 50 -i 0.01), iperf3 TCP -P 1 and -P 4, iperf3 UDP 64-byte
 # packets at -b 0; the forwarding process's CPU per test. In the NAT modes the server must
 # see a pool address on every test, or the mode fails (and so does the run).
 #
 # Environment: REPS (2), DUR (5 s per iperf3 test), MODES ("route kernel-nat tun-copy
-# vipgate"), NETBENCH_LOGDIR (keep the per-test files there), NETBENCH_CSV (raw results).
+# tun-copy-offload vipgate vipgate-offload"), NETBENCH_LOGDIR (keep the per-test files there), NETBENCH_CSV (raw results).
 # `scripts/netbench.sh cleanup` removes namespaces left by a killed run (vnb-*).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,12 +36,13 @@ fi
 
 REPS=${REPS:-2}
 DUR=${DUR:-5}
-MODES=${MODES:-"route kernel-nat tun-copy vipgate"}
+MODES=${MODES:-"route kernel-nat tun-copy tun-copy-offload vipgate vipgate-offload"}
 case $REPS$DUR in *[!0-9]*) echo "netbench: REPS and DUR must be integers" >&2; exit 1;; esac
 [ "$REPS" -ge 1 ] && [ "$REPS" -le 20 ] && [ "$DUR" -ge 1 ] && [ "$DUR" -le 60 ] ||
     { echo "netbench: REPS must be 1..20 and DUR 1..60" >&2; exit 1; }
 # Hard bound on the whole run: every test is bounded on its own as well.
-DEADLINE=$(( $(date +%s) + 120 + REPS * 4 * (4 * (DUR + 12) + 20) ))
+read -ra MODE_LIST <<<"$MODES"
+DEADLINE=$(( $(date +%s) + 120 + REPS * ${#MODE_LIST[@]} * (4 * (DUR + 12) + 20) ))
 
 need_packages iperf3 iputils-ping iproute2 nftables jq procps
 
@@ -127,9 +131,10 @@ table ip vnb_nat {
 }
 EOF
         ;;
-    tun-copy)
+    tun-copy | tun-copy-offload)
         ip -n "$SRV" route add $LAN via $WAN_IP
-        ip netns exec "$GW" "$TUNCOPY" "$TUN" >"$LOGDIR/$2.out" 2>"$LOGDIR/$2.err" &
+        local flag=; [ "$1" = tun-copy ] || flag=--offload
+        ip netns exec "$GW" "$TUNCOPY" "$TUN" $flag >"$LOGDIR/$2.out" 2>"$LOGDIR/$2.err" &
         FWD_PID=$!
         wait_link || { log "tun_copy did not open $TUN"; return 1; }
         ip -n "$GW" link set "$TUN" up
@@ -141,9 +146,10 @@ EOF
         ip -n "$GW" rule add priority $((PRIO + 3)) iif gw-wan to $LAN lookup $TABLE
         ip -n "$GW" rule add priority $((PRIO + 4)) from $LAN lookup $TABLE
         ;;
-    vipgate)
+    vipgate | vipgate-offload)
         mkdir -p "$TMP/state"
-        ip netns exec "$GW" "$VIPGATE" gateway --lan $LAN --pool $POOL --tun "$TUN" \
+        local offload=off; [ "$1" = vipgate ] || offload=on
+        ip netns exec "$GW" "$VIPGATE" gateway --lan $LAN --pool $POOL --tun "$TUN" --offload $offload \
             --state-dir "$TMP/state" --control-socket "$TMP/control.sock" --no-authority \
             >"$LOGDIR/$2.out" 2>"$LOGDIR/$2.err" &
         FWD_PID=$!
@@ -160,13 +166,13 @@ mode_down() {
     case $1 in
     route) ip -n "$SRV" route del $LAN via $WAN_IP 2>/dev/null || true ;;
     kernel-nat) run_in "$GW" nft delete table ip vnb_nat 2>/dev/null || true ;;
-    tun-copy)
+    tun-copy | tun-copy-offload)
         ip -n "$SRV" route del $LAN via $WAN_IP 2>/dev/null || true
         for p in 0 1 3 4; do ip -n "$GW" rule del priority $((PRIO + p)) 2>/dev/null || true; done
         ip -n "$GW" route flush table $TABLE 2>/dev/null || true
         stop_fwd
         ;;
-    vipgate)
+    vipgate | vipgate-offload)
         [ -z "$FWD_PID" ] || "$VIPGATE" stats --control-socket "$TMP/control.sock" \
             >"$LOGDIR/$2.stats" 2>&1 || true
         stop_fwd
@@ -206,7 +212,7 @@ iperf_test() { # iperf_test TAG ARGS... -> prints "seen_src client.json server.j
 expect_src() { # expect_src MODE SEEN -> 0 if the server saw what the mode must show
     case $1 in
     kernel-nat) [ "$2" = "$NAT_ADDR" ] ;;
-    vipgate) [[ $2 =~ ^198\.19\.0\.[0-9]+$ ]] ;;
+    vipgate*) [[ $2 =~ ^198\.19\.0\.[0-9]+$ ]] ;;
     *) [ "$2" = "$CLIENT" ] ;;
     esac
 }
@@ -251,7 +257,7 @@ run_mode() { # run_mode MODE REP
         fi
         echo "$r,$m,$test,$v,$v2,$(cpu_pct "$c0" "$c1" "$t0" "$t1"),$seen" >>"$CSV"
         if ! expect_src "$m" "$seen"; then
-            log "$m $test: the server saw '$seen', expected $(case $m in kernel-nat) echo $NAT_ADDR;; vipgate) echo "an address of $POOL";; *) echo $CLIENT;; esac)"
+            log "$m $test: the server saw '$seen', expected $(case $m in kernel-nat) echo $NAT_ADDR;; vipgate*) echo "an address of $POOL";; *) echo $CLIENT;; esac)"
             FAILED+=("$m r$r $test: server saw '$seen'")
         fi
         [ "$v" != - ] || FAILED+=("$m r$r $test: no result")
@@ -267,7 +273,6 @@ cpu_pct() { # cpu_pct TICKS0 TICKS1 NS0 NS1 -> % of one core, "-" without a forw
         'BEGIN {printf "%.0f", 100 * (b - a) / hz / ((t1 - t0) / 1e9)}'
 }
 
-read -ra MODE_LIST <<<"$MODES"
 for r in $(seq "$REPS"); do
     n=${#MODE_LIST[@]}
     for i in $(seq 0 $((n - 1))); do
@@ -295,7 +300,7 @@ echo "|---|---|---|---|---|---|---|---|"
 for m in "${MODE_LIST[@]}"; do
     echo "| $m | $(stat "$m" tcp1 4) | $(stat "$m" tcp4 4) | $(stat "$m" udp 4 %.0f) | $(stat "$m" udp 5 %.1f) | $(stat "$m" ping 4 %.0f) | $(stat "$m" ping 5 %.0f) | $(median "$m" tcp1 6 | cut -d. -f1)/$(median "$m" tcp4 6 | cut -d. -f1)/$(median "$m" udp 6 | cut -d. -f1) |"
 done
-for ref in kernel-nat tun-copy; do
+for ref in kernel-nat tun-copy tun-copy-offload; do
     [[ " ${MODE_LIST[*]} " == *" $ref "* ]] || continue
     echo
     echo "Ratios of medians to $ref (higher is better, except RTT):"

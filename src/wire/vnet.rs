@@ -14,7 +14,7 @@
 //! `tcp_gso_segment`/`__udp_gso_segment` (IPv4 ID +1 per segment, sequence numbers advance,
 //! FIN and PSH only on the last TCP segment, CWR only on the first, every checksum full).
 
-use super::checksum::{checksum, fold, pseudo_header_v4, pseudo_header_v6, sum};
+use super::checksum::{checksum, fold, sum};
 use super::{protocol, read_u16, write_u16};
 
 /// Length of the header (`struct virtio_net_hdr`, no `num_buffers`).
@@ -241,6 +241,8 @@ pub fn segment(
         return Err(OffloadError::BadSegmentSize);
     }
     let segments = payload.len().div_ceil(mss);
+    let partial = read_u16(packet, l4 + usize::from(csum_offset(tcp)));
+    let super_len = (packet.len() - l4) as u16;
     let id = if v4 { read_u16(packet, 4) } else { 0 };
     let seq = if tcp { u32::from_be_bytes(packet[l4 + 4..l4 + 8].try_into().unwrap()) } else { 0 };
     for (i, chunk) in payload.chunks(mss).enumerate() {
@@ -249,19 +251,15 @@ pub fn segment(
         seg[..headers].copy_from_slice(&packet[..headers]);
         seg[headers..].copy_from_slice(chunk);
         let l4_total = len - l4;
-        let pseudo = if v4 {
+        if v4 {
             write_u16(seg, 2, len as u16);
             write_u16(seg, 4, id.wrapping_add(i as u16));
             write_u16(seg, 10, 0);
             let c = checksum(&seg[..l4], 0);
             write_u16(seg, 10, c);
-            let (src, dst) = (addr::<4>(seg, 12), addr::<4>(seg, 16));
-            pseudo_header_v4(&src, &dst, proto, l4_total as u16)
         } else {
             write_u16(seg, 4, (len - 40) as u16);
-            let (src, dst) = (addr::<16>(seg, 8), addr::<16>(seg, 24));
-            pseudo_header_v6(&src, &dst, proto, l4_total as u32)
-        };
+        }
         if tcp {
             let s = seq.wrapping_add((i * mss) as u32);
             seg[l4 + 4..l4 + 8].copy_from_slice(&s.to_be_bytes());
@@ -274,9 +272,12 @@ pub fn segment(
         } else {
             write_u16(seg, l4 + 4, l4_total as u16);
         }
+        // As the kernel does: the partial sum stays the pseudo-header's, with the segment's
+        // length for the super-packet's (so a wrong partial sum gives wrong segments).
         let at = l4 + usize::from(csum_offset(tcp));
+        let pseudo = fold(u64::from(partial) + u64::from(!super_len) + l4_total as u64);
         write_u16(seg, at, 0);
-        let mut c = !fold(sum(&seg[l4..], pseudo));
+        let mut c = !fold(sum(&seg[l4..], u64::from(pseudo)));
         if c == 0 && !tcp {
             c = 0xffff;
         }
@@ -298,8 +299,3 @@ fn csum_offset(tcp: bool) -> u16 {
     }
 }
 
-fn addr<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
-    let mut a = [0u8; N];
-    a.copy_from_slice(&b[at..at + N]);
-    a
-}
