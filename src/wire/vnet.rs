@@ -199,6 +199,9 @@ pub fn segment(
 ) -> Result<usize, OffloadError> {
     if !hdr.is_gso() {
         let n = packet.len();
+        if n > scratch.len() {
+            return Err(OffloadError::BadSegmentSize);
+        }
         scratch[..n].copy_from_slice(packet);
         let mut h = *hdr;
         finish_checksum(&mut h, &mut scratch[..n])?;
@@ -215,21 +218,21 @@ pub fn segment(
     let tcp = gso != GSO_UDP_L4;
     let l4 = usize::from(hdr.csum_start);
     let proto = if tcp { protocol::TCP } else { protocol::UDP };
-    let l4_len = if tcp {
-        if l4 + 20 > packet.len() {
-            return Err(OffloadError::Malformed);
-        }
-        usize::from(packet[l4 + 12] >> 4) * 4
-    } else {
-        8
-    };
+    if l4 < if v4 { 20 } else { 40 } || l4 + if tcp { 20 } else { 8 } > packet.len() {
+        return Err(OffloadError::Malformed);
+    }
+    let l4_len = if tcp { usize::from(packet[l4 + 12] >> 4) * 4 } else { 8 };
     let headers = l4 + l4_len;
     let ip_ok = if v4 {
-        l4 >= 20 && packet[9] == proto && usize::from(read_u16(packet, 2)) == packet.len()
+        packet[9] == proto && usize::from(read_u16(packet, 2)) == packet.len()
     } else {
-        l4 >= 40 && usize::from(read_u16(packet, 4)) + 40 == packet.len()
+        usize::from(read_u16(packet, 4)) + 40 == packet.len()
     };
-    if !ip_ok || l4_len < 8 || headers > packet.len() || hdr.csum_offset != csum_offset(tcp) {
+    if !ip_ok
+        || l4_len < if tcp { 20 } else { 8 }
+        || headers > packet.len()
+        || hdr.csum_offset != csum_offset(tcp)
+    {
         return Err(OffloadError::Malformed);
     }
     let mss = usize::from(hdr.gso_size);
@@ -237,7 +240,7 @@ pub fn segment(
     if payload.is_empty() {
         return Err(OffloadError::Malformed);
     }
-    if mss == 0 || payload.len().div_ceil(mss) > MAX_SEGMENTS {
+    if mss == 0 || payload.len().div_ceil(mss) > MAX_SEGMENTS || headers + mss > scratch.len() {
         return Err(OffloadError::BadSegmentSize);
     }
     let segments = payload.len().div_ceil(mss);
@@ -299,3 +302,181 @@ fn csum_offset(tcp: bool) -> u16 {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A TCP/IPv4 packet of `payload` bytes from 192.0.2.1 to 203.0.113.1, partial checksum.
+    fn tcp4(payload: usize) -> Vec<u8> {
+        let len = 40 + payload;
+        let mut p = vec![0u8; len];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = protocol::TCP;
+        p[12..16].copy_from_slice(&[192, 0, 2, 1]);
+        p[16..20].copy_from_slice(&[203, 0, 113, 1]);
+        let c = checksum(&p[..20], 0);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p[32] = 5 << 4;
+        p[33] = 0x18;
+        let pseudo = sum(&p[12..20], 0) + u64::from(protocol::TCP) + (20 + payload) as u64;
+        p[36..38].copy_from_slice(&fold(pseudo).to_be_bytes());
+        for (i, b) in p[40..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        p
+    }
+
+    fn partial_hdr(gso_type: u8, gso_size: u16) -> VnetHdr {
+        VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type,
+            hdr_len: 40,
+            gso_size,
+            csum_start: 20,
+            csum_offset: 16,
+        }
+    }
+
+    #[test]
+    fn header_round_trip_is_little_endian() {
+        let h = VnetHdr {
+            flags: 1,
+            gso_type: GSO_TCPV6 | GSO_ECN,
+            hdr_len: 0x0102,
+            gso_size: 0x0304,
+            csum_start: 0x0506,
+            csum_offset: 0x0708,
+        };
+        let mut b = [0u8; HDR_LEN];
+        h.write(&mut b);
+        assert_eq!(b, [1, 0x84, 2, 1, 4, 3, 6, 5, 8, 7]);
+        assert_eq!(VnetHdr::read(&b), h);
+        assert!(h.is_gso() && h.needs_csum());
+        assert!(!VnetHdr { gso_type: GSO_ECN, ..h }.is_gso());
+    }
+
+    #[test]
+    fn prepare_keeps_tcp_partial_and_refuses_what_it_cannot_handle() {
+        let mut p = tcp4(100);
+        let mut h = partial_hdr(GSO_NONE, 0);
+        assert_eq!(prepare(&mut h, &mut p), Ok(Checksum::Partial { at: 36 }));
+        let mut h = partial_hdr(GSO_TCPV4, 50);
+        assert_eq!(prepare(&mut h, &mut p), Ok(Checksum::Partial { at: 36 }));
+        let mut h = partial_hdr(GSO_UDP, 50);
+        assert_eq!(prepare(&mut h, &mut p), Err(OffloadError::UnsupportedGso));
+        let mut h = VnetHdr { csum_start: 200, ..partial_hdr(GSO_NONE, 0) };
+        assert_eq!(prepare(&mut h, &mut p), Err(OffloadError::ChecksumOutside));
+        let mut h = VnetHdr { flags: 0, ..partial_hdr(GSO_TCPV4, 50) };
+        assert_eq!(prepare(&mut h, &mut p), Err(OffloadError::Malformed));
+        let mut h = VnetHdr::default();
+        assert_eq!(prepare(&mut h, &mut p), Ok(Checksum::Full));
+    }
+
+    #[test]
+    fn finish_checksum_equals_a_full_computation() {
+        let mut p = tcp4(333);
+        let mut h = partial_hdr(GSO_NONE, 0);
+        finish_checksum(&mut h, &mut p).unwrap();
+        assert!(!h.needs_csum());
+        let pseudo = sum(&p[12..20], 0) + u64::from(protocol::TCP) + 353;
+        assert_eq!(fold(sum(&p[20..], pseudo)), 0xffff, "the finished checksum verifies");
+    }
+
+    #[test]
+    fn segments_carry_sequence_ids_lengths_and_flags_like_the_kernel() {
+        let mut p = tcp4(250);
+        p[4..6].copy_from_slice(&0xfffeu16.to_be_bytes());
+        p[24..28].copy_from_slice(&0xffff_ff00u32.to_be_bytes());
+        p[33] = 0x80 | 0x18 | 0x01; // CWR PSH ACK FIN
+        let h = partial_hdr(GSO_TCPV4 | GSO_ECN, 100);
+        let mut scratch = [0u8; 2048];
+        let mut segs = Vec::new();
+        assert_eq!(segment(&h, &p, &mut scratch, |s| segs.push(s.to_vec())), Ok(3));
+        let lens: Vec<usize> = segs.iter().map(|s| s.len()).collect();
+        assert_eq!(lens, [140, 140, 90]);
+        for (i, s) in segs.iter().enumerate() {
+            assert_eq!(read_u16(s, 2) as usize, s.len());
+            assert_eq!(read_u16(s, 4), 0xfffeu16.wrapping_add(i as u16));
+            assert_eq!(checksum(&s[..20], 0), 0, "IPv4 header checksum");
+            let seq = u32::from_be_bytes(s[24..28].try_into().unwrap());
+            assert_eq!(seq, 0xffff_ff00u32.wrapping_add(100 * i as u32));
+            let pseudo = sum(&s[12..20], 0) + u64::from(protocol::TCP) + (s.len() - 20) as u64;
+            assert_eq!(fold(sum(&s[20..], pseudo)), 0xffff, "TCP checksum of segment {i}");
+        }
+        assert_eq!([segs[0][33], segs[1][33], segs[2][33]], [0x90, 0x10, 0x19]);
+    }
+
+    #[test]
+    fn segment_refuses_bad_sizes_and_shapes() {
+        let p = tcp4(250);
+        let mut scratch = [0u8; 2048];
+        let mut n = 0;
+        let mut cut =
+            |h: VnetHdr, p: &[u8], scratch: &mut [u8]| segment(&h, p, scratch, |_| n += 1);
+        assert_eq!(
+            cut(partial_hdr(GSO_TCPV4, 0), &p, &mut scratch),
+            Err(OffloadError::BadSegmentSize)
+        );
+        assert_eq!(cut(partial_hdr(GSO_TCPV4, 1), &p, &mut scratch), Ok(250));
+        assert_eq!(
+            cut(partial_hdr(GSO_TCPV4, 4000), &p, &mut scratch),
+            Err(OffloadError::BadSegmentSize)
+        );
+        assert_eq!(
+            cut(partial_hdr(GSO_TCPV6, 100), &p, &mut scratch),
+            Err(OffloadError::Malformed)
+        );
+        assert_eq!(
+            cut(partial_hdr(GSO_UDP, 100), &p, &mut scratch),
+            Err(OffloadError::UnsupportedGso)
+        );
+        assert_eq!(
+            cut(partial_hdr(GSO_TCPV4, 100), &p[..39], &mut scratch),
+            Err(OffloadError::Malformed)
+        );
+        assert_eq!(
+            cut(partial_hdr(GSO_TCPV4, 100), &tcp4(0), &mut scratch),
+            Err(OffloadError::Malformed)
+        );
+    }
+
+    proptest! {
+        /// Any header with any bytes: `prepare` and `segment` answer, never panic, and every
+        /// segment fits the scratch buffer.
+        #[test]
+        fn arbitrary_frames_never_panic(
+            hdr in proptest::array::uniform10(any::<u8>()),
+            bytes in proptest::collection::vec(any::<u8>(), 0..1600),
+            scratch_len in 0usize..1700,
+        ) {
+            let mut h = VnetHdr::read(&hdr);
+            let mut p = bytes.clone();
+            let _ = prepare(&mut h, &mut p);
+            let mut scratch = vec![0u8; scratch_len];
+            let _ = segment(&VnetHdr::read(&hdr), &bytes, &mut scratch, |s| assert!(s.len() <= scratch_len));
+        }
+
+        /// Mutations of a valid super-packet and its header never panic either.
+        #[test]
+        fn mutated_super_packets_never_panic(
+            payload in 1usize..3000,
+            flips in proptest::collection::vec((0usize..3050, any::<u8>()), 0..6),
+            gso_size in 0u16..2000,
+            csum_start in 0u16..80,
+        ) {
+            let mut p = tcp4(payload);
+            for (at, v) in flips {
+                if let Some(b) = p.get_mut(at) {
+                    *b ^= v;
+                }
+            }
+            let h = VnetHdr { gso_size, csum_start, ..partial_hdr(GSO_TCPV4, 0) };
+            let mut scratch = vec![0u8; 4096];
+            let _ = segment(&h, &p, &mut scratch, |_| {});
+            let _ = prepare(&mut h.clone(), &mut p);
+        }
+    }
+}
