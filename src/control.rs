@@ -134,9 +134,15 @@ pub struct Stats {
     pub tun_tx: u64,
     /// Failed TUN writes.
     pub tun_write_errors: u64,
+    /// Bytes read from the TUN (IP packets, without virtio-net headers).
+    #[serde(default)]
+    pub tun_rx_bytes: u64,
     /// Super-packets (GSO, several segments in one) read from the TUN.
     #[serde(default)]
     pub tun_super_packets: u64,
+    /// Bytes read from the TUN in super-packets.
+    #[serde(default)]
+    pub tun_super_packet_bytes: u64,
     /// Frames dropped because their virtio-net header was unusable.
     #[serde(default)]
     pub tun_offload_errors: u64,
@@ -241,10 +247,22 @@ impl Stats {
             &[("", self.tun_write_errors)],
         );
         metric(
+            "tun_bytes_read_total",
+            "counter",
+            "Bytes of IP packets read from the TUN device.",
+            &[("", self.tun_rx_bytes)],
+        );
+        metric(
             "tun_super_packets_read_total",
             "counter",
             "GSO super-packets read from the TUN device (offloads on).",
             &[("", self.tun_super_packets)],
+        );
+        metric(
+            "tun_super_packet_bytes_read_total",
+            "counter",
+            "Bytes read from the TUN device in super-packets.",
+            &[("", self.tun_super_packet_bytes)],
         );
         metric(
             "tun_offload_errors_total",

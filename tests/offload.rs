@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `super_packet_rewritten_then_segmented_equals_segments_rewritten` | in-process, for random TCP/UDP super-packets (IPv4/IPv6, outbound and inbound, options, FIN/PSH/CWR, sequence wrap): `translate_with(Partial)` then `vnet::segment` = `vnet::segment` then `translate` of each segment, byte for byte; every segment's checksums equal etherparse's full recomputation |
 //! | `the_kernel_segments_a_rewritten_super_packet_like_the_segments_rewritten_one_by_one` | the same with the real kernel as segmenter: the super-packet is written to a TUN with offloads in a namespace, forwarded to a TUN without them, and the kernel's segments are read back; also, `vnet::segment` (with the forwarding hop's TTL) makes exactly the kernel's segments |
+//! | `a_super_packet_the_kernel_refuses_is_written_as_the_kernels_segments` | a frame the kernel refuses (`EINVAL`) is cut by `TunDevice::send_frame` and its segments arrive as the kernel would have made them |
 //! | `partial_checksums_of_plain_packets` | a non-GSO packet with a partial TCP/UDP checksum is translated partially and finishes to a valid checksum; a partial checksum anywhere else is finished in software by `prepare`, or is a `BadOffload` drop when given to the translator as partial |
 //!
 //! Address plan as in `tests/common/packets.rs`.
@@ -21,7 +22,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 use vipgate::config::OffloadMode;
-use vipgate::gateway::tun::TunDevice;
+use vipgate::gateway::tun::{Sent, TunDevice};
 use vipgate::nat::{DropReason, Translator, Verdict};
 use vipgate::wire::checksum::{fold, sum};
 use vipgate::wire::vnet::{self, Checksum, VnetHdr};
@@ -292,6 +293,11 @@ impl KernelSegmenter {
         hdr.write(&mut frame);
         frame.extend_from_slice(p);
         self.offload.send(&frame).expect("the kernel takes the super-packet");
+        self.read(p, want)
+    }
+
+    /// Reads the next `want` packets to the destination of `p` from the plain TUN.
+    fn read(&self, p: &[u8], want: usize) -> Vec<Vec<u8>> {
         let dst = &p[if p[0] >> 4 == 4 { 16..20 } else { 24..40 }];
         let mut out = Vec::new();
         let mut buf = vec![0u8; 65536];
@@ -410,4 +416,41 @@ fn partial_checksums_of_plain_packets() {
         ));
         assert_eq!(p, before, "a refused packet is left alone");
     }
+}
+
+#[test]
+fn a_super_packet_the_kernel_refuses_is_written_as_the_kernels_segments() {
+    let k = KernelSegmenter::new();
+    let s = Spec {
+        v6: false,
+        udp: false,
+        inbound: false,
+        host: 21,
+        partner: 22,
+        mss: 1000,
+        payload_len: 4500,
+        seq: 77,
+        ip_id: 9,
+        fin: false,
+        psh: true,
+        cwr: false,
+        timestamps: true,
+        fill: 1,
+    };
+    let (hdr, p) = s.super_packet(s.host(), s.partner(), true);
+    // A header length past the packet: the kernel refuses the frame (tun_get_user), while
+    // the headers themselves are fine to cut.
+    let bad = VnetHdr { hdr_len: u16::MAX, ..hdr };
+    let mut frame = vec![0u8; vnet::HDR_LEN];
+    bad.write(&mut frame);
+    frame.extend_from_slice(&p);
+    let refused = k.offload.send(&frame).expect_err("the kernel should refuse this frame");
+    assert_eq!(refused.raw_os_error(), Some(libc::EINVAL), "{refused}");
+
+    let mut scratch = vec![0u8; 65536];
+    let sent = k.offload.send_frame(&frame, &mut scratch).expect("written in segments");
+    assert_eq!(sent, Sent::Segmented { written: 5, failed: 0 });
+    let got = k.read(&p, 5);
+    let want: Vec<Vec<u8>> = segment_all(&hdr, &p).into_iter().map(forwarded).collect();
+    compare("segments written in software", &got, &want).unwrap_or_else(|e| panic!("{e}"));
 }

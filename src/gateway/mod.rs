@@ -32,7 +32,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tun::TunDevice;
+use tun::{Sent, TunDevice};
 
 /// Most packets handled per turn of the loop before other sources get their turn.
 pub const BATCH: usize = 64;
@@ -440,6 +440,7 @@ impl Gateway {
                 }
             };
             self.stats.tun_rx += 1;
+            self.stats.tun_rx_bytes += n.saturating_sub(tun.header_len()) as u64;
             let io = Io { tun, stats: &mut self.stats, scratch: &mut self.scratch };
             refused |= dispatch(&mut self.nat, io, self.durable.as_mut(), &mut self.buf[..n], now);
         }
@@ -746,7 +747,9 @@ impl Gateway {
             tun_rx: self.stats.tun_rx,
             tun_tx: self.stats.tun_tx,
             tun_write_errors: self.stats.tun_write_errors,
+            tun_rx_bytes: self.stats.tun_rx_bytes,
             tun_super_packets: self.stats.tun_super_packets,
+            tun_super_packet_bytes: self.stats.tun_super_packet_bytes,
             tun_offload_errors: self.stats.tun_offload_errors,
             tun_segmented_in_software: self.stats.tun_segmented_in_software,
             held_dropped: self.durable.as_ref().map_or(0, |d| d.held_dropped),
@@ -824,10 +827,11 @@ fn dispatch(
     };
     if hdr.is_gso() {
         io.stats.tun_super_packets += 1;
+        io.stats.tun_super_packet_bytes += packet.len() as u64;
     }
     let sent = match nat.translate_with(packet, csum, now) {
-        Verdict::Forward(_) | Verdict::Pass => io.tun.send(frame),
-        Verdict::Reply(_, reply) => io.tun.send_packet(reply),
+        Verdict::Forward(_) | Verdict::Pass => io.tun.send_frame(frame, io.scratch),
+        Verdict::Reply(_, reply) => io.tun.send_packet(reply).map(|_| Sent::Whole),
         Verdict::Hold => {
             if let Some(d) = durable {
                 d.hold(frame);
@@ -837,20 +841,13 @@ fn dispatch(
         Verdict::Drop(_) => return false,
     };
     match sent {
-        Ok(_) => {
+        Ok(Sent::Whole) => {
             io.stats.tun_tx += 1;
             false
         }
-        Err(e) if hdr.is_gso() && e.raw_os_error() == Some(libc::EINVAL) => {
-            let stats = io.stats;
-            let cut =
-                vnet::segment(&hdr, &frame[h..], io.scratch, |seg| match io.tun.send_packet(seg) {
-                    Ok(_) => stats.tun_segmented_in_software += 1,
-                    Err(_) => stats.tun_write_errors += 1,
-                });
-            if cut.is_err() {
-                stats.tun_write_errors += 1;
-            }
+        Ok(Sent::Segmented { written, failed }) => {
+            io.stats.tun_segmented_in_software += written as u64;
+            io.stats.tun_write_errors += failed as u64;
             true
         }
         Err(_) => {

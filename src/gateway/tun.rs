@@ -184,6 +184,25 @@ impl TunDevice {
         (&self.file).write(frame)
     }
 
+    /// Writes one frame read from this device (rewritten or not). When the kernel refuses a
+    /// super-packet (`EINVAL`: some kernels reject GSO writes of a kind they do not support),
+    /// cuts it in software ([`vnet::segment`]) and writes the segments one by one.
+    pub fn send_frame(&self, frame: &[u8], scratch: &mut [u8]) -> io::Result<Sent> {
+        let Err(e) = self.send(frame) else { return Ok(Sent::Whole) };
+        let hdr = self.header(frame);
+        if !hdr.is_gso() || e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
+        let (mut written, mut failed) = (0, 0);
+        let packet = &frame[vnet::HDR_LEN..];
+        vnet::segment(&hdr, packet, scratch, |seg| match self.send_packet(seg) {
+            Ok(_) => written += 1,
+            Err(_) => failed += 1,
+        })
+        .map_err(|_| e)?;
+        Ok(Sent::Segmented { written, failed })
+    }
+
     /// Writes one plain packet (full checksums, no segmentation), adding an empty header
     /// when the device expects one.
     pub fn send_packet(&self, packet: &[u8]) -> io::Result<usize> {
@@ -211,6 +230,20 @@ impl TunDevice {
             VnetHdr::default()
         }
     }
+}
+
+/// What became of a frame given to [`TunDevice::send_frame`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Written as it was.
+    Whole,
+    /// The kernel refused the super-packet; its segments were written one by one.
+    Segmented {
+        /// Segments written.
+        written: usize,
+        /// Segments whose write failed.
+        failed: usize,
+    },
 }
 
 fn errno() -> io::Error {
