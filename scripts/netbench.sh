@@ -18,7 +18,9 @@
 # see a pool address on every test, or the mode fails (and so does the run).
 #
 # Environment: REPS (2), DUR (5 s per iperf3 test), MODES ("route kernel-nat tun-copy
-# tun-copy-offload vipgate vipgate-offload"), NETBENCH_LOGDIR (keep the per-test files there), NETBENCH_CSV (raw results).
+# tun-copy-offload vipgate vipgate-offload"), NETBENCH_LOGDIR (keep the per-test files
+# there), NETBENCH_CSV (raw results), PERF=1 (perf record -g the forwarder during TCP ×1 and
+# UDP-64 of the first repetition; summaries in perf-*.txt in the log directory).
 # `scripts/netbench.sh cleanup` removes namespaces left by a killed run (vnb-*).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +47,8 @@ read -ra MODE_LIST <<<"$MODES"
 DEADLINE=$(( $(date +%s) + 120 + REPS * ${#MODE_LIST[@]} * (4 * (DUR + 12) + 20) ))
 
 need_packages iperf3 iputils-ping iproute2 nftables jq procps
+PERF=${PERF:-0}
+if [ "$PERF" = 1 ] && ! command -v perf >/dev/null; then need_packages linux-perf; fi
 
 echo "netbench: building (release)"
 cargo build --quiet --release --bins --examples
@@ -240,9 +244,20 @@ run_mode() { # run_mode MODE REP
         tcp1) args=(-P 1) ;; tcp4) args=(-P 4) ;; udp) args=(-u -l 64 -b 0) ;;
         esac
         PORT=$((PORT + 1))
+        local perfpid=
+        if [ "$PERF" = 1 ] && [ "$r" = 1 ] && [ -n "$FWD_PID" ] && [ "$test" != tcp4 ]; then
+            (sleep 1; exec perf record -q -g -o "$LOGDIR/$tag.$test.perf" -p "$FWD_PID" -- sleep $((DUR > 3 ? DUR - 2 : 1))) \
+                >/dev/null 2>&1 &
+            perfpid=$!
+        fi
         c0=$(cpu_ticks); t0=$(date +%s%N)
         seen=$(iperf_test "$tag.$test" "${args[@]}")
         c1=$(cpu_ticks); t1=$(date +%s%N)
+        if [ -n "$perfpid" ]; then
+            wait "$perfpid" 2>/dev/null || true
+            perf report -q -i "$LOGDIR/$tag.$test.perf" --no-children --sort sym --percent-limit 1.5 \
+                -g none 2>/dev/null | grep -v '^$' | head -25 >"$LOGDIR/perf-$tag.$test.txt" || true
+        fi
         local sj=$LOGDIR/$tag.$test.server.json cj=$LOGDIR/$tag.$test.client.json
         if [ "$test" = udp ]; then
             # received pps = (server's highest sequence - gaps) / seconds; loss vs. sent
