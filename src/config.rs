@@ -413,15 +413,26 @@ mod tests {
     }
 
     #[test]
+    fn offloads_default_to_auto() {
+        let c = GatewaySettings {
+            lan: vec!["192.0.2.0/24".parse().unwrap()],
+            pool: vec!["198.18.0.0/24".parse().unwrap()],
+            ..Default::default()
+        };
+        assert_eq!(c.resolve().unwrap().offload, OffloadMode::Auto);
+    }
+
+    #[test]
     fn file_keys_are_flag_names() {
         let s = file(
             "lan = [\"192.0.2.0/24\"]\npool = [\"198.18.0.0/24\", \"2001:db8:ff::/64\"]\n\
              mapping = \"per-host\"\nfiltering = \"any\"\nlease-idle = 30\ntun = \"vg1\"\n\
-             metrics-listen = \"127.0.0.1:9477\"\n",
+             metrics-listen = \"127.0.0.1:9477\"\noffload = \"off\"\n",
         )
         .unwrap();
         let c = s.resolve().unwrap();
         assert_eq!(c.tun, "vg1");
+        assert_eq!(c.offload, OffloadMode::Off);
         assert_eq!(c.nat.mapping, Mapping::PerHost);
         assert_eq!(c.nat.filtering, Filtering::Any);
         assert_eq!(c.nat.timeouts.lease_idle, Duration::from_secs(30));
