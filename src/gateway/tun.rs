@@ -65,16 +65,17 @@ impl TunDevice {
             })?;
         let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: 0, _pad: [0; 22] };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
-        let vnet = mode != OffloadMode::Off;
-        let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
-        if vnet {
-            flags |= libc::IFF_VNET_HDR;
+        let mut vnet = mode != OffloadMode::Off;
+        let mut result = set_iff(&file, &mut req, vnet);
+        if vnet && mode == OffloadMode::Auto && errno_of(&result) == Some(libc::EINVAL) {
+            // A kernel (or sandbox) without IFF_VNET_HDR: plain packets.
+            vnet = false;
+            result = set_iff(&file, &mut req, false);
+            if result.is_ok() {
+                info!("TUN {name}: no virtio-net header here; plain packets, no offloads");
+            }
         }
-        req.flags = flags as libc::c_short;
-        // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `IfReq` lays out
-        // (16-byte name, flags, padding to 40 bytes); `req` lives across the call.
-        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = result {
             bail!(match e.raw_os_error() {
                 Some(libc::EBUSY) => format!(
                     "TUN device {name} is in use (is another vipgate running?): stop it or choose \
@@ -83,7 +84,8 @@ impl TunDevice {
                 Some(libc::EPERM) =>
                     format!("not allowed to create TUN device {name}: run as root (CAP_NET_ADMIN)"),
                 Some(libc::EINVAL) => format!(
-                    "cannot create TUN device {name}: {e} (is {name} a device of another kind?)"
+                    "cannot create TUN device {name}: {e} (is {name} a device of another kind, or \
+                     does this kernel lack IFF_VNET_HDR for --offload on?)"
                 ),
                 _ => format!("cannot create TUN device {name}: {e}"),
             });
@@ -244,6 +246,25 @@ pub enum Sent {
         /// Segments whose write failed.
         failed: usize,
     },
+}
+
+/// Attaches `file` to the TUN device named in `req` (`TUNSETIFF`).
+fn set_iff(file: &File, req: &mut IfReq, vnet: bool) -> io::Result<()> {
+    let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+    if vnet {
+        flags |= libc::IFF_VNET_HDR;
+    }
+    req.flags = flags as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `IfReq` lays out (16-byte
+    // name, flags, padding to 40 bytes); `req` lives across the call.
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, req as *mut IfReq) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn errno_of(r: &io::Result<()>) -> Option<i32> {
+    r.as_ref().err().and_then(io::Error::raw_os_error)
 }
 
 fn errno() -> io::Error {
