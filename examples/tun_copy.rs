@@ -8,8 +8,11 @@
 //! With `--offload` it opens the device with the same offloads as `vipgate gateway
 //! --offload on` (virtio-net header, TSO, USO) and writes every frame back with its header
 //! unchanged, so super-packets stay super-packets: the ceiling for the gateway with offloads.
+//! With `--queues N` (N > 1) the device is multi-queue and N threads copy, one per queue: what
+//! a multi-queue gateway could reach at most.
 //!
-//! Usage: `tun_copy [NAME] [--offload]` (as root, normally inside a network namespace).
+//! Usage: `tun_copy [NAME] [--offload] [--queues N]` (as root, normally inside a network
+//! namespace).
 
 use std::io::{self, ErrorKind};
 use std::os::fd::AsRawFd;
@@ -17,30 +20,80 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use anyhow::Context;
 use vipgate::config::OffloadMode;
 use vipgate::gateway::tun::TunDevice;
+
+#[derive(Default)]
+struct Counts {
+    packets: u64,
+    bytes: u64,
+    write_errors: u64,
+    wakeups: u64,
+}
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let offload = args.iter().any(|a| a == "--offload");
-    let name = args.iter().find(|a| !a.starts_with("--")).cloned();
-    let name = name.unwrap_or_else(|| "vgcopy0".to_string());
+    let queues = match args.iter().position(|a| a == "--queues") {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| (1..=16).contains(n))
+            .context("--queues takes a number from 1 to 16")?,
+        None => 1,
+    };
+    let name = args
+        .iter()
+        .enumerate()
+        .find(|(i, a)| !a.starts_with("--") && (*i == 0 || args[i - 1] != "--queues"))
+        .map(|(_, a)| a.clone())
+        .unwrap_or_else(|| "vgcopy0".to_string());
     let mode = if offload { OffloadMode::On } else { OffloadMode::Off };
-    let tun = TunDevice::open(&name, mode)?;
+    let tuns = if queues == 1 {
+        vec![TunDevice::open(&name, mode)?]
+    } else {
+        TunDevice::open_queues(&name, mode, queues)?
+    };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
     eprintln!(
-        "tun_copy: copying on {} (offloads: {}, pid {})",
-        tun.name(),
-        tun.describe_offloads(),
+        "tun_copy: copying on {} (offloads: {}, queues {queues}, pid {})",
+        tuns[0].name(),
+        tuns[0].describe_offloads(),
         std::process::id()
     );
 
     let started = Instant::now();
+    let results: Vec<io::Result<Counts>> = std::thread::scope(|s| {
+        let workers: Vec<_> = tuns.iter().map(|tun| s.spawn(|| copy(tun, &stop))).collect();
+        workers.into_iter().map(|w| w.join().expect("copy thread")).collect()
+    });
+    let mut all = Counts::default();
+    for r in results {
+        let c = r?;
+        all.packets += c.packets;
+        all.bytes += c.bytes;
+        all.write_errors += c.write_errors;
+        all.wakeups += c.wakeups;
+    }
+    println!(
+        "tun_copy: packets {} bytes {} write_errors {} wakeups {} seconds {:.1}",
+        all.packets,
+        all.bytes,
+        all.write_errors,
+        all.wakeups,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Copies one queue until `stop`.
+fn copy(tun: &TunDevice, stop: &AtomicBool) -> io::Result<Counts> {
+    let mut c = Counts::default();
     let mut buf = vec![0u8; 65536 + vipgate::wire::vnet::HDR_LEN];
-    let (mut packets, mut bytes, mut write_errors, mut wakeups) = (0u64, 0u64, 0u64, 0u64);
     let mut pfd = libc::pollfd { fd: tun.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     while !stop.load(Ordering::Relaxed) {
         // SAFETY: `pfd` is one valid pollfd for the duration of the call.
@@ -50,32 +103,27 @@ fn main() -> anyhow::Result<()> {
             if err.kind() == ErrorKind::Interrupted {
                 continue;
             }
-            return Err(err.into());
+            return Err(err);
         }
         if n == 0 {
             continue;
         }
-        wakeups += 1;
+        c.wakeups += 1;
         // Drain until the queue is empty.
         loop {
             match tun.recv(&mut buf) {
                 Ok(len) => {
-                    packets += 1;
-                    bytes += len as u64;
+                    c.packets += 1;
+                    c.bytes += len as u64;
                     if tun.send(&buf[..len]).is_err() {
-                        write_errors += 1;
+                        c.write_errors += 1;
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         }
     }
-    println!(
-        "tun_copy: packets {packets} bytes {bytes} write_errors {write_errors} wakeups {wakeups} \
-         seconds {:.1}",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
+    Ok(c)
 }

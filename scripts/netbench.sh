@@ -11,6 +11,8 @@
 #               is written back unchanged (same policy routing as the gateway)
 #   tun-copy-offload  the same with the gateway's TUN offloads (tun_copy --offload): frames
 #               keep their virtio-net header, super-packets stay whole
+#   tun-copy-mq-offload  (not in the default list) the same on a multi-queue TUN with two
+#               queues, a thread each: what multi-queue could add on this machine
 #   vipgate     `vipgate gateway --lan 198.18.1.0/24 --pool 198.19.0.0/24 --offload off`
 #   vipgate-offload  the same with `--offload on` (IFF_VNET_HDR, TSO4/6, USO)
 # Tests per mode: ping RTT (-c 50 -i 0.01), iperf3 TCP -P 1 and -P 4, iperf3 UDP 64-byte
@@ -135,10 +137,11 @@ table ip vnb_nat {
 }
 EOF
         ;;
-    tun-copy | tun-copy-offload)
+    tun-copy*)
         ip -n "$SRV" route add $LAN via $WAN_IP
-        local flag=; [ "$1" = tun-copy ] || flag=--offload
-        ip netns exec "$GW" "$TUNCOPY" "$TUN" $flag >"$LOGDIR/$2.out" 2>"$LOGDIR/$2.err" &
+        local flags=()
+        case $1 in tun-copy-offload) flags=(--offload) ;; tun-copy-mq-offload) flags=(--offload --queues 2) ;; esac
+        ip netns exec "$GW" "$TUNCOPY" "$TUN" "${flags[@]}" >"$LOGDIR/$2.out" 2>"$LOGDIR/$2.err" &
         FWD_PID=$!
         wait_link || { log "tun_copy did not open $TUN"; return 1; }
         ip -n "$GW" link set "$TUN" up
@@ -170,7 +173,7 @@ mode_down() {
     case $1 in
     route) ip -n "$SRV" route del $LAN via $WAN_IP 2>/dev/null || true ;;
     kernel-nat) run_in "$GW" nft delete table ip vnb_nat 2>/dev/null || true ;;
-    tun-copy | tun-copy-offload)
+    tun-copy*)
         ip -n "$SRV" route del $LAN via $WAN_IP 2>/dev/null || true
         for p in 0 1 3 4; do ip -n "$GW" rule del priority $((PRIO + p)) 2>/dev/null || true; done
         ip -n "$GW" route flush table $TABLE 2>/dev/null || true
@@ -315,7 +318,7 @@ echo "|---|---|---|---|---|---|---|---|"
 for m in "${MODE_LIST[@]}"; do
     echo "| $m | $(stat "$m" tcp1 4) | $(stat "$m" tcp4 4) | $(stat "$m" udp 4 %.0f) | $(stat "$m" udp 5 %.1f) | $(stat "$m" ping 4 %.0f) | $(stat "$m" ping 5 %.0f) | $(median "$m" tcp1 6 | cut -d. -f1)/$(median "$m" tcp4 6 | cut -d. -f1)/$(median "$m" udp 6 | cut -d. -f1) |"
 done
-for ref in kernel-nat tun-copy tun-copy-offload; do
+for ref in kernel-nat tun-copy tun-copy-offload tun-copy-mq-offload; do
     [[ " ${MODE_LIST[*]} " == *" $ref "* ]] || continue
     echo
     echo "Ratios of medians to $ref (higher is better, except RTT):"

@@ -46,6 +46,16 @@ impl TunDevice {
     /// Creates (or attaches to) the TUN device `name` in non-blocking mode, with offloads as
     /// `mode` says.
     pub fn open(name: &str, mode: OffloadMode) -> Result<TunDevice> {
+        TunDevice::open_queue(name, mode, false)
+    }
+
+    /// Creates the multi-queue TUN device `name` and opens `n` queues of it: the kernel
+    /// spreads packets over the queues by flow, and each queue is read and written on its own.
+    pub fn open_queues(name: &str, mode: OffloadMode, n: usize) -> Result<Vec<TunDevice>> {
+        (0..n).map(|_| TunDevice::open_queue(name, mode, true)).collect()
+    }
+
+    fn open_queue(name: &str, mode: OffloadMode, multi_queue: bool) -> Result<TunDevice> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ {
             bail!("TUN device name {name:?} must be 1 to 15 bytes");
         }
@@ -66,11 +76,11 @@ impl TunDevice {
         let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: 0, _pad: [0; 22] };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         let mut vnet = mode != OffloadMode::Off;
-        let mut result = set_iff(&file, &mut req, vnet);
+        let mut result = set_iff(&file, &mut req, vnet, multi_queue);
         if vnet && mode == OffloadMode::Auto && errno_of(&result) == Some(libc::EINVAL) {
             // A kernel (or sandbox) without IFF_VNET_HDR: plain packets.
             vnet = false;
-            result = set_iff(&file, &mut req, false);
+            result = set_iff(&file, &mut req, false, multi_queue);
             if result.is_ok() {
                 info!("TUN {name}: no virtio-net header here; plain packets, no offloads");
             }
@@ -249,10 +259,13 @@ pub enum Sent {
 }
 
 /// Attaches `file` to the TUN device named in `req` (`TUNSETIFF`).
-fn set_iff(file: &File, req: &mut IfReq, vnet: bool) -> io::Result<()> {
+fn set_iff(file: &File, req: &mut IfReq, vnet: bool, multi_queue: bool) -> io::Result<()> {
     let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
     if vnet {
         flags |= libc::IFF_VNET_HDR;
+    }
+    if multi_queue {
+        flags |= libc::IFF_MULTI_QUEUE;
     }
     req.flags = flags as libc::c_short;
     // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `IfReq` lays out (16-byte
