@@ -12,6 +12,9 @@
 //! Bench groups (throughput in packets):
 //! - `translate/established`: every pair leased and every flow open before the replay; the
 //!   same translator replays the trace again and again (the headline figure);
+//! - `translate/established_batched` (and `..._cache_resident_batched`): the same replay in
+//!   batches of [`BATCH`] packets through `Translator::translate_batch`, each packet copied
+//!   into its own buffer of the batch;
 //! - `translate/with_new_pairs`: a fresh translator per iteration that knows only the pairs
 //!   the trace does not open, so about 3 % of the packets create a lease (setup untimed);
 //! - `baseline/parse_copy`: copy, parse with `etherparse::SlicedPacket::from_ip`, read the
@@ -148,6 +151,35 @@ fn replay_copying(
     }
 }
 
+/// Packets per `translate_batch` call (about what one TUN readiness event brings).
+const BATCH: usize = 32;
+
+/// The buffers of a batch: one per packet, as a TUN read of several packets fills them.
+type Ring = [[u8; 2048]; BATCH];
+
+/// Loads the packets `BATCH` at a time into `ring` (the same header copy as [`load`]) and
+/// translates each batch with `translate_batch`.
+fn replay_batched(t: &mut Translator, packets: &Packets, now: Instant, ring: &mut Ring) {
+    let mut it = packets.iter();
+    loop {
+        let mut bufs: [&mut [u8]; BATCH] = ring.each_mut().map(|b| &mut b[..]);
+        let mut n = 0;
+        for (slot, p) in bufs.iter_mut().zip(&mut it) {
+            let b = std::mem::take(slot);
+            let len = p.len().min(HEAD);
+            b[..len].copy_from_slice(&p[..len]);
+            *slot = &mut b[..p.len()];
+            n += 1;
+        }
+        if n == 0 {
+            break;
+        }
+        t.translate_batch(&mut bufs[..n], now, |_, v| {
+            let _ = black_box(v);
+        });
+    }
+}
+
 /// Copies each packet into `scratch`, parses it with etherparse and reads its addresses and
 /// ports.
 fn parse_copy(packets: &Packets, scratch: &mut [u8; 2048]) {
@@ -280,6 +312,14 @@ impl Fixture {
         eprintln!("allocation check: one established replay pass ({} packets) made {allocs} allocation calls", packets.len());
         assert_eq!(allocs, 0, "replaying established flows must not allocate");
 
+        let mut ring = Box::new([[0u8; 2048]; BATCH]);
+        let before = t.counters().clone();
+        let ((), allocs) = count_allocs(|| replay_batched(t, packets, now, &mut ring));
+        check_pass(t, &before, packets, 0, "established replay in batches");
+        assert_eq!(t.table_sizes(), sizes, "batched replay leaves the tables as they were");
+        eprintln!("allocation check: one batched established replay pass ({} packets, {BATCH} per batch) made {allocs} allocation calls", packets.len());
+        assert_eq!(allocs, 0, "replaying established flows in batches must not allocate");
+
         let mut fresh = fresh_with_old_pairs(&self.open_old, now);
         let before = fresh.counters().clone();
         let p = &self.with_new_pairs;
@@ -357,16 +397,23 @@ fn memory_report(open_all: &Packets, now: Instant) {
 fn benches(c: &mut Criterion, fx: &mut Fixture) {
     let now = fx.now;
     let mut scratch = [0u8; 2048];
+    let mut ring = Box::new([[0u8; 2048]; BATCH]);
 
     let mut g = c.benchmark_group("translate");
     g.sample_size(20).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
     let (t, packets) = &mut fx.established;
     g.throughput(Throughput::Elements(packets.len() as u64));
     g.bench_function("established", |b| b.iter(|| replay(t, packets, now, &mut scratch)));
+    g.bench_function("established_batched", |b| {
+        b.iter(|| replay_batched(t, packets, now, &mut ring))
+    });
     let hot = packets.prefix(1000);
     g.throughput(Throughput::Elements(hot.len() as u64));
     g.bench_function("established_first_1000_cache_resident", |b| {
         b.iter(|| replay(t, &hot, now, &mut scratch))
+    });
+    g.bench_function("established_first_1000_cache_resident_batched", |b| {
+        b.iter(|| replay_batched(t, &hot, now, &mut ring))
     });
     g.throughput(Throughput::Elements(packets.len() as u64));
     g.bench_function("established_full_copy", |b| {

@@ -20,6 +20,7 @@
 //! | `arbitrary_bytes_never_panic`, `garbage_and_mutants_*` | random, biased and mutated packets never panic; whatever is forwarded has its addresses in the right spaces, keeps valid checksums valid and leaves the fixed IP header alone except addresses and checksum; replies are valid ICMP errors to the sender; the translator keeps translating afterwards |
 //! | `many_flows_keep_consistent_virtual_addresses` | many packets between four hosts and four partners, small pools: a pair keeps its virtual address, no two hosts share one towards a partner (per-host: at all), the lease API agrees, answers come back byte for byte |
 //! | `refusals_are_replied_to_the_real_sender` | tiny tables, hosts sending to partners and to each other's virtual addresses: every `Reply` is a valid 3/13 (1/1) to the real sender quoting what it sent |
+//! | `batches_translate_as_one_packet_at_a_time` | `translate_batch` in batches of random sizes, over packets that open flows later packets of the same batch use, their answers, garbage and mutants: the verdicts, the bytes, the counters and the table sizes of `translate` on each packet in order |
 //! | `checksum_matches_naive`, `delta_matches_full_recomputation` | `wire::checksum` against a naive RFC 1071 sum; `Delta` (RFC 1624 eq. 3, `apply_udp`, `negate`, `add`, `word`) against full recomputation |
 //! | `regression_*` | the smallest failing cases found so far, as plain tests |
 //!
@@ -1575,5 +1576,124 @@ fn regression_refused_hairpin_is_replied_to_the_real_sender() {
             }
         }
         other => panic!("expected Reply(LeaseTableFull, ..), got {other:?}"),
+    }
+}
+
+// =============================================================================================
+// 7. Batches
+// =============================================================================================
+
+/// A [`vipgate::nat::Verdict`] as an [`Outcome`].
+fn outcome(v: vipgate::nat::Verdict<'_>) -> Outcome {
+    use vipgate::nat::Verdict;
+    match v {
+        Verdict::Forward(d) => Outcome::Forward(d),
+        Verdict::Drop(r) => Outcome::Drop(r),
+        Verdict::Reply(r, b) => Outcome::Reply(r, b.to_vec()),
+        Verdict::Hold => panic!("Hold without Config::hold_until_durable"),
+        Verdict::Pass => Outcome::Pass,
+    }
+}
+
+/// The same packets through `translate` one at a time and through `translate_batch` in
+/// batches of the given sizes: the same verdicts, bytes and counters. The packets open flows
+/// that later packets of the same batch use, answer them, and mix in garbage and mutants.
+#[allow(clippy::too_many_arguments)]
+fn batch_agrees(
+    s4: &Spec,
+    s6: &Spec,
+    specs: &[Spec],
+    small: bool,
+    filtering_any: bool,
+    garbage: &[Garbage],
+    mutants: &[Mutant],
+    sizes: &[usize],
+) -> Result<(), TestCaseError> {
+    let now = Instant::now();
+    let mut cfg = config();
+    if filtering_any {
+        cfg.filtering = Filtering::Any;
+    }
+    if small {
+        cfg.max_leases = 3;
+        cfg.max_flows = 6;
+    }
+    let mut one = translator_with(cfg.clone(), now);
+    let mut batched = translator_with(cfg, now);
+    let mut ctx = Vec::new();
+    let mut answers = Vec::new();
+    for (s, other_pool) in [
+        (s4, IpAddr::V4(Ipv4Addr::new(198, 18, 200, 7))),
+        (s6, "2001:db8:ff::7777".parse().unwrap()),
+    ] {
+        let mut p = s.packet();
+        prop_assert_eq!(run(&mut one, &mut p.clone(), now), run(&mut batched, &mut p, now));
+        let virt = src_addr(&p);
+        answers.push(s.reply().build(s.partner, virt));
+        ctx.push(Ctx {
+            spec: s.clone(),
+            translated: p,
+            virt,
+            stranger: stranger(s.partner),
+            other_pool,
+        });
+    }
+    let mut packets = Vec::new();
+    let n = specs.len().max(garbage.len()).max(mutants.len());
+    for i in 0..n {
+        if let Some(s) = specs.get(i) {
+            packets.push(s.packet());
+        }
+        if let Some(g) = garbage.get(i) {
+            packets.push(materialize(g, &ctx[0], &ctx[1]));
+        }
+        packets.push(answers[i % 2].clone());
+        if let Some(m) = mutants.get(i) {
+            let c = usize::from(m.v6);
+            packets.push(mutate(m, &ctx[c], &answers[c]));
+        }
+        if let Some(s) = specs.get(i) {
+            packets.push(s.packet());
+            packets.push(s.reply().build(s.partner, ctx[usize::from(s.is_v6())].virt));
+        }
+    }
+
+    let mut want = packets.clone();
+    let want_outcomes: Vec<Outcome> = want.iter_mut().map(|p| run(&mut one, p, now)).collect();
+    let mut got = packets.clone();
+    let mut got_outcomes: Vec<Option<Outcome>> = vec![None; got.len()];
+    let mut start = 0;
+    let mut sizes = sizes.iter().cycle();
+    while start < got.len() {
+        let end = (start + sizes.next().copied().unwrap_or(1)).min(got.len());
+        let mut bufs: Vec<&mut [u8]> = got[start..end].iter_mut().map(|p| &mut p[..]).collect();
+        batched.translate_batch(&mut bufs, now, |i, v| got_outcomes[start + i] = Some(outcome(v)));
+        start = end;
+    }
+    for (i, (w, g)) in want_outcomes.iter().zip(&got_outcomes).enumerate() {
+        prop_assert_eq!(Some(w), g.as_ref(), "packet {}", i);
+        same_bytes(&got[i], &want[i], "batched vs one at a time")?;
+    }
+    prop_assert_eq!(one.counters(), batched.counters());
+    prop_assert_eq!(one.table_sizes(), batched.table_sizes());
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(cases(300))]
+
+    /// `translate_batch` is `translate` on each packet in order, whatever the batch sizes.
+    #[test]
+    fn batches_translate_as_one_packet_at_a_time(
+        s4 in spec(Shape { v6: false, max_payload: 200, ..Shape::ALL }),
+        s6 in spec(Shape { v4: false, max_payload: 200, ..Shape::ALL }),
+        specs in prop::collection::vec(spec(Shape { max_payload: 100, ..Shape::ALL }), 0..24),
+        small in prop::bool::weighted(0.25),
+        filtering_any in any::<bool>(),
+        garbage in prop::collection::vec(garbage(), 0..8),
+        mutants in prop::collection::vec(mutant(), 0..8),
+        sizes in prop::collection::vec(1usize..40, 1..4),
+    ) {
+        batch_agrees(&s4, &s6, &specs, small, filtering_any, &garbage, &mutants, &sizes)?;
     }
 }

@@ -34,10 +34,11 @@ impl From<&Timeouts> for FlowTimeouts {
         }
     }
 }
+use super::index::Index;
+use super::prefetch::prefetch;
 use crate::wire::Delta;
 use crate::wire::{protocol, tcp_flags};
 use foldhash::fast::FixedState;
-use hashbrown::HashTable;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 
@@ -157,31 +158,38 @@ fn flow_hash(hasher: &FixedState, addr: Wide, partner: Wide, proto: u8, hp: u16,
 /// The flow table.
 pub struct FlowTable {
     pub(crate) slab: Slab<FlowEntry>,
-    out: HashTable<u32>,
-    inb: HashTable<u32>,
+    out: Index,
+    inb: Index,
     hasher: FixedState,
     wheel: Wheel,
 }
 
 impl FlowTable {
-    /// A table for at most `cap` flows, its memory reserved up front. The indexes get twice
-    /// the room, so churn at full capacity rehashes in place instead of allocating.
+    /// A table for at most `cap` flows, its memory reserved up front (the indexes never
+    /// grow nor rehash).
     pub fn new(cap: usize, hash_seed: u64) -> FlowTable {
         FlowTable {
             slab: Slab::with_capacity(cap),
-            out: HashTable::with_capacity(2 * cap),
-            inb: HashTable::with_capacity(2 * cap),
+            out: Index::with_capacity(cap),
+            inb: Index::with_capacity(cap),
             hasher: FixedState::with_seed(hash_seed),
             wheel: Wheel::new(),
         }
     }
 
-    /// The flow of an outbound packet: `real` → `partner`.
+    /// The flow of an outbound packet: `real` → `partner`; `h` is the key's [`FlowTable::hash`].
     #[inline]
-    pub fn find_out(&self, real: Wide, partner: Wide, proto: u8, hp: u16, pp: u16) -> Option<u32> {
+    pub fn find_out(
+        &self,
+        h: u64,
+        real: Wide,
+        partner: Wide,
+        proto: u8,
+        hp: u16,
+        pp: u16,
+    ) -> Option<u32> {
         let slab = &self.slab;
-        let h = flow_hash(&self.hasher, real, partner, proto, hp, pp);
-        let eq = |&i: &u32| {
+        let eq = |i: u32| {
             slab.peek(i).is_some_and(|f| {
                 f.real == real
                     && f.partner == partner
@@ -190,15 +198,22 @@ impl FlowTable {
                     && f.proto == proto
             })
         };
-        self.out.find(h, eq).copied()
+        self.out.find(h, eq)
     }
 
-    /// The flow of an inbound packet: `partner` → `virt`.
+    /// The flow of an inbound packet: `partner` → `virt`; `h` is the key's [`FlowTable::hash`].
     #[inline]
-    pub fn find_in(&self, virt: Wide, partner: Wide, proto: u8, hp: u16, pp: u16) -> Option<u32> {
+    pub fn find_in(
+        &self,
+        h: u64,
+        virt: Wide,
+        partner: Wide,
+        proto: u8,
+        hp: u16,
+        pp: u16,
+    ) -> Option<u32> {
         let slab = &self.slab;
-        let h = flow_hash(&self.hasher, virt, partner, proto, hp, pp);
-        let eq = |&i: &u32| {
+        let eq = |i: u32| {
             slab.peek(i).is_some_and(|f| {
                 f.virt == virt
                     && f.partner == partner
@@ -207,7 +222,33 @@ impl FlowTable {
                     && f.proto == proto
             })
         };
-        self.inb.find(h, eq).copied()
+        self.inb.find(h, eq)
+    }
+
+    /// The hash both indexes file a flow key under.
+    #[inline]
+    pub fn hash(&self, addr: Wide, partner: Wide, proto: u8, hp: u16, pp: u16) -> u64 {
+        flow_hash(&self.hasher, addr, partner, proto, hp, pp)
+    }
+
+    /// Prefetch, stage 1: the slot where a lookup of `hash` starts, in the outbound index
+    /// or the inbound one.
+    #[inline]
+    pub fn prefetch_slot(&self, hash: u64, outbound: bool) {
+        prefetch(if outbound { self.out.home(hash) } else { self.inb.home(hash) });
+    }
+
+    /// Prefetch, stage 2 (once the slot is in the cache): the flow the slot most likely
+    /// names, and its occupancy.
+    #[inline]
+    pub fn prefetch_flow(&self, hash: u64, outbound: bool) {
+        let guess = if outbound { self.out.guess(hash) } else { self.inb.guess(hash) };
+        if let Some(i) = guess {
+            if let Some(f) = self.slab.peek(i) {
+                prefetch(f);
+            }
+            self.slab.prefetch_generation(i);
+        }
     }
 
     /// Sets flow `i`'s idle deadline: stored in the entry; the wheel only moves when the
@@ -260,22 +301,13 @@ impl FlowTable {
         }
         lease.flow_head = i;
         lease.flows += 1;
-        let (slab, hasher) = (&self.slab, &self.hasher);
-        let Some(f) = slab.get(i) else { return Err(DropReason::FlowTableFull) };
-        let rehash_out = |&j: &u32| {
-            slab.peek(j).map_or(0, |f| {
-                flow_hash(hasher, f.real, f.partner, f.proto, f.host_port, f.partner_port)
-            })
-        };
-        let rehash_in = |&j: &u32| {
-            slab.peek(j).map_or(0, |f| {
-                flow_hash(hasher, f.virt, f.partner, f.proto, f.host_port, f.partner_port)
-            })
-        };
+        let hasher = &self.hasher;
+        let Some(f) = self.slab.get(i) else { return Err(DropReason::FlowTableFull) };
         let ho = flow_hash(hasher, f.real, f.partner, proto, host_port, partner_port);
         let hi = flow_hash(hasher, f.virt, f.partner, proto, host_port, partner_port);
-        self.out.insert_unique(ho, i, rehash_out);
-        self.inb.insert_unique(hi, i, rehash_in);
+        // Both indexes have a free slot for every free slab slot, so neither refuses.
+        self.out.insert(ho, i);
+        self.inb.insert(hi, i);
         Ok(i)
     }
 
@@ -285,12 +317,8 @@ impl FlowTable {
         let f = self.slab.get(i)?.clone();
         let ho = flow_hash(&self.hasher, f.real, f.partner, f.proto, f.host_port, f.partner_port);
         let hi = flow_hash(&self.hasher, f.virt, f.partner, f.proto, f.host_port, f.partner_port);
-        if let Ok(e) = self.out.find_entry(ho, |&j| j == i) {
-            e.remove();
-        }
-        if let Ok(e) = self.inb.find_entry(hi, |&j| j == i) {
-            e.remove();
-        }
+        self.out.remove(ho, i);
+        self.inb.remove(hi, i);
         if let Some(p) = self.slab.get_mut(f.prev) {
             p.next = f.next;
         } else {

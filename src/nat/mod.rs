@@ -33,8 +33,10 @@
 //! allowed to inquire).
 
 mod flow;
+mod index;
 mod lease;
 mod pool;
+mod prefetch;
 mod reply;
 mod slab;
 mod translate;

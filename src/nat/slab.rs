@@ -87,6 +87,14 @@ impl<T> Slab<T> {
         self.values.get(i as usize)
     }
 
+    /// Prefetches the generation of slot `i` (what [`Slab::get`] reads first).
+    #[inline]
+    pub fn prefetch_generation(&self, i: u32) {
+        if let Some(g) = self.generations.get(i as usize) {
+            super::prefetch::prefetch(g);
+        }
+    }
+
     /// The value at `i` if its generation is still `generation`.
     pub fn get_checked(&self, i: u32, generation: u32) -> Option<&T> {
         if self.generations.get(i as usize) != Some(&generation) {

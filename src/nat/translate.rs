@@ -20,6 +20,30 @@ use std::time::Instant;
 /// Offset of an ICMP error's embedded packet from the start of the ICMP header.
 const ICMP_EMBEDDED: usize = 8;
 
+/// Packets between the stages of [`Translator::translate_batch`]: enough translations (about
+/// 60 ns each when warm) to cover a load from memory. 2, 4 and 8 measured the same here; 4
+/// leaves room for slower memory.
+const STAGE_GAP: usize = 4;
+
+/// Packets a batch keeps between its first stage and its last (more than `2 × STAGE_GAP`;
+/// a power of two, so the position in the ring is a mask).
+const RING: usize = 4 * STAGE_GAP;
+
+/// What the first stage of a batch learns of a packet: the hash of its flow key, and which
+/// index that key is looked up in.
+#[derive(Debug, Clone, Copy)]
+struct Hint {
+    hash: u64,
+    outbound: bool,
+}
+
+/// A packet of a batch between the stages.
+#[derive(Debug, Clone, Copy)]
+struct Staged {
+    parsed: Result<Datagram, wire::Error>,
+    hint: Option<Hint>,
+}
+
 impl Translator {
     /// Translates one packet in place.
     ///
@@ -40,7 +64,22 @@ impl Translator {
         now: Instant,
     ) -> Verdict<'a> {
         let now_ms = self.ms(now);
-        match self.route(packet, csum, now_ms) {
+        let routed = match wire::parse(packet) {
+            Ok(d) => self.route(packet, d, csum, None, now_ms),
+            Err(e) => Err(e.into()),
+        };
+        self.conclude(packet, routed, now_ms)
+    }
+
+    /// Counts a packet's outcome and makes its verdict.
+    #[inline]
+    fn conclude<'a>(
+        &'a mut self,
+        packet: &[u8],
+        routed: Result<Direction, Stop>,
+        now_ms: u64,
+    ) -> Verdict<'a> {
+        match routed {
             Ok(dir) => {
                 match dir {
                     Direction::Outbound => self.counters.outbound += 1,
@@ -69,8 +108,78 @@ impl Translator {
         }
     }
 
-    fn route(&mut self, pkt: &mut [u8], csum: Checksum, now: u64) -> Result<Direction, Stop> {
-        let mut d = wire::parse(pkt)?;
+    /// Translates `packets` in order, exactly as [`Translator::translate`] on each one would,
+    /// handing each verdict to `verdict` with the packet's position in the batch.
+    ///
+    /// On a flow table bigger than the cache a translation mostly waits for two dependent
+    /// loads (the index slot, then the flow). A batch starts them early: the slot
+    /// `2 × STAGE_GAP` packets ahead, the flow it names `STAGE_GAP` ahead. Those stages only
+    /// read and prefetch, so a guess made stale by an earlier packet of the batch (a flow it
+    /// created) costs a cache miss, never a wrong answer.
+    pub fn translate_batch(
+        &mut self,
+        packets: &mut [&mut [u8]],
+        now: Instant,
+        mut verdict: impl FnMut(usize, Verdict<'_>),
+    ) {
+        let mut staged = [Staged { parsed: Err(wire::Error::Truncated), hint: None }; RING];
+        let now_ms = self.ms(now);
+        let n = packets.len();
+        for i in 0..n + 2 * STAGE_GAP {
+            if let Some(p) = packets.get(i) {
+                let parsed = wire::parse(p);
+                let hint = parsed.as_ref().ok().and_then(|d| self.hint(d));
+                if let Some(h) = hint {
+                    self.flows.prefetch_slot(h.hash, h.outbound);
+                }
+                staged[i % RING] = Staged { parsed, hint };
+            }
+            if let Some(j) = i.checked_sub(STAGE_GAP).filter(|&j| j < n) {
+                if let Some(h) = staged[j % RING].hint {
+                    self.flows.prefetch_flow(h.hash, h.outbound);
+                }
+            }
+            let Some(j) = i.checked_sub(2 * STAGE_GAP) else { continue };
+            let Some(p) = packets.get_mut(j) else { continue };
+            // The packet is as stage 1 parsed it (only its own translation writes to it), and
+            // its key's hash does not change, so both are reused.
+            let Staged { parsed, hint } = staged[j % RING];
+            let routed = match parsed {
+                Ok(d) => self.route(p, d, Checksum::Full, hint, now_ms),
+                Err(e) => Err(e.into()),
+            };
+            verdict(j, self.conclude(p, routed, now_ms));
+        }
+    }
+
+    /// The flow key `route` will look up for this packet, if it looks one up (a hairpin's
+    /// second leg is not guessed).
+    #[inline]
+    fn hint(&self, d: &Datagram) -> Option<Hint> {
+        let outbound = if self.lan.contains(d.src) {
+            true
+        } else if self.pool.contains(d.dst) {
+            false
+        } else {
+            return None;
+        };
+        let k = FlowKey::of(d, outbound)?;
+        let (addr, partner) =
+            if outbound { (wide(d.src), wide(d.dst)) } else { (wide(d.dst), wide(d.src)) };
+        let hash = self.flows.hash(addr, partner, k.proto, k.host_port, k.partner_port);
+        Some(Hint { hash, outbound })
+    }
+
+    /// Translates a parsed packet; `hint`, from [`Translator::hint`] on the same packet, saves
+    /// hashing its flow key again.
+    fn route(
+        &mut self,
+        pkt: &mut [u8],
+        mut d: Datagram,
+        csum: Checksum,
+        hint: Option<Hint>,
+        now: u64,
+    ) -> Result<Direction, Stop> {
         if let Checksum::Partial { at } = csum {
             if !matches!(d.protocol, protocol::TCP | protocol::UDP)
                 || d.pseudo_checksum_offset() != Some(at)
@@ -87,22 +196,24 @@ impl Translator {
             if self.lan.contains(d.dst) {
                 return Err(Stop::Pass);
             }
+            let hash = hint.filter(|h| h.outbound).map(|h| h.hash);
             if !to_pool {
-                self.outbound(pkt, &d, now)?;
+                self.outbound(pkt, &d, hash, now)?;
                 return Ok(Direction::Outbound);
             }
             // Hairpin: if the second leg refuses, the sender must get its packet back as it
             // sent it (an ICMP error quotes it, and goes to its real address).
             let saved = &mut self.hairpin_scratch[..d.len];
             saved.copy_from_slice(&pkt[..d.len]);
-            let virt = self.outbound(pkt, &d, now)?;
-            if let Err(e) = self.inbound(pkt, &Datagram { src: virt, ..d }, now) {
+            let virt = self.outbound(pkt, &d, hash, now)?;
+            if let Err(e) = self.inbound(pkt, &Datagram { src: virt, ..d }, None, now) {
                 pkt[..d.len].copy_from_slice(&self.hairpin_scratch[..d.len]);
                 return Err(e);
             }
             Ok(Direction::Hairpin)
         } else if to_pool {
-            self.inbound(pkt, &d, now)?;
+            let hash = hint.filter(|h| !h.outbound).map(|h| h.hash);
+            self.inbound(pkt, &d, hash, now)?;
             Ok(Direction::Inbound)
         } else {
             Err(Stop::Pass)
@@ -146,9 +257,15 @@ impl Translator {
         }
     }
 
-    /// Host → partner. Returns the virtual source written.
+    /// Host → partner. Returns the virtual source written. `hash`: of the flow key, when known.
     #[inline]
-    fn outbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<IpAddr, Stop> {
+    fn outbound(
+        &mut self,
+        pkt: &mut [u8],
+        d: &Datagram,
+        hash: Option<u64>,
+        now: u64,
+    ) -> Result<IpAddr, Stop> {
         translatable(d)?;
         if !super::is_unicast(d.dst) {
             return Err(Stop::Pass);
@@ -164,22 +281,32 @@ impl Translator {
             return Ok(virt);
         };
         let (real, partner) = (wide(d.src), wide(d.dst));
-        let fi = match self.flows.find_out(real, partner, k.proto, k.host_port, k.partner_port) {
-            Some(fi) => fi,
-            None => {
-                let li = self.lease_out(d.src, d.dst, true, now)?;
-                self.hold_unless_durable(li)?;
-                self.new_flow(li, k, now)?
-            }
-        };
+        let hash = hash.unwrap_or_else(|| {
+            self.flows.hash(real, partner, k.proto, k.host_port, k.partner_port)
+        });
+        let fi =
+            match self.flows.find_out(hash, real, partner, k.proto, k.host_port, k.partner_port) {
+                Some(fi) => fi,
+                None => {
+                    let li = self.lease_out(d.src, d.dst, true, now)?;
+                    self.hold_unless_durable(li)?;
+                    self.new_flow(li, k, now)?
+                }
+            };
         let (_, virt, delta) = self.touch_flow(fi, k.flags, true, now)?;
         rewrite(pkt, d, d.src_offset(), virt, delta);
         Ok(narrow(virt, d.is_v4()))
     }
 
-    /// Partner → host.
+    /// Partner → host. `hash`: of the flow key, when known.
     #[inline]
-    fn inbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<(), Stop> {
+    fn inbound(
+        &mut self,
+        pkt: &mut [u8],
+        d: &Datagram,
+        hash: Option<u64>,
+        now: u64,
+    ) -> Result<(), Stop> {
         translatable(d)?;
         let Some(k) = FlowKey::of(d, false) else {
             let li = self.lease_in(d.dst, d.src, false, now)?;
@@ -190,7 +317,11 @@ impl Translator {
             return Ok(());
         };
         let (virt, partner) = (wide(d.dst), wide(d.src));
-        let fi = match self.flows.find_in(virt, partner, k.proto, k.host_port, k.partner_port) {
+        let hash = hash.unwrap_or_else(|| {
+            self.flows.hash(virt, partner, k.proto, k.host_port, k.partner_port)
+        });
+        let fi = match self.flows.find_in(hash, virt, partner, k.proto, k.host_port, k.partner_port)
+        {
             Some(fi) => fi,
             None => {
                 let li = self.lease_in(d.dst, d.src, true, now)?;
