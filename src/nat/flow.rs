@@ -245,7 +245,10 @@ impl FlowTable {
         let guess = if outbound { self.out.guess(hash) } else { self.inb.guess(hash) };
         if let Some(i) = guess {
             if let Some(f) = self.slab.peek(i) {
+                // The 88-byte entry spans two or three lines: its start, middle and end.
                 prefetch(f);
+                prefetch(&f.expires);
+                prefetch(&f.wheel);
             }
             self.slab.prefetch_generation(i);
         }

@@ -1,30 +1,15 @@
 //! Cache prefetch hints, so a batch can start the memory loads of packets it will translate a
 //! few packets later (see [`super::Translator::translate_batch`]). A hint never changes what
-//! a program computes; elsewhere than x86-64 it is a no-op.
-#![allow(unsafe_code)]
+//! a program computes; elsewhere than x86-64 it is a no-op. The instruction comes from
+//! `safe_arch` (a safe wrapper of `PREFETCHT0`), so this crate keeps `unsafe` to the TUN
+//! module.
 
-/// Bytes in a cache line on every x86-64 this runs on.
-const LINE: usize = 64;
-
-/// Asks for every cache line of `*value` to be brought into L1.
+/// Asks for the cache line holding the start of `*value` to be brought into L1. A value that
+/// spans lines needs one call per line (see `FlowTable::prefetch_flow`).
 #[inline(always)]
 pub fn prefetch<T>(value: &T) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let start = (value as *const T).cast::<i8>();
-        let size = std::mem::size_of::<T>().max(1);
-        // Offsets from `start` of the first byte of each line the value touches.
-        let skip = start as usize % LINE;
-        let mut off = 0;
-        while off < size {
-            // SAFETY: PREFETCHT0 is a hint: it never faults, whatever the address, and never
-            // changes memory; `wrapping_add` makes the address without claiming it is in
-            // bounds.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off)) };
-            off += LINE - (skip + off) % LINE;
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse"))]
+    safe_arch::prefetch_t0(value);
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse")))]
     let _ = value;
 }
