@@ -15,6 +15,7 @@
 #               queues, a thread each: what multi-queue could add on this machine
 #   vipgate     `vipgate gateway --lan 198.18.1.0/24 --pool 198.19.0.0/24 --offload off`
 #   vipgate-offload  the same with `--offload on` (IFF_VNET_HDR, TSO4/6, USO)
+#   vipgate-mq-offload  (not in the default list) the same with `--queues 2`
 # Tests per mode: ping RTT (-c 50 -i 0.01), iperf3 TCP -P 1 and -P 4, iperf3 UDP 64-byte
 # packets at -b 0; the forwarding process's CPU per test. In the NAT modes the server must
 # see a pool address on every test, or the mode fails (and so does the run).
@@ -153,10 +154,11 @@ EOF
         ip -n "$GW" rule add priority $((PRIO + 3)) iif gw-wan to $LAN lookup $TABLE
         ip -n "$GW" rule add priority $((PRIO + 4)) from $LAN lookup $TABLE
         ;;
-    vipgate | vipgate-offload)
+    vipgate*)
         mkdir -p "$TMP/state"
-        local offload=off; [ "$1" = vipgate ] || offload=on
-        ip netns exec "$GW" "$VIPGATE" gateway --lan $LAN --pool $POOL --tun "$TUN" --offload $offload \
+        local opts=(--offload off)
+        case $1 in vipgate-offload) opts=(--offload on) ;; vipgate-mq-offload) opts=(--offload on --queues 2) ;; esac
+        ip netns exec "$GW" "$VIPGATE" gateway --lan $LAN --pool $POOL --tun "$TUN" "${opts[@]}" \
             --state-dir "$TMP/state" --control-socket "$TMP/control.sock" --no-authority \
             >"$LOGDIR/$2.out" 2>"$LOGDIR/$2.err" &
         FWD_PID=$!
@@ -179,7 +181,7 @@ mode_down() {
         ip -n "$GW" route flush table $TABLE 2>/dev/null || true
         stop_fwd
         ;;
-    vipgate | vipgate-offload)
+    vipgate*)
         [ -z "$FWD_PID" ] || "$VIPGATE" stats --control-socket "$TMP/control.sock" \
             >"$LOGDIR/$2.stats" 2>&1 || true
         stop_fwd

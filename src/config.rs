@@ -99,6 +99,12 @@ pub struct GatewaySettings {
     #[arg(long, value_enum)]
     pub offload: Option<OffloadMode>,
 
+    /// Queues of the TUN device, each read and written by its own thread (the kernel keeps a
+    /// flow on one queue). More than 1 helps many flows at once on a box with cores to spare;
+    /// one flow always runs on one queue [default: 1, at most 16].
+    #[arg(long, value_name = "N")]
+    pub queues: Option<usize>,
+
     /// How a host's virtual address is chosen [default: per-partner].
     #[arg(long, value_enum)]
     pub mapping: Option<MappingArg>,
@@ -215,6 +221,8 @@ pub struct GatewayConfig {
     pub tun: String,
     /// TUN offloads.
     pub offload: OffloadMode,
+    /// TUN queues (threads).
+    pub queues: usize,
     /// State directory.
     pub state_dir: PathBuf,
     /// Control socket path.
@@ -274,6 +282,7 @@ impl GatewaySettings {
             exclude: list(self.exclude, file.exclude),
             tun: self.tun.or(file.tun),
             offload: self.offload.or(file.offload),
+            queues: self.queues.or(file.queues),
             mapping: self.mapping.or(file.mapping),
             filtering: self.filtering.or(file.filtering),
             lease_idle: self.lease_idle.or(file.lease_idle),
@@ -354,6 +363,10 @@ impl GatewaySettings {
             nat.exclude.push(IpNet::from(std::net::IpAddr::V6(v6)));
         }
         nat.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let queues = self.queues.unwrap_or(1);
+        if !(1..=16).contains(&queues) {
+            bail!("--queues {queues}: give 1 to 16");
+        }
         let tun = self.tun.unwrap_or_else(|| DEFAULT_TUN.to_string());
         if tun.is_empty() || tun.len() > 15 || tun.contains(['/', ' ']) {
             bail!(
@@ -390,6 +403,7 @@ impl GatewaySettings {
             nat,
             tun,
             offload: self.offload.unwrap_or_default(),
+            queues,
             state_dir: self.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             control_socket: self.control_socket.unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
             metrics_listen: self.metrics_listen,

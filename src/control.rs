@@ -134,6 +134,9 @@ pub struct Stats {
     pub tun_tx: u64,
     /// Failed TUN writes.
     pub tun_write_errors: u64,
+    /// Frames read from each TUN queue (`--queues`), queue 0 first.
+    #[serde(default)]
+    pub tun_rx_per_queue: Vec<u64>,
     /// Bytes read from the TUN (IP packets, without virtio-net headers).
     #[serde(default)]
     pub tun_rx_bytes: u64,
@@ -245,6 +248,19 @@ impl Stats {
             "counter",
             "Failed writes to the TUN device.",
             &[("", self.tun_write_errors)],
+        );
+        let queues: Vec<(String, u64)> = self
+            .tun_rx_per_queue
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("{{queue=\"{i}\"}}"), *v))
+            .collect();
+        let queues: Vec<(&str, u64)> = queues.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        metric(
+            "tun_queue_packets_read_total",
+            "counter",
+            "Frames read from each queue of the TUN device.",
+            &queues,
         );
         metric(
             "tun_bytes_read_total",

@@ -841,3 +841,72 @@ fn v4_bulk_tcp_through_offloads_arrives_intact_with_every_checksum_verified() {
 fn v6_bulk_tcp_through_offloads_arrives_intact_with_every_checksum_verified() {
     bulk_through_offloads(true);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Two TUN queues, each with its own thread, one lease table
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn two_queues_share_one_lease_table_and_both_carry_traffic() {
+    let mut topo = Topo::new(1);
+    let partners: Vec<IpAddr> =
+        (10..18).map(|i| IpAddr::from([198, 51, 100, i])).collect::<Vec<_>>();
+    for p in &partners {
+        ip(&topo.srv, &["addr", "add", &format!("{p}/24"), "dev", "eth0"]);
+    }
+    let gw = topo.gateway(&["--queues", "2", "--offload", "on"]);
+    assert!(gw.log_text().contains("queues: 2"), "{}", gw.log_text());
+    let cli = topo.clients[0].clone();
+    let me = client_addr(0, false);
+
+    // Eight partners (eight new leases, each first packet on whichever queue the kernel
+    // picks), four connections to each, 256 KiB each way on every connection.
+    let mut seen = std::collections::BTreeMap::new();
+    for (i, p) in partners.iter().enumerate() {
+        let port = 7200 + i as u16;
+        let l = listen(&topo.srv, sa(*p, port));
+        for _ in 0..4 {
+            let mut c = connect(&cli, sa(*p, port), IO_TIMEOUT).expect("connect");
+            let (mut s, peer) = accept(&l, IO_TIMEOUT).expect("accept");
+            assert_virtual(peer.ip(), "two queues: the server");
+            let virt = *seen.entry(*p).or_insert(peer.ip());
+            assert_eq!(peer.ip(), virt, "one pair, one virtual address, whichever queue");
+            let data = pattern(256 << 10, port as u32);
+            std::thread::scope(|sc| {
+                let echo = sc.spawn(|| {
+                    let mut got = vec![0u8; data.len()];
+                    s.read_exact(&mut got).expect("server reads");
+                    s.write_all(&got).expect("server echoes");
+                });
+                c.write_all(&data).expect("client sends");
+                let mut back = vec![0u8; data.len()];
+                c.read_exact(&mut back).expect("client reads the echo");
+                assert!(back == data, "the echo differs");
+                echo.join().unwrap();
+            });
+        }
+    }
+    // Each partner connects back to the virtual address it saw (new inbound flows); a host
+    // route makes the server's namespace use that partner address as source.
+    for (i, (p, virt)) in seen.iter().enumerate() {
+        let via = ["route", "replace", &format!("{virt}/32"), "via", "198.51.100.1"];
+        ip(&topo.srv, &[&via[..], &["src", &p.to_string()]].concat());
+        let l = listen(&cli, sa(me, 7300 + i as u16));
+        let back = connect(&topo.srv, sa(*virt, 7300 + i as u16), IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{p} connecting back to {virt}: {e}"));
+        let (_, from) = accept(&l, IO_TIMEOUT).expect("the partner's connection back");
+        assert_eq!(from.ip(), *p);
+        drop(back);
+    }
+
+    let leases = gw.leases();
+    assert_eq!(leases.len(), partners.len(), "one lease per partner: {leases:?}");
+    let st = gw.stats();
+    let per_queue: Vec<u64> =
+        st["tun_rx_per_queue"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(per_queue.len(), 2, "{st}");
+    assert!(per_queue.iter().all(|&n| n > 0), "both queues should carry traffic: {per_queue:?}");
+    assert_eq!(per_queue.iter().sum::<u64>(), st["tun_rx"].as_u64().unwrap());
+    assert_eq!(st["tun_write_errors"].as_u64(), Some(0), "{st}");
+    assert_eq!(gw.counter("tun_offload_errors"), 0);
+}

@@ -8,6 +8,7 @@
 //! and serves the local control socket and the optional metrics endpoint between batches.
 
 pub mod durable;
+pub mod queue;
 pub mod rental;
 pub mod routing;
 #[allow(unsafe_code)] // the ioctls and writev of the TUN device, nowhere else
@@ -24,13 +25,14 @@ use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
+use queue::Queues;
 use rental::Rental;
 use routing::Routing;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 use tun::{Sent, TunDevice};
 
@@ -38,6 +40,18 @@ use tun::{Sent, TunDevice};
 pub const BATCH: usize = 64;
 /// The largest frame a TUN read returns: a 64 KB (super-)packet and its virtio-net header.
 const FRAME_MAX: usize = 65536 + vnet::HDR_LEN;
+/// With queue threads, the main loop wakes at least this often (their new flows may bring
+/// the next expiry closer than the loop knows).
+const MAX_SLEEP_WITH_QUEUES: Duration = Duration::from_secs(1);
+
+/// The translator, shared with the queue threads (`--queues`).
+type SharedNat = Arc<Mutex<Translator>>;
+
+/// The translator, whatever a panicked holder left (a panic in it is a bug; the lease table
+/// stays consistent because every change completes before the lock is released).
+fn lock(nat: &Mutex<Translator>) -> MutexGuard<'_, Translator> {
+    nat.lock().unwrap_or_else(PoisonError::into_inner)
+}
 const TUN: Token = Token(0);
 const CONTROL: Token = Token(1);
 const METRICS: Token = Token(2);
@@ -102,7 +116,7 @@ fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
     let poll = Poll::new()?;
     let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
     // The lease database first: a locked or damaged one stops us before anything changes.
-    let durable = Durable::open(&cfg.state_dir, waker, &mut nat)?;
+    let durable = Durable::open(&cfg.state_dir, Arc::clone(&waker), &mut nat)?;
     let rental = match &cfg.authority {
         None => None,
         Some(a) => {
@@ -127,6 +141,7 @@ fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
         }
     };
 
+    let mut extra_queues = Vec::new();
     let (tun, _cleanup) = if data_plane {
         let leftovers = routing.remove_leftovers()?;
         if leftovers > 0 {
@@ -136,7 +151,13 @@ fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
                 cfg.rule_priority + routing::RULE_BAND - 1
             );
         }
-        let tun = TunDevice::open(&cfg.tun, cfg.offload)?;
+        let mut tuns = if cfg.queues > 1 {
+            TunDevice::open_queues(&cfg.tun, cfg.offload, cfg.queues)?
+        } else {
+            vec![TunDevice::open(&cfg.tun, cfg.offload)?]
+        };
+        let tun = tuns.remove(0);
+        extra_queues = tuns;
         let cleanup =
             Cleanup { routing: Some(routing.clone()), socket: cfg.control_socket.clone() };
         routing.install()?;
@@ -148,10 +169,11 @@ fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
     let show = |v: &[ipnet::IpNet]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
     match &tun {
         Some(t) => info!(
-            "vipgate gateway {}: TUN {} (offloads: {}), serving {} from pool {}",
+            "vipgate gateway {}: TUN {} (offloads: {}; queues: {}), serving {} from pool {}",
             env!("CARGO_PKG_VERSION"),
             t.name(),
             t.describe_offloads(),
+            cfg.queues,
             show(&cfg.nat.lan),
             show(&cfg.nat.pools)
         ),
@@ -175,8 +197,11 @@ fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
         cfg.rule_priority + routing::RULE_BAND - 1
     );
 
+    let nat: SharedNat = Arc::new(Mutex::new(nat));
+    let queues = (!extra_queues.is_empty()).then(|| Queues::start(extra_queues, &nat, &waker));
     let mut gw = Gateway {
         nat,
+        queues,
         tun,
         buf: vec![0u8; FRAME_MAX].into_boxed_slice(),
         scratch: vec![0u8; FRAME_MAX].into_boxed_slice(),
@@ -189,6 +214,9 @@ fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
         retention: cfg.history_retention,
     };
     let result = gw.run(poll, control, metrics);
+    if let Some(q) = gw.queues.take() {
+        q.stop();
+    }
     if let Some(d) = gw.durable.take() {
         d.close();
     }
@@ -287,7 +315,9 @@ struct Conn {
 }
 
 struct Gateway {
-    nat: Translator,
+    nat: SharedNat,
+    /// The TUN's other queues, each with its own thread (`--queues`).
+    queues: Option<Queues>,
     tun: Option<TunDevice>,
     /// One frame as read from the TUN (virtio-net header, then the packet).
     buf: Box<[u8]>,
@@ -338,8 +368,11 @@ impl Gateway {
                 Some(Duration::ZERO)
             } else {
                 let mut next = next_report;
-                if let Some(t) = self.nat.poll_timeout() {
+                if let Some(t) = lock(&self.nat).poll_timeout() {
                     next = next.min(t);
+                }
+                if self.queues.is_some() {
+                    next = next.min(now + MAX_SLEEP_WITH_QUEUES);
                 }
                 if let Some(t) = self.conns.iter().flatten().map(|c| c.deadline).min() {
                     next = next.min(t);
@@ -379,7 +412,7 @@ impl Gateway {
                     WAKER => self.store_results(&poll, Instant::now()),
                     t if Rental::owns(t) => {
                         if let (Some(r), Some(d)) = (self.rental.as_mut(), self.durable.as_mut()) {
-                            r.ready(t, poll.registry(), &mut self.nat, d);
+                            r.ready(t, poll.registry(), &mut lock(&self.nat), d);
                         }
                     }
                     Token(t) => self.serve(&mut poll, t - FIRST_CONN),
@@ -389,13 +422,16 @@ impl Gateway {
             if tun_pending {
                 tun_pending = self.drain_tun(now);
             }
-            if self.nat.poll_timeout().is_some_and(|t| t <= now) {
-                self.nat.handle_timeout(now);
+            {
+                let mut nat = lock(&self.nat);
+                if nat.poll_timeout().is_some_and(|t| t <= now) {
+                    nat.handle_timeout(now);
+                }
             }
             if let (Some(r), Some(d)) = (self.rental.as_mut(), self.durable.as_mut()) {
                 // Paused connections may go on; what they rent is logged and stored below,
                 // in this same turn.
-                r.resume(poll.registry(), &mut self.nat, d);
+                r.resume(poll.registry(), &mut lock(&self.nat), d);
                 rental_deadline = r.expire(now, poll.registry());
             }
             self.log_lease_events(now);
@@ -442,28 +478,23 @@ impl Gateway {
             self.stats.tun_rx += 1;
             self.stats.tun_rx_bytes += n.saturating_sub(tun.header_len()) as u64;
             let io = Io { tun, stats: &mut self.stats, scratch: &mut self.scratch };
-            refused |= dispatch(&mut self.nat, io, self.durable.as_mut(), &mut self.buf[..n], now);
+            let frame = &mut self.buf[..n];
+            match dispatch(&self.nat, io, frame, now) {
+                Dispatched::Held => {
+                    if let Some(d) = self.durable.as_mut() {
+                        d.hold(frame);
+                    }
+                }
+                Dispatched::Refused => refused = true,
+                Dispatched::Done => {}
+            }
         }
         if refused {
-            self.offloads_refused();
+            if let Some(tun) = self.tun.as_mut() {
+                turn_offloads_off(tun);
+            }
         }
         more
-    }
-
-    /// The kernel refused a super-packet on write (it was sent cut in software): from now on,
-    /// no more super-packets either way.
-    fn offloads_refused(&mut self) {
-        let Some(tun) = self.tun.as_mut() else { return };
-        match tun.set_offloads(0) {
-            Ok(()) => warn!(
-                "TUN {}: the kernel refused a super-packet on write; segmentation offloads are                  off from now on (start with --offload off to skip this)",
-                tun.name()
-            ),
-            Err(e) => warn!(
-                "TUN {}: the kernel refused a super-packet on write, and turning offloads off                  failed too ({e}): super-packets are cut in software",
-                tun.name()
-            ),
-        }
     }
 
     /// Takes the store writer's results: commits release the packets and replies that waited
@@ -473,7 +504,7 @@ impl Gateway {
             let Some(done) = self.durable.as_ref().and_then(|d| d.try_done()) else { return };
             match done {
                 Done::Committed { seq } => {
-                    self.nat.set_durable(seq);
+                    lock(&self.nat).set_durable(seq);
                     self.release_held(now);
                     if let Some(r) = self.rental.as_mut() {
                         r.committed(seq, poll.registry());
@@ -520,10 +551,20 @@ impl Gateway {
         let mut refused = false;
         for mut frame in held {
             let io = Io { tun, stats: &mut self.stats, scratch: &mut self.scratch };
-            refused |= dispatch(&mut self.nat, io, self.durable.as_mut(), &mut frame, now);
+            match dispatch(&self.nat, io, &mut frame, now) {
+                Dispatched::Held => {
+                    if let Some(d) = self.durable.as_mut() {
+                        d.hold(&frame);
+                    }
+                }
+                Dispatched::Refused => refused = true,
+                Dispatched::Done => {}
+            }
         }
         if refused {
-            self.offloads_refused();
+            if let Some(tun) = self.tun.as_mut() {
+                turn_offloads_off(tun);
+            }
         }
     }
 
@@ -541,7 +582,9 @@ impl Gateway {
     }
 
     fn log_lease_events(&mut self, now: Instant) {
-        while let Some((seq, e)) = self.nat.poll_event() {
+        loop {
+            let next = lock(&self.nat).poll_event();
+            let Some((seq, e)) = next else { break };
             if let Some(d) = self.durable.as_mut() {
                 d.record(seq, &e, now);
             }
@@ -568,7 +611,7 @@ impl Gateway {
 
     /// Logs what was dropped since the last report, once per [`REPORT_EVERY`] at most.
     fn report_drops(&mut self) {
-        let c = self.nat.counters();
+        let c = lock(&self.nat).counters().clone();
         let mut parts = Vec::new();
         for r in DropReason::ALL {
             let d = c.dropped(r) - self.last_drops[r as usize];
@@ -678,19 +721,20 @@ impl Gateway {
                 let reply = match serde_json::from_slice::<Request>(line) {
                     Ok(Request::Leases) => {
                         let v: Vec<LeaseRecord> =
-                            self.nat.leases().map(|l| LeaseRecord::of(&l, now)).collect();
+                            lock(&self.nat).leases().map(|l| LeaseRecord::of(&l, now)).collect();
                         serde_json::to_vec(&serde_json::json!({ "leases": v }))
                     }
                     Ok(Request::Stats) => serde_json::to_vec(&self.stats_now(now)),
                     Ok(Request::Revoke { virtual_addr, real, partner }) => {
                         let mut revoked = Vec::new();
-                        for l in self.nat.leases_at(virtual_addr) {
+                        let mut nat = lock(&self.nat);
+                        for l in nat.leases_at(virtual_addr) {
                             if real.is_some_and(|r| r != l.real)
                                 || partner.is_some_and(|p| p != l.partner)
                             {
                                 continue;
                             }
-                            if let Ok(l) = self.nat.release(l.id, now) {
+                            if let Ok(l) = nat.release(l.id, now) {
                                 info!(
                                     "revoked by the operator: real={} virtual={} partner={}",
                                     l.real, l.virtual_addr, l.partner
@@ -742,12 +786,13 @@ impl Gateway {
     }
 
     fn stats_now(&self, now: Instant) -> Stats {
-        Stats {
+        let mut s = Stats {
             uptime_secs: now.saturating_duration_since(self.start).as_secs(),
             tun_rx: self.stats.tun_rx,
             tun_tx: self.stats.tun_tx,
             tun_write_errors: self.stats.tun_write_errors,
             tun_rx_bytes: self.stats.tun_rx_bytes,
+            tun_rx_per_queue: vec![self.stats.tun_rx],
             tun_super_packets: self.stats.tun_super_packets,
             tun_super_packet_bytes: self.stats.tun_super_packet_bytes,
             tun_offload_errors: self.stats.tun_offload_errors,
@@ -766,8 +811,12 @@ impl Gateway {
             authority_requests: self.rental.as_ref().map_or(0, |r| r.stats.requests),
             inquiries_refused: self.rental.as_ref().map_or(0, |r| r.stats.inquiries_refused),
             inquiries_rate_limited: self.rental.as_ref().map_or(0, |r| r.stats.rate_limited),
-            ..Stats::from_translator(&self.nat)
+            ..Stats::from_translator(&lock(&self.nat))
+        };
+        if let Some(q) = &self.queues {
+            q.add_counters(&mut s);
         }
+        s
     }
 
     fn expire_conns(&mut self, poll: &mut Poll, now: Instant) {
@@ -788,23 +837,29 @@ struct Io<'a> {
     scratch: &'a mut [u8],
 }
 
+/// What [`dispatch`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dispatched {
+    /// Written (translated, as it came, or answered with an ICMP error), or dropped.
+    Done,
+    /// Its lease is not durable yet: the caller keeps the frame and tries again later.
+    Held,
+    /// Written, but the kernel refused it as a super-packet: it went out cut in software,
+    /// and offloads should be turned off.
+    Refused,
+}
+
 /// Translates one frame read from the TUN and writes back what must go out: the frame, the
-/// translator's ICMP error, or the frame as it came when it is not about any lease. A frame
-/// whose lease is not durable yet is kept until the commit. With offloads, the virtio-net
-/// header says how to treat the transport checksum, and goes back out with the packet
-/// unchanged (a super-packet stays one). True when the kernel refused a super-packet on write
-/// (it was then cut and written in software).
-fn dispatch(
-    nat: &mut Translator,
-    io: Io,
-    durable: Option<&mut Durable>,
-    frame: &mut [u8],
-    now: Instant,
-) -> bool {
+/// translator's ICMP error, or the frame as it came when it is not about any lease. With
+/// offloads, the virtio-net header says how to treat the transport checksum, and goes back
+/// out with the packet unchanged (a super-packet stays one). The translator is locked only
+/// while it translates: the write, and the kernel's forwarding work inside it, run unlocked
+/// (that is what lets queue threads run side by side).
+fn dispatch(nat: &Mutex<Translator>, io: Io, frame: &mut [u8], now: Instant) -> Dispatched {
     let h = io.tun.header_len();
     if frame.len() < h {
         io.stats.tun_offload_errors += 1;
-        return false;
+        return Dispatched::Done;
     }
     let (head, packet) = frame.split_at_mut(h);
     let mut hdr = VnetHdr::default();
@@ -821,7 +876,7 @@ fn dispatch(
             Err(e) => {
                 io.stats.tun_offload_errors += 1;
                 debug!("TUN frame dropped: {e} ({hdr:?})");
-                return false;
+                return Dispatched::Done;
             }
         }
     };
@@ -829,31 +884,51 @@ fn dispatch(
         io.stats.tun_super_packets += 1;
         io.stats.tun_super_packet_bytes += packet.len() as u64;
     }
-    let sent = match nat.translate_with(packet, csum, now) {
-        Verdict::Forward(_) | Verdict::Pass => io.tun.send_frame(frame, io.scratch),
-        Verdict::Reply(_, reply) => io.tun.send_packet(reply).map(|_| Sent::Whole),
-        Verdict::Hold => {
-            if let Some(d) = durable {
-                d.hold(frame);
-            }
-            return false;
+    let mut reply = [0u8; crate::nat::MAX_REPLY];
+    let reply_len = match lock(nat).translate_with(packet, csum, now) {
+        Verdict::Forward(_) | Verdict::Pass => None,
+        Verdict::Reply(_, r) => {
+            reply[..r.len()].copy_from_slice(r);
+            Some(r.len())
         }
-        Verdict::Drop(_) => return false,
+        Verdict::Hold => return Dispatched::Held,
+        Verdict::Drop(_) => return Dispatched::Done,
+    };
+    let sent = match reply_len {
+        None => io.tun.send_frame(frame, io.scratch),
+        Some(n) => io.tun.send_packet(&reply[..n]).map(|_| Sent::Whole),
     };
     match sent {
         Ok(Sent::Whole) => {
             io.stats.tun_tx += 1;
-            false
+            Dispatched::Done
         }
         Ok(Sent::Segmented { written, failed }) => {
             io.stats.tun_segmented_in_software += written as u64;
             io.stats.tun_write_errors += failed as u64;
-            true
+            Dispatched::Refused
         }
         Err(_) => {
             io.stats.tun_write_errors += 1;
-            false
+            Dispatched::Done
         }
+    }
+}
+
+/// The kernel refused a super-packet on write (it was sent cut in software): from now on, no
+/// more super-packets either way.
+fn turn_offloads_off(tun: &mut TunDevice) {
+    match tun.set_offloads(0) {
+        Ok(()) => warn!(
+            "TUN {}: the kernel refused a super-packet on write; segmentation offloads are off \
+             from now on (start with --offload off to skip this)",
+            tun.name()
+        ),
+        Err(e) => warn!(
+            "TUN {}: the kernel refused a super-packet on write, and turning offloads off failed \
+             too ({e}): super-packets are cut in software",
+            tun.name()
+        ),
     }
 }
 

@@ -234,6 +234,20 @@ impl TunDevice {
         Ok(n as usize)
     }
 
+    /// Waits (level-triggered) until a frame can be read or `timeout_ms` pass; an
+    /// interrupted wait counts as a timeout.
+    pub fn wait_readable(&self, timeout_ms: i32) -> io::Result<()> {
+        let mut pfd = libc::pollfd { fd: self.file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd that lives across the call.
+        if unsafe { libc::poll(&mut pfd, 1, timeout_ms) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// The header of a frame read from this device (an empty one without offloads).
     pub fn header(&self, frame: &[u8]) -> VnetHdr {
         if self.vnet && frame.len() >= vnet::HDR_LEN {
