@@ -482,6 +482,10 @@ fn stats(control_socket: &Path, json: bool) -> Result<(), Failure> {
     for (k, v) in rows {
         println!("{k:<32} {v}");
     }
+    if s.tun_rx_per_queue.len() > 1 {
+        let q: Vec<String> = s.tun_rx_per_queue.iter().map(u64::to_string).collect();
+        println!("{:<32} {}", "TUN packets read per queue", q.join(" "));
+    }
     for (k, v) in s.drops.iter().filter(|(_, v)| **v > 0) {
         println!("{:<32} {v}", format!("dropped: {k}"));
     }
