@@ -1136,6 +1136,21 @@ fn mutate(m: &Mutant, c: &Ctx, answer_got: &[u8]) -> Vec<u8> {
     b
 }
 
+/// The configuration of the robustness properties: optionally `any` filtering, and tables
+/// so small (3 leases, 6 flows) that refusals (ICMP errors, also over IPv6) are common.
+fn robustness_config(per_host: bool, filtering_any: bool, small: bool) -> vipgate::nat::Config {
+    let mut cfg = config_mapping(per_host);
+    if filtering_any {
+        cfg.filtering = Filtering::Any;
+    }
+    if small {
+        cfg.max_leases = 3;
+        cfg.max_flows = 6;
+        cfg.icmp_source_v6 = Some("2001:db8:1::fffe".parse().unwrap());
+    }
+    cfg
+}
+
 fn robustness(
     s4: &Spec,
     s6: &Spec,
@@ -1146,16 +1161,7 @@ fn robustness(
     mutants: &[Mutant],
 ) -> Result<(), TestCaseError> {
     let now = Instant::now();
-    let mut cfg = config_mapping(per_host);
-    if filtering_any {
-        cfg.filtering = Filtering::Any;
-    }
-    if small {
-        cfg.max_leases = 3;
-        cfg.max_flows = 6;
-        cfg.icmp_source_v6 = Some("2001:db8:1::fffe".parse().unwrap());
-    }
-    let mut t = translator_with(cfg, now);
+    let mut t = translator_with(robustness_config(per_host, filtering_any, small), now);
     let mut ctx = Vec::new();
     let mut answers = Vec::new();
     for (s, other_pool) in [
@@ -1610,14 +1616,7 @@ fn batch_agrees(
     sizes: &[usize],
 ) -> Result<(), TestCaseError> {
     let now = Instant::now();
-    let mut cfg = config();
-    if filtering_any {
-        cfg.filtering = Filtering::Any;
-    }
-    if small {
-        cfg.max_leases = 3;
-        cfg.max_flows = 6;
-    }
+    let cfg = robustness_config(false, filtering_any, small);
     let mut one = translator_with(cfg.clone(), now);
     let mut batched = translator_with(cfg, now);
     let mut ctx = Vec::new();
