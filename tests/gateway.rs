@@ -899,9 +899,21 @@ fn two_queues_share_one_lease_table_and_both_carry_traffic() {
         drop(back);
     }
 
+    // Twenty-four more partners by UDP: each first datagram makes a lease and waits until
+    // it is stored, on whichever queue it came (all on queue 0: chance 2^-24), then arrives.
+    let udp_partners: Vec<IpAddr> = (20..44).map(|i| IpAddr::from([198, 51, 100, i])).collect();
+    let c = udp(&cli, sa(me, 0));
+    for (i, p) in udp_partners.iter().enumerate() {
+        ip(&topo.srv, &["addr", "add", &format!("{p}/24"), "dev", "eth0"]);
+        let s = udp(&topo.srv, sa(*p, 7400 + i as u16));
+        assert_virtual(udp_roundtrip(&c, &s).ip(), "two queues, UDP: the server");
+    }
+
     let leases = gw.leases();
-    assert_eq!(leases.len(), partners.len(), "one lease per partner: {leases:?}");
+    let want = partners.len() + udp_partners.len();
+    assert_eq!(leases.len(), want, "one lease per partner: {leases:?}");
     let st = gw.stats();
+    assert_eq!(st["held_dropped"].as_u64(), Some(0), "{st}");
     let per_queue: Vec<u64> =
         st["tun_rx_per_queue"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     assert_eq!(per_queue.len(), 2, "{st}");
