@@ -177,12 +177,16 @@ impl FlowTable {
         }
     }
 
-    /// The flow of an outbound packet: `real` → `partner`; `h` is the key's [`FlowTable::hash`].
+    /// The flow of a packet: outbound `addr` is the host's real address (`real` →
+    /// `partner`), inbound the virtual one (`partner` → `virt`); `h` is the key's
+    /// [`FlowTable::hash`].
     #[inline]
-    pub fn find_out(
+    #[allow(clippy::too_many_arguments)]
+    pub fn find(
         &self,
+        outbound: bool,
         h: u64,
-        real: Wide,
+        addr: Wide,
         partner: Wide,
         proto: u8,
         hp: u16,
@@ -191,38 +195,18 @@ impl FlowTable {
         let slab = &self.slab;
         let eq = |i: u32| {
             slab.peek(i).is_some_and(|f| {
-                f.real == real
+                (if outbound { f.real } else { f.virt }) == addr
                     && f.partner == partner
                     && f.host_port == hp
                     && f.partner_port == pp
                     && f.proto == proto
             })
         };
-        self.out.find(h, eq)
-    }
-
-    /// The flow of an inbound packet: `partner` → `virt`; `h` is the key's [`FlowTable::hash`].
-    #[inline]
-    pub fn find_in(
-        &self,
-        h: u64,
-        virt: Wide,
-        partner: Wide,
-        proto: u8,
-        hp: u16,
-        pp: u16,
-    ) -> Option<u32> {
-        let slab = &self.slab;
-        let eq = |i: u32| {
-            slab.peek(i).is_some_and(|f| {
-                f.virt == virt
-                    && f.partner == partner
-                    && f.host_port == hp
-                    && f.partner_port == pp
-                    && f.proto == proto
-            })
-        };
-        self.inb.find(h, eq)
+        if outbound {
+            self.out.find(h, eq)
+        } else {
+            self.inb.find(h, eq)
+        }
     }
 
     /// The hash both indexes file a flow key under.

@@ -280,19 +280,7 @@ impl Translator {
             rewrite(pkt, d, d.src_offset(), wide(virt), delta);
             return Ok(virt);
         };
-        let (real, partner) = (wide(d.src), wide(d.dst));
-        let hash = hash.unwrap_or_else(|| {
-            self.flows.hash(real, partner, k.proto, k.host_port, k.partner_port)
-        });
-        let fi =
-            match self.flows.find_out(hash, real, partner, k.proto, k.host_port, k.partner_port) {
-                Some(fi) => fi,
-                None => {
-                    let li = self.lease_out(d.src, d.dst, true, now)?;
-                    self.hold_unless_durable(li)?;
-                    self.new_flow(li, k, now)?
-                }
-            };
+        let fi = self.flow_of(d, k, true, hash, now)?;
         let (_, virt, delta) = self.touch_flow(fi, k.flags, true, now)?;
         rewrite(pkt, d, d.src_offset(), virt, delta);
         Ok(narrow(virt, d.is_v4()))
@@ -316,22 +304,37 @@ impl Translator {
             rewrite(pkt, d, d.dst_offset(), wide(real), delta);
             return Ok(());
         };
-        let (virt, partner) = (wide(d.dst), wide(d.src));
-        let hash = hash.unwrap_or_else(|| {
-            self.flows.hash(virt, partner, k.proto, k.host_port, k.partner_port)
-        });
-        let fi = match self.flows.find_in(hash, virt, partner, k.proto, k.host_port, k.partner_port)
-        {
-            Some(fi) => fi,
-            None => {
-                let li = self.lease_in(d.dst, d.src, true, now)?;
-                self.hold_unless_durable(li)?;
-                self.new_flow(li, k, now)?
-            }
-        };
+        let fi = self.flow_of(d, k, false, hash, now)?;
         let (real, _, delta) = self.touch_flow(fi, k.flags, false, now)?;
         rewrite(pkt, d, d.dst_offset(), real, delta.negate());
         Ok(())
+    }
+
+    /// The flow of `d` (key `k`), made with its lease when there is none. `hash`: of the flow
+    /// key, when the caller knows it already.
+    #[inline]
+    fn flow_of(
+        &mut self,
+        d: &Datagram,
+        k: FlowKey,
+        outbound: bool,
+        hash: Option<u64>,
+        now: u64,
+    ) -> Result<u32, Stop> {
+        // The host's address (real outbound, virtual inbound) and the partner's.
+        let (addr, partner) = if outbound { (d.src, d.dst) } else { (d.dst, d.src) };
+        let (a, p) = (wide(addr), wide(partner));
+        let h = hash.unwrap_or_else(|| self.flows.hash(a, p, k.proto, k.host_port, k.partner_port));
+        if let Some(fi) = self.flows.find(outbound, h, a, p, k.proto, k.host_port, k.partner_port) {
+            return Ok(fi);
+        }
+        let li = if outbound {
+            self.lease_out(addr, partner, true, now)?
+        } else {
+            self.lease_in(addr, partner, true, now)?
+        };
+        self.hold_unless_durable(li)?;
+        Ok(self.new_flow(li, k, now)?)
     }
 
     /// Flows are only made for durable leases: until its lease is, a packet waits.
