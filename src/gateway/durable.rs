@@ -28,8 +28,6 @@ pub struct Durable {
     batch: Vec<Change>,
     batch_seq: u64,
     held: VecDeque<Vec<u8>>,
-    /// Packets dropped because too many were held.
-    pub held_dropped: u64,
     /// Commits that failed.
     pub commit_failures: u64,
     next_token: u64,
@@ -51,7 +49,6 @@ impl Durable {
             batch: Vec::new(),
             batch_seq: 0,
             held: VecDeque::new(),
-            held_dropped: 0,
             commit_failures: 0,
             next_token: 1,
         };
@@ -146,10 +143,10 @@ impl Durable {
         }
     }
 
-    /// Keeps a packet until its lease is durable; false when too many are held.
+    /// Keeps a packet until its lease is durable; false when too many are held (the caller
+    /// counts the drop).
     pub fn hold(&mut self, packet: &[u8]) -> bool {
         if self.held.len() >= MAX_HELD {
-            self.held_dropped += 1;
             return false;
         }
         self.held.push_back(packet.to_vec());

@@ -478,16 +478,9 @@ impl Gateway {
             self.stats.tun_rx += 1;
             self.stats.tun_rx_bytes += n.saturating_sub(tun.header_len()) as u64;
             let io = Io { tun, stats: &mut self.stats, scratch: &mut self.scratch };
-            let frame = &mut self.buf[..n];
-            match dispatch(&self.nat, io, frame, now) {
-                Dispatched::Held => {
-                    if let Some(d) = self.durable.as_mut() {
-                        d.hold(frame);
-                    }
-                }
-                Dispatched::Refused => refused = true,
-                Dispatched::Done => {}
-            }
+            let durable = &mut self.durable;
+            let hold = |f: &[u8]| durable.as_mut().is_some_and(|d| d.hold(f));
+            refused |= dispatch(&self.nat, io, &mut self.buf[..n], now, hold);
         }
         if refused {
             if let Some(tun) = self.tun.as_mut() {
@@ -551,15 +544,9 @@ impl Gateway {
         let mut refused = false;
         for mut frame in held {
             let io = Io { tun, stats: &mut self.stats, scratch: &mut self.scratch };
-            match dispatch(&self.nat, io, &mut frame, now) {
-                Dispatched::Held => {
-                    if let Some(d) = self.durable.as_mut() {
-                        d.hold(&frame);
-                    }
-                }
-                Dispatched::Refused => refused = true,
-                Dispatched::Done => {}
-            }
+            let durable = &mut self.durable;
+            let hold = |f: &[u8]| durable.as_mut().is_some_and(|d| d.hold(f));
+            refused |= dispatch(&self.nat, io, &mut frame, now, hold);
         }
         if refused {
             if let Some(tun) = self.tun.as_mut() {
@@ -788,16 +775,7 @@ impl Gateway {
     fn stats_now(&self, now: Instant) -> Stats {
         let mut s = Stats {
             uptime_secs: now.saturating_duration_since(self.start).as_secs(),
-            tun_rx: self.stats.tun_rx,
-            tun_tx: self.stats.tun_tx,
-            tun_write_errors: self.stats.tun_write_errors,
-            tun_rx_bytes: self.stats.tun_rx_bytes,
             tun_rx_per_queue: vec![self.stats.tun_rx],
-            tun_super_packets: self.stats.tun_super_packets,
-            tun_super_packet_bytes: self.stats.tun_super_packet_bytes,
-            tun_offload_errors: self.stats.tun_offload_errors,
-            tun_segmented_in_software: self.stats.tun_segmented_in_software,
-            held_dropped: self.durable.as_ref().map_or(0, |d| d.held_dropped),
             store_failures: self.durable.as_ref().map_or(0, |d| d.commit_failures),
             authority_connections: self.rental.as_ref().map_or(0, |r| r.stats.connections),
             authority_refused_connections: self
@@ -813,6 +791,7 @@ impl Gateway {
             inquiries_rate_limited: self.rental.as_ref().map_or(0, |r| r.stats.rate_limited),
             ..Stats::from_translator(&lock(&self.nat))
         };
+        queue::add_tun_counters(&mut s, &self.stats);
         if let Some(q) = &self.queues {
             q.add_counters(&mut s);
         }
@@ -837,29 +816,25 @@ struct Io<'a> {
     scratch: &'a mut [u8],
 }
 
-/// What [`dispatch`] did with a frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dispatched {
-    /// Written (translated, as it came, or answered with an ICMP error), or dropped.
-    Done,
-    /// Its lease is not durable yet: the caller keeps the frame and tries again later.
-    Held,
-    /// Written, but the kernel refused it as a super-packet: it went out cut in software,
-    /// and offloads should be turned off.
-    Refused,
-}
-
 /// Translates one frame read from the TUN and writes back what must go out: the frame, the
-/// translator's ICMP error, or the frame as it came when it is not about any lease. With
+/// translator's ICMP error, or the frame as it came when it is not about any lease. A frame
+/// whose lease is not durable yet goes to `hold` (false: no room, counted as dropped). With
 /// offloads, the virtio-net header says how to treat the transport checksum, and goes back
 /// out with the packet unchanged (a super-packet stays one). The translator is locked only
 /// while it translates: the write, and the kernel's forwarding work inside it, run unlocked
-/// (that is what lets queue threads run side by side).
-fn dispatch(nat: &Mutex<Translator>, io: Io, frame: &mut [u8], now: Instant) -> Dispatched {
+/// (that is what lets queue threads run side by side). True when the kernel refused a
+/// super-packet (it went out cut in software) and offloads should be turned off.
+fn dispatch(
+    nat: &Mutex<Translator>,
+    io: Io,
+    frame: &mut [u8],
+    now: Instant,
+    hold: impl FnOnce(&[u8]) -> bool,
+) -> bool {
     let h = io.tun.header_len();
     if frame.len() < h {
         io.stats.tun_offload_errors += 1;
-        return Dispatched::Done;
+        return false;
     }
     let (head, packet) = frame.split_at_mut(h);
     let mut hdr = VnetHdr::default();
@@ -876,7 +851,7 @@ fn dispatch(nat: &Mutex<Translator>, io: Io, frame: &mut [u8], now: Instant) -> 
             Err(e) => {
                 io.stats.tun_offload_errors += 1;
                 debug!("TUN frame dropped: {e} ({hdr:?})");
-                return Dispatched::Done;
+                return false;
             }
         }
     };
@@ -884,33 +859,39 @@ fn dispatch(nat: &Mutex<Translator>, io: Io, frame: &mut [u8], now: Instant) -> 
         io.stats.tun_super_packets += 1;
         io.stats.tun_super_packet_bytes += packet.len() as u64;
     }
-    let mut reply = [0u8; crate::nat::MAX_REPLY];
+    // The translator's ICMP error lives in its own buffer: it is copied into the scratch
+    // buffer (used otherwise only to cut a super-packet) so that this write runs unlocked too.
     let reply_len = match lock(nat).translate_with(packet, csum, now) {
         Verdict::Forward(_) | Verdict::Pass => None,
         Verdict::Reply(_, r) => {
-            reply[..r.len()].copy_from_slice(r);
+            io.scratch[..r.len()].copy_from_slice(r);
             Some(r.len())
         }
-        Verdict::Hold => return Dispatched::Held,
-        Verdict::Drop(_) => return Dispatched::Done,
+        Verdict::Hold => {
+            if !hold(frame) {
+                io.stats.held_dropped += 1;
+            }
+            return false;
+        }
+        Verdict::Drop(_) => return false,
     };
     let sent = match reply_len {
         None => io.tun.send_frame(frame, io.scratch),
-        Some(n) => io.tun.send_packet(&reply[..n]).map(|_| Sent::Whole),
+        Some(n) => io.tun.send_packet(&io.scratch[..n]).map(|_| Sent::Whole),
     };
     match sent {
         Ok(Sent::Whole) => {
             io.stats.tun_tx += 1;
-            Dispatched::Done
+            false
         }
         Ok(Sent::Segmented { written, failed }) => {
             io.stats.tun_segmented_in_software += written as u64;
             io.stats.tun_write_errors += failed as u64;
-            Dispatched::Refused
+            true
         }
         Err(_) => {
             io.stats.tun_write_errors += 1;
-            Dispatched::Done
+            false
         }
     }
 }

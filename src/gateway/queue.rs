@@ -10,7 +10,7 @@
 //! loop so the lease gets stored at once.
 
 use super::tun::TunDevice;
-use super::{dispatch, turn_offloads_off, Dispatched, Io, SharedNat, BATCH, FRAME_MAX};
+use super::{dispatch, turn_offloads_off, Io, SharedNat, BATCH, FRAME_MAX};
 use crate::control::Stats;
 use log::warn;
 use std::collections::VecDeque;
@@ -78,7 +78,7 @@ impl Queues {
 }
 
 /// Adds the TUN counters of `from` to `into`.
-fn add_tun_counters(into: &mut Stats, from: &Stats) {
+pub(super) fn add_tun_counters(into: &mut Stats, from: &Stats) {
     into.tun_rx += from.tun_rx;
     into.tun_rx_bytes += from.tun_rx_bytes;
     into.tun_tx += from.tun_tx;
@@ -115,10 +115,13 @@ impl Queue {
             for _ in 0..held.len() {
                 let Some(mut frame) = held.pop_front() else { break };
                 let io = Io { tun: &self.tun, stats: &mut stats, scratch: &mut scratch };
-                match dispatch(&self.nat, io, &mut frame, now) {
-                    Dispatched::Held => held.push_back(frame),
-                    Dispatched::Refused => refused = true,
-                    Dispatched::Done => {}
+                let mut again = false;
+                refused |= dispatch(&self.nat, io, &mut frame, now, |_| {
+                    again = true;
+                    true
+                });
+                if again {
+                    held.push_back(frame);
                 }
             }
             for _ in 0..4 * BATCH {
@@ -134,16 +137,16 @@ impl Queue {
                 stats.tun_rx += 1;
                 stats.tun_rx_bytes += n.saturating_sub(self.tun.header_len()) as u64;
                 let io = Io { tun: &self.tun, stats: &mut stats, scratch: &mut scratch };
-                match dispatch(&self.nat, io, &mut buf[..n], now) {
-                    Dispatched::Held if held.len() < MAX_HELD => {
-                        held.push_back(buf[..n].to_vec());
-                        // The main loop stores the new lease; until then this frame waits.
-                        let _ = self.waker.wake();
+                let waker = &self.waker;
+                refused |= dispatch(&self.nat, io, &mut buf[..n], now, |f| {
+                    if held.len() >= MAX_HELD {
+                        return false;
                     }
-                    Dispatched::Held => stats.held_dropped += 1,
-                    Dispatched::Refused => refused = true,
-                    Dispatched::Done => {}
-                }
+                    held.push_back(f.to_vec());
+                    // The main loop stores the new lease; until then this frame waits.
+                    let _ = waker.wake();
+                    true
+                });
             }
             if refused {
                 turn_offloads_off(&mut self.tun);

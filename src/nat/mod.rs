@@ -38,7 +38,6 @@ mod lease;
 mod pool;
 mod prefetch;
 mod reply;
-pub use reply::MAX_REPLY;
 mod slab;
 mod translate;
 mod wheel;
