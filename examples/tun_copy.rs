@@ -15,7 +15,6 @@
 //! namespace).
 
 use std::io::{self, ErrorKind};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -94,20 +93,8 @@ fn main() -> anyhow::Result<()> {
 fn copy(tun: &TunDevice, stop: &AtomicBool) -> io::Result<Counts> {
     let mut c = Counts::default();
     let mut buf = vec![0u8; 65536 + vipgate::wire::vnet::HDR_LEN];
-    let mut pfd = libc::pollfd { fd: tun.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     while !stop.load(Ordering::Relaxed) {
-        // SAFETY: `pfd` is one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, 200) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if n == 0 {
-            continue;
-        }
+        tun.wait_readable(200)?;
         c.wakeups += 1;
         // Drain until the queue is empty.
         loop {

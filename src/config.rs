@@ -58,16 +58,6 @@ pub enum OffloadMode {
     Off,
 }
 
-impl std::fmt::Display for OffloadMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            OffloadMode::Auto => "auto",
-            OffloadMode::On => "on",
-            OffloadMode::Off => "off",
-        })
-    }
-}
-
 /// Every setting of `vipgate gateway`, as flags and as TOML keys.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]

@@ -198,7 +198,12 @@ fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
     );
 
     let nat: SharedNat = Arc::new(Mutex::new(nat));
-    let queues = (!extra_queues.is_empty()).then(|| Queues::start(extra_queues, &nat, &waker));
+    let queues = if extra_queues.is_empty() {
+        None
+    } else {
+        let q = Queues::start(extra_queues, &nat, &waker).context("cannot start queue threads")?;
+        Some(q)
+    };
     let mut gw = Gateway {
         nat,
         queues,

@@ -14,7 +14,7 @@ use super::{dispatch, turn_offloads_off, Io, SharedNat, BATCH, FRAME_MAX};
 use crate::control::Stats;
 use log::warn;
 use std::collections::VecDeque;
-use std::io::ErrorKind;
+use std::io::{self, ErrorKind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -35,7 +35,11 @@ pub struct Queues {
 
 impl Queues {
     /// Starts one thread per device.
-    pub fn start(devices: Vec<TunDevice>, nat: &SharedNat, waker: &Arc<mio::Waker>) -> Queues {
+    pub fn start(
+        devices: Vec<TunDevice>,
+        nat: &SharedNat,
+        waker: &Arc<mio::Waker>,
+    ) -> io::Result<Queues> {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = devices
             .into_iter()
@@ -51,12 +55,11 @@ impl Queues {
                 };
                 let handle = std::thread::Builder::new()
                     .name(format!("vipgate-q{}", i + 1))
-                    .spawn(move || q.run())
-                    .expect("cannot start a queue thread");
-                (handle, stats)
+                    .spawn(move || q.run())?;
+                Ok((handle, stats))
             })
-            .collect();
-        Queues { stop, threads }
+            .collect::<io::Result<_>>()?;
+        Ok(Queues { stop, threads })
     }
 
     /// Adds the queues' TUN counters to `into`.

@@ -108,7 +108,8 @@ impl TunDevice {
             let len = vnet::HDR_LEN as libc::c_int;
             // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer.
             if unsafe { libc::ioctl(dev.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &len) } < 0 {
-                bail!("TUN {}: cannot set the virtio-net header size: {}", dev.name, errno());
+                let e = io::Error::last_os_error();
+                bail!("TUN {}: cannot set the virtio-net header size: {e}", dev.name);
             }
             let mut last = io::Error::from_raw_os_error(libc::EINVAL);
             for want in [OFFLOAD_TSO | OFFLOAD_USO, OFFLOAD_TSO] {
@@ -292,10 +293,6 @@ fn set_iff(file: &File, req: &mut IfReq, vnet: bool, multi_queue: bool) -> io::R
 
 fn errno_of(r: &io::Result<()>) -> Option<i32> {
     r.as_ref().err().and_then(io::Error::raw_os_error)
-}
-
-fn errno() -> io::Error {
-    io::Error::last_os_error()
 }
 
 impl AsRawFd for TunDevice {

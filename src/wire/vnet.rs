@@ -188,26 +188,14 @@ pub fn finish_checksum(hdr: &mut VnetHdr, packet: &mut [u8]) -> Result<(), Offlo
 
 /// Cuts the super-packet `packet` (read with `hdr`, partial checksum) into segments with
 /// full checksums, the way the kernel would, and hands each to `emit`. `scratch` must hold one
-/// segment (`headers + gso_size` bytes). Returns the number of segments.
-///
-/// A packet that is not a super-packet is emitted whole, its checksum finished.
+/// segment (`headers + gso_size` bytes). Returns the number of segments; a packet that is not
+/// a super-packet is `UnsupportedGso`.
 pub fn segment(
     hdr: &VnetHdr,
     packet: &[u8],
     scratch: &mut [u8],
     mut emit: impl FnMut(&[u8]),
 ) -> Result<usize, OffloadError> {
-    if !hdr.is_gso() {
-        let n = packet.len();
-        if n > scratch.len() {
-            return Err(OffloadError::BadSegmentSize);
-        }
-        scratch[..n].copy_from_slice(packet);
-        let mut h = *hdr;
-        finish_checksum(&mut h, &mut scratch[..n])?;
-        emit(&scratch[..n]);
-        return Ok(1);
-    }
     let gso = hdr.gso_type & !GSO_ECN;
     let v4 = match (gso, packet.first().map(|b| b >> 4)) {
         (GSO_TCPV4, Some(4)) | (GSO_UDP_L4, Some(4)) => true,
