@@ -75,6 +75,26 @@ fn spec() -> impl Strategy<Value = Spec> {
 }
 
 impl Spec {
+    /// A fixed host → partner super-packet (PSH, no options) for the plain tests.
+    fn outbound(v6: bool, udp: bool, mss: u16, payload_len: usize) -> Spec {
+        Spec {
+            v6,
+            udp,
+            inbound: false,
+            host: 9,
+            partner: 10,
+            mss,
+            payload_len,
+            seq: 77,
+            ip_id: 5,
+            fin: false,
+            psh: true,
+            cwr: false,
+            timestamps: false,
+            fill: 3,
+        }
+    }
+
     fn host(&self) -> IpAddr {
         if self.v6 {
             IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, u16::from(self.host)))
@@ -372,22 +392,7 @@ fn the_kernel_segments_a_rewritten_super_packet_like_the_segments_rewritten_one_
 fn partial_checksums_of_plain_packets() {
     let now = Instant::now();
     for (v6, udp) in [(false, false), (false, true), (true, false), (true, true)] {
-        let s = Spec {
-            v6,
-            udp,
-            inbound: false,
-            host: 9,
-            partner: 10,
-            mss: 1400,
-            payload_len: 300,
-            seq: 1,
-            ip_id: 5,
-            fin: false,
-            psh: true,
-            cwr: false,
-            timestamps: false,
-            fill: 3,
-        };
+        let s = Spec::outbound(v6, udp, 1400, 300);
         let (mut t, mut hdr, mut p) = setup(&s, now);
         hdr.gso_type = vnet::GSO_NONE;
         assert_eq!(vnet::prepare(&mut hdr, &mut p), Ok(partial(&hdr)));
@@ -421,22 +426,7 @@ fn partial_checksums_of_plain_packets() {
 #[test]
 fn a_super_packet_the_kernel_refuses_is_written_as_the_kernels_segments() {
     let k = KernelSegmenter::new();
-    let s = Spec {
-        v6: false,
-        udp: false,
-        inbound: false,
-        host: 21,
-        partner: 22,
-        mss: 1000,
-        payload_len: 4500,
-        seq: 77,
-        ip_id: 9,
-        fin: false,
-        psh: true,
-        cwr: false,
-        timestamps: true,
-        fill: 1,
-    };
+    let s = Spec { timestamps: true, ..Spec::outbound(false, false, 1000, 4500) };
     let (hdr, p) = s.super_packet(s.host(), s.partner(), true);
     // A header length past the packet: the kernel refuses the frame (tun_get_user), while
     // the headers themselves are fine to cut.
