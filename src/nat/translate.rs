@@ -164,9 +164,8 @@ impl Translator {
             return None;
         };
         let k = FlowKey::of(d, outbound)?;
-        let (addr, partner) =
-            if outbound { (wide(d.src), wide(d.dst)) } else { (wide(d.dst), wide(d.src)) };
-        let hash = self.flows.hash(addr, partner, k.proto, k.host_port, k.partner_port);
+        let (addr, partner) = ends(d, outbound);
+        let hash = self.flows.hash(wide(addr), wide(partner), k.proto, k.host_port, k.partner_port);
         Some(Hint { hash, outbound })
     }
 
@@ -321,8 +320,7 @@ impl Translator {
         hash: Option<u64>,
         now: u64,
     ) -> Result<u32, Stop> {
-        // The host's address (real outbound, virtual inbound) and the partner's.
-        let (addr, partner) = if outbound { (d.src, d.dst) } else { (d.dst, d.src) };
+        let (addr, partner) = ends(d, outbound);
         let (a, p) = (wide(addr), wide(partner));
         let h = hash.unwrap_or_else(|| self.flows.hash(a, p, k.proto, k.host_port, k.partner_port));
         if let Some(fi) = self.flows.find(outbound, h, a, p, k.proto, k.host_port, k.partner_port) {
@@ -587,6 +585,16 @@ fn rewrite(pkt: &mut [u8], d: &Datagram, at: usize, new: Wide, delta: Delta) {
         } else {
             update_l4_checksum(pkt, c, d.protocol, delta);
         }
+    }
+}
+
+/// The host's address in `d` (real outbound, virtual inbound) and the partner's.
+#[inline]
+fn ends(d: &Datagram, outbound: bool) -> (IpAddr, IpAddr) {
+    if outbound {
+        (d.src, d.dst)
+    } else {
+        (d.dst, d.src)
     }
 }
 
