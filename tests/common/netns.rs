@@ -330,6 +330,17 @@ pub fn accept(l: &TcpListener, within: Duration) -> io::Result<(TcpStream, Socke
     }
 }
 
+/// `recv_from`, again when a signal interrupted it (a socket with a timeout returns `EINTR`
+/// even for a handler installed with `SA_RESTART`; CI once saw one).
+pub fn recv_from(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    loop {
+        match sock.recv_from(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
 /// True for the errors a read timeout produces.
 pub fn is_timeout(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
@@ -364,7 +375,7 @@ pub fn icmp_messages(raw: &UdpSocket, v6: bool) -> Vec<(IpAddr, Vec<u8>)> {
     let mut buf = [0u8; 2048];
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
-        let (n, from) = match raw.recv_from(&mut buf) {
+        let (n, from) = match recv_from(raw, &mut buf) {
             Ok(x) => x,
             Err(e) if is_timeout(&e) => break,
             Err(e) => panic!("raw socket: {e}"),
@@ -868,13 +879,11 @@ pub fn udp_roundtrip(client: &UdpSocket, server: &UdpSocket) -> SocketAddr {
     let to = server.local_addr().unwrap();
     client.send_to(b"hello", to).unwrap_or_else(|e| panic!("UDP send to {to}: {e}"));
     let mut buf = [0u8; 64];
-    let (n, seen) = server
-        .recv_from(&mut buf)
+    let (n, seen) = recv_from(server, &mut buf)
         .unwrap_or_else(|e| panic!("UDP to {to}: nothing arrived at the server ({e})"));
     assert_eq!(&buf[..n], b"hello");
     server.send_to(b"welcome", seen).unwrap();
-    let (n, from) = client
-        .recv_from(&mut buf)
+    let (n, from) = recv_from(client, &mut buf)
         .unwrap_or_else(|e| panic!("UDP reply from {to} to {seen} never came back ({e})"));
     assert_eq!((&buf[..n], from), (&b"welcome"[..], to), "reply from the wrong address");
     seen
