@@ -464,6 +464,12 @@ impl Packets {
         self.spans.iter().map(|&(at, len)| &self.bytes[at as usize..at as usize + usize::from(len)])
     }
 
+    /// Packet `i`, if there is one.
+    pub fn get(&self, i: usize) -> Option<&[u8]> {
+        let &(at, len) = self.spans.get(i)?;
+        self.bytes.get(at as usize..at as usize + usize::from(len))
+    }
+
     /// The first `n` packets (for a cache-resident replay).
     pub fn prefix(&self, n: usize) -> Packets {
         Packets {

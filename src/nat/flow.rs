@@ -12,7 +12,7 @@
 
 use super::lease::{LeaseEntry, NIL};
 use super::slab::Slab;
-use super::wheel::{Links, Timed, Wheel};
+use super::wheel::{Entries, Links, Wheel};
 use super::{DropReason, Timeouts};
 
 /// The flow timers in milliseconds, computed once from [`Timeouts`].
@@ -70,9 +70,12 @@ pub mod tcp_state {
     pub const RST: u8 = 0x10;
 }
 
-/// One flow as the table stores it. The first 64 bytes are what a packet reads and writes.
+/// One flow's packet line: everything a packet of the flow reads or writes, in one aligned
+/// 64-byte cache line (the lookup compares the key, the rewrite takes the addresses and the
+/// delta, the refresh writes the deadline and the TCP state). The rest of the flow, which
+/// only creation, removal and expiry touch, is a [`FlowLinks`] at the same index.
 #[derive(Debug, Clone, Default)]
-#[repr(C)]
+#[repr(C, align(64))]
 pub struct FlowEntry {
     /// The host's real address.
     pub real: Wide,
@@ -80,7 +83,8 @@ pub struct FlowEntry {
     pub virt: Wide,
     /// The partner's address.
     pub partner: Wide,
-    /// Idle deadline (ms since the translator's epoch).
+    /// Idle deadline (ms since the translator's epoch); `NEVER` until the first packet
+    /// schedules it.
     pub expires: u64,
     /// Port (or echo identifier) on the host's side.
     pub host_port: u16,
@@ -92,19 +96,43 @@ pub struct FlowEntry {
     pub proto: u8,
     /// TCP state bits ([`tcp_state`]); 0 for other protocols.
     pub tcp: u8,
+}
+
+const _: () = assert!(std::mem::size_of::<FlowEntry>() == 64);
+
+/// The rest of a flow: its lease, its place in the lease's list of flows, its wheel links.
+#[derive(Debug, Clone, Copy)]
+struct FlowLinks {
     /// Owning lease (slab index).
-    pub lease: u32,
+    lease: u32,
     prev: u32,
     next: u32,
     wheel: Links,
 }
 
-impl Timed for FlowEntry {
-    fn links(&mut self) -> &mut Links {
-        &mut self.wheel
+/// The flows: packet lines in a slab, their links in a parallel array (index `i` of one is
+/// index `i` of the other), so a packet touches one line and the wheel the other.
+struct Store {
+    lines: Slab<FlowEntry>,
+    links: Vec<FlowLinks>,
+}
+
+impl Store {
+    /// Flow `i`'s links, if it is occupied.
+    #[inline]
+    fn links_of(&mut self, i: u32) -> Option<&mut FlowLinks> {
+        self.lines.get(i)?;
+        self.links.get_mut(i as usize)
     }
-    fn deadline(&self) -> u64 {
-        self.expires
+}
+
+impl Entries for Store {
+    #[inline]
+    fn links(&mut self, i: u32) -> Option<&mut Links> {
+        self.links_of(i).map(|l| &mut l.wheel)
+    }
+    fn deadline(&self, i: u32) -> u64 {
+        self.lines.get(i).map_or(u64::MAX, |f| f.expires)
     }
 }
 
@@ -157,7 +185,7 @@ fn flow_hash(hasher: &FixedState, addr: Wide, partner: Wide, proto: u8, hp: u16,
 
 /// The flow table.
 pub struct FlowTable {
-    pub(crate) slab: Slab<FlowEntry>,
+    store: Store,
     out: Index,
     inb: Index,
     hasher: FixedState,
@@ -169,7 +197,7 @@ impl FlowTable {
     /// grow nor rehash).
     pub fn new(cap: usize, hash_seed: u64) -> FlowTable {
         FlowTable {
-            slab: Slab::with_capacity(cap),
+            store: Store { lines: Slab::with_capacity(cap), links: Vec::with_capacity(cap) },
             out: Index::with_capacity(cap),
             inb: Index::with_capacity(cap),
             hasher: FixedState::with_seed(hash_seed),
@@ -192,9 +220,9 @@ impl FlowTable {
         hp: u16,
         pp: u16,
     ) -> Option<u32> {
-        let slab = &self.slab;
+        let lines = &self.store.lines;
         let eq = |i: u32| {
-            slab.peek(i).is_some_and(|f| {
+            lines.peek(i).is_some_and(|f| {
                 (if outbound { f.real } else { f.virt }) == addr
                     && f.partner == partner
                     && f.host_port == hp
@@ -222,35 +250,54 @@ impl FlowTable {
         prefetch(if outbound { self.out.home(hash) } else { self.inb.home(hash) });
     }
 
-    /// Prefetch, stage 2 (once the slot is in the cache): the flow the slot most likely
-    /// names, and its occupancy.
+    /// Prefetch, stage 2 (once the slot is in the cache): the packet line of the flow the
+    /// slot most likely names.
     #[inline]
     pub fn prefetch_flow(&self, hash: u64, outbound: bool) {
         let guess = if outbound { self.out.guess(hash) } else { self.inb.guess(hash) };
-        if let Some(i) = guess {
-            if let Some(f) = self.slab.peek(i) {
-                // The 88-byte entry spans two or three lines: its start, middle and end.
-                prefetch(f);
-                prefetch(&f.expires);
-                prefetch(&f.wheel);
-            }
-            self.slab.prefetch_generation(i);
+        if let Some(f) = guess.and_then(|i| self.store.lines.peek(i)) {
+            prefetch(f);
         }
     }
 
-    /// Sets flow `i`'s idle deadline: stored in the entry; the wheel only moves when the
-    /// deadline comes earlier than the slot the flow sits in.
+    /// Refreshes flow `i` (an index [`FlowTable::find`] just returned) with a packet: its
+    /// TCP flags and direction, its idle deadline from `now`. Returns the real and virtual
+    /// addresses and the delta between them.
+    ///
+    /// Only the packet line is read and written, unless the deadline moves earlier (a TCP
+    /// flow closing, or a flow's first packet): a flow sits in the wheel slot of a deadline
+    /// no later than its own (or the next one to come up), so a later deadline never needs
+    /// the wheel, which moves the flow when its slot comes up.
     #[inline]
-    pub fn set_expires(&mut self, i: u32, expires: u64) {
-        if let Some(f) = self.slab.get_mut(i) {
-            f.expires = expires;
-            self.wheel.advance(&mut self.slab, i, expires);
+    pub fn touch(
+        &mut self,
+        i: u32,
+        flags: u8,
+        outbound: bool,
+        now: u64,
+        t: &FlowTimeouts,
+    ) -> Option<(Wide, Wide, Delta)> {
+        // No occupancy check: the indexes only name occupied slots.
+        let f = self.store.lines.peek_mut(i)?;
+        let expires = now.saturating_add(f.touch(flags, outbound, t));
+        let earlier = expires < f.expires;
+        f.expires = expires;
+        let out = (f.real, f.virt, f.delta);
+        if earlier {
+            self.wheel.advance(&mut self.store, i, expires);
         }
+        Some(out)
+    }
+
+    /// Flow `i`'s lease and idle deadline.
+    pub fn owner(&self, i: u32) -> Option<(u32, u64)> {
+        let f = self.store.lines.get(i)?;
+        Some((self.store.links.get(i as usize)?.lease, f.expires))
     }
 
     /// Pushes the flows idle by `now` to `due` (still in the table).
     pub fn expire(&mut self, now: u64, due: &mut Vec<u32>) {
-        self.wheel.expire(&mut self.slab, now, due);
+        self.wheel.expire(&mut self.store, now, due);
     }
 
     /// The earliest moment a flow may be due.
@@ -277,19 +324,26 @@ impl FlowTable {
             delta: lease.delta,
             proto,
             tcp: 0,
+        };
+        let links = FlowLinks {
             lease: lease_idx,
             prev: NIL,
             next: lease.flow_head,
             wheel: Links::default(),
         };
-        let (i, _) = self.slab.insert(entry).map_err(|_| DropReason::FlowTableFull)?;
-        if let Some(head) = self.slab.get_mut(lease.flow_head) {
+        let (i, _) = self.store.lines.insert(entry).map_err(|_| DropReason::FlowTableFull)?;
+        // The slab hands out new slots in order, so a new one is the next link slot.
+        match self.store.links.get_mut(i as usize) {
+            Some(l) => *l = links,
+            None => self.store.links.push(links),
+        }
+        if let Some(head) = self.store.links_of(lease.flow_head) {
             head.prev = i;
         }
         lease.flow_head = i;
         lease.flows += 1;
         let hasher = &self.hasher;
-        let Some(f) = self.slab.get(i) else { return Err(DropReason::FlowTableFull) };
+        let Some(f) = self.store.lines.get(i) else { return Err(DropReason::FlowTableFull) };
         let ho = flow_hash(hasher, f.real, f.partner, proto, host_port, partner_port);
         let hi = flow_hash(hasher, f.virt, f.partner, proto, host_port, partner_port);
         // Both indexes have a free slot for every free slab slot, so neither refuses.
@@ -300,43 +354,41 @@ impl FlowTable {
 
     /// Removes flow `i`, unlinking it from `lease` (which must be its owner).
     pub fn remove(&mut self, i: u32, lease: &mut LeaseEntry) -> Option<FlowEntry> {
-        self.wheel.cancel(&mut self.slab, i);
-        let f = self.slab.get(i)?.clone();
+        self.wheel.cancel(&mut self.store, i);
+        let f = self.store.lines.get(i)?.clone();
+        let l = *self.store.links_of(i)?;
         let ho = flow_hash(&self.hasher, f.real, f.partner, f.proto, f.host_port, f.partner_port);
         let hi = flow_hash(&self.hasher, f.virt, f.partner, f.proto, f.host_port, f.partner_port);
         self.out.remove(ho, i);
         self.inb.remove(hi, i);
-        if let Some(p) = self.slab.get_mut(f.prev) {
-            p.next = f.next;
+        if let Some(p) = self.store.links_of(l.prev) {
+            p.next = l.next;
         } else {
-            lease.flow_head = f.next;
+            lease.flow_head = l.next;
         }
-        if let Some(n) = self.slab.get_mut(f.next) {
-            n.prev = f.prev;
+        if let Some(n) = self.store.links_of(l.next) {
+            n.prev = l.prev;
         }
         lease.flows = lease.flows.saturating_sub(1);
-        self.slab.remove(i)
-    }
-
-    /// The flow at `i`, mutable.
-    #[inline]
-    pub fn get_mut(&mut self, i: u32) -> Option<&mut FlowEntry> {
-        self.slab.get_mut(i)
+        self.store.lines.remove(i)
     }
 
     /// The next flow in its lease's list.
     pub fn next_of(&self, i: u32) -> u32 {
-        self.slab.get(i).map_or(NIL, |f| f.next)
+        self.store.lines.get(i).and(self.store.links.get(i as usize)).map_or(NIL, |l| l.next)
     }
 
     /// Number of flows.
     pub fn len(&self) -> usize {
-        self.slab.len()
+        self.store.lines.len()
     }
 
     /// Bytes reserved by the table.
     pub fn allocation_size(&self) -> usize {
-        self.slab.allocation_size() + self.out.allocation_size() + self.inb.allocation_size()
+        self.store.lines.allocation_size()
+            + self.store.links.capacity() * std::mem::size_of::<FlowLinks>()
+            + self.out.allocation_size()
+            + self.inb.allocation_size()
     }
 }
 

@@ -851,8 +851,7 @@ impl Translator {
         due.clear();
         self.flows.expire(now_ms, &mut due);
         for &fi in &due {
-            let Some(f) = self.flows.slab.get(fi) else { continue };
-            let (li, ended) = (f.lease, f.expires);
+            let Some((li, ended)) = self.flows.owner(fi) else { continue };
             let Some(lease) = self.leases.get_mut(li) else { continue };
             self.flows.remove(fi, lease);
             self.counters.flows_ended += 1;

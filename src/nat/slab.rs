@@ -87,12 +87,10 @@ impl<T> Slab<T> {
         self.values.get(i as usize)
     }
 
-    /// Prefetches the generation of slot `i` (what [`Slab::get`] reads first).
+    /// [`Slab::peek`], mutable: for indexes, which only ever hold occupied slots.
     #[inline]
-    pub fn prefetch_generation(&self, i: u32) {
-        if let Some(g) = self.generations.get(i as usize) {
-            super::prefetch::prefetch(g);
-        }
+    pub fn peek_mut(&mut self, i: u32) -> Option<&mut T> {
+        self.values.get_mut(i as usize)
     }
 
     /// The value at `i` if its generation is still `generation`.

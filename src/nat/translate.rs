@@ -438,11 +438,7 @@ impl Translator {
         outbound: bool,
         now: u64,
     ) -> Result<(Wide, Wide, Delta), DropReason> {
-        let f = self.flows.get_mut(fi).ok_or(DropReason::NoLease)?;
-        let expires = now.saturating_add(f.touch(flags, outbound, &self.flow_timeouts));
-        let out = (f.real, f.virt, f.delta);
-        self.flows.set_expires(fi, expires);
-        Ok(out)
+        self.flows.touch(fi, flags, outbound, now, &self.flow_timeouts).ok_or(DropReason::NoLease)
     }
 
     /// An ICMP error from a host about a packet it got from a partner: the embedded packet's

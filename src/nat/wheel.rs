@@ -41,6 +41,26 @@ pub trait Timed {
     fn deadline(&self) -> u64;
 }
 
+/// The entries a wheel schedules, addressed by `u32` index: a [`Slab`] of [`Timed`]
+/// entries, or a table that keeps links and deadlines in separate arrays (the flow table
+/// keeps its links out of the line a packet reads).
+pub trait Entries {
+    /// Entry `i`'s wheel links, if it is occupied.
+    fn links(&mut self, i: u32) -> Option<&mut Links>;
+    /// Entry `i`'s deadline in ms (`u64::MAX`: none).
+    fn deadline(&self, i: u32) -> u64;
+}
+
+impl<T: Timed> Entries for Slab<T> {
+    #[inline]
+    fn links(&mut self, i: u32) -> Option<&mut Links> {
+        self.get_mut(i).map(Timed::links)
+    }
+    fn deadline(&self, i: u32) -> u64 {
+        self.get(i).map_or(u64::MAX, Timed::deadline)
+    }
+}
+
 /// The wheel.
 pub struct Wheel {
     heads: Box<[u32]>,
@@ -64,7 +84,7 @@ impl Wheel {
     }
 
     /// Schedules entry `i` for `deadline` (moving it if it was scheduled).
-    pub fn schedule<T: Timed>(&mut self, slab: &mut Slab<T>, i: u32, deadline: u64) {
+    pub fn schedule(&mut self, slab: &mut impl Entries, i: u32, deadline: u64) {
         self.cancel(slab, i);
         if deadline == u64::MAX {
             return;
@@ -73,11 +93,11 @@ impl Wheel {
         let tick = tick_of(deadline).max(self.cursor);
         let s = Self::slot(tick);
         let head = self.heads[s];
-        if let Some(e) = slab.get_mut(i) {
-            *e.links() = Links { prev: NIL, next: head, tick: tick as u32 };
+        if let Some(l) = slab.links(i) {
+            *l = Links { prev: NIL, next: head, tick: tick as u32 };
         }
-        if let Some(h) = slab.get_mut(head) {
-            h.links().prev = i;
+        if let Some(h) = slab.links(head) {
+            h.prev = i;
         }
         self.heads[s] = i;
         self.occupied[s / 64] |= 1 << (s % 64);
@@ -86,23 +106,23 @@ impl Wheel {
     /// Moves entry `i` earlier if `deadline` falls in an earlier tick than its slot's (the
     /// only case a refresh needs to touch the wheel); schedules it if it was not.
     #[inline]
-    pub fn advance<T: Timed>(&mut self, slab: &mut Slab<T>, i: u32, deadline: u64) {
-        let Some(e) = slab.get_mut(i) else { return };
-        if tick_of(deadline) < u64::from(e.links().tick) {
+    pub fn advance(&mut self, slab: &mut impl Entries, i: u32, deadline: u64) {
+        let Some(l) = slab.links(i) else { return };
+        if tick_of(deadline) < u64::from(l.tick) {
             self.schedule(slab, i, deadline);
         }
     }
 
     /// Takes entry `i` off the wheel.
-    pub fn cancel<T: Timed>(&mut self, slab: &mut Slab<T>, i: u32) {
-        let Some(e) = slab.get_mut(i) else { return };
-        let l = *e.links();
+    pub fn cancel(&mut self, slab: &mut impl Entries, i: u32) {
+        let Some(e) = slab.links(i) else { return };
+        let l = *e;
         if l.tick == u32::MAX {
             return;
         }
-        *e.links() = Links::default();
-        if let Some(p) = slab.get_mut(l.prev) {
-            p.links().next = l.next;
+        *e = Links::default();
+        if let Some(p) = slab.links(l.prev) {
+            p.next = l.next;
         } else {
             let s = Self::slot(u64::from(l.tick));
             self.heads[s] = l.next;
@@ -110,14 +130,14 @@ impl Wheel {
                 self.occupied[s / 64] &= !(1 << (s % 64));
             }
         }
-        if let Some(n) = slab.get_mut(l.next) {
-            n.links().prev = l.prev;
+        if let Some(n) = slab.links(l.next) {
+            n.prev = l.prev;
         }
     }
 
     /// Visits every slot up to `now`; entries due by then are taken off the wheel and pushed
     /// to `due`; the others move to the slot of their deadline.
-    pub fn expire<T: Timed>(&mut self, slab: &mut Slab<T>, now: u64, due: &mut Vec<u32>) {
+    pub fn expire(&mut self, slab: &mut impl Entries, now: u64, due: &mut Vec<u32>) {
         let now_tick = now / TICK_MS;
         if now_tick < self.cursor {
             return;
@@ -128,10 +148,10 @@ impl Wheel {
             // Detach the slot's list first: entries relinked below may land in it again.
             let mut i = std::mem::replace(&mut self.heads[s], NIL);
             self.occupied[s / 64] &= !(1 << (s % 64));
-            while let Some(e) = slab.get_mut(i) {
-                let next = e.links().next;
-                *e.links() = Links::default();
-                let d = e.deadline();
+            while let Some(l) = slab.links(i) {
+                let next = l.next;
+                *l = Links::default();
+                let d = slab.deadline(i);
                 if d <= now {
                     due.push(i);
                 } else if d != u64::MAX {
