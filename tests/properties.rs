@@ -20,7 +20,7 @@
 //! | `arbitrary_bytes_never_panic`, `garbage_and_mutants_*` | random, biased and mutated packets never panic; whatever is forwarded has its addresses in the right spaces, keeps valid checksums valid and leaves the fixed IP header alone except addresses and checksum; replies are valid ICMP errors to the sender; the translator keeps translating afterwards |
 //! | `many_flows_keep_consistent_virtual_addresses` | many packets between four hosts and four partners, small pools: a pair keeps its virtual address, no two hosts share one towards a partner (per-host: at all), the lease API agrees, answers come back byte for byte |
 //! | `refusals_are_replied_to_the_real_sender` | tiny tables, hosts sending to partners and to each other's virtual addresses: every `Reply` is a valid 3/13 (1/1) to the real sender quoting what it sent |
-//! | `batches_translate_as_one_packet_at_a_time` | `translate_batch` in batches of random sizes, over packets that open flows later packets of the same batch use, their answers, garbage and mutants: the verdicts, the bytes, the counters and the table sizes of `translate` on each packet in order |
+//! | `fast_path_and_batches_translate_as_the_general_path` | the general path (`translate_without_fast_path`), `translate` (its fast path where it applies) and `translate_batch` in batches of random sizes, over packets that open flows later packets of the same batch use, their answers, garbage and mutants: the same verdicts, bytes, counters, table sizes and leases |
 //! | `checksum_matches_naive`, `delta_matches_full_recomputation` | `wire::checksum` against a naive RFC 1071 sum; `Delta` (RFC 1624 eq. 3, `apply_udp`, `negate`, `add`, `word`) against full recomputation |
 //! | `regression_*` | the smallest failing cases found so far, as plain tests |
 //!
@@ -1589,20 +1589,9 @@ fn regression_refused_hairpin_is_replied_to_the_real_sender() {
 // 7. Batches
 // =============================================================================================
 
-/// A [`vipgate::nat::Verdict`] as an [`Outcome`].
-fn outcome(v: vipgate::nat::Verdict<'_>) -> Outcome {
-    use vipgate::nat::Verdict;
-    match v {
-        Verdict::Forward(d) => Outcome::Forward(d),
-        Verdict::Drop(r) => Outcome::Drop(r),
-        Verdict::Reply(r, b) => Outcome::Reply(r, b.to_vec()),
-        Verdict::Hold => panic!("Hold without Config::hold_until_durable"),
-        Verdict::Pass => Outcome::Pass,
-    }
-}
-
-/// The same packets through `translate` one at a time and through `translate_batch` in
-/// batches of the given sizes: the same verdicts, bytes and counters. The packets open flows
+/// The same packets through the general path, through `translate` one at a time (the fast
+/// path where it applies) and through `translate_batch` in batches of the given sizes: the
+/// same verdicts, bytes, counters and leases. The packets open flows
 /// that later packets of the same batch use, answer them, and mix in garbage and mutants.
 #[allow(clippy::too_many_arguments)]
 fn batch_agrees(
@@ -1617,6 +1606,7 @@ fn batch_agrees(
 ) -> Result<(), TestCaseError> {
     let now = Instant::now();
     let cfg = robustness_config(false, filtering_any, small);
+    let mut general = translator_with(cfg.clone(), now);
     let mut one = translator_with(cfg.clone(), now);
     let mut batched = translator_with(cfg, now);
     let mut ctx = Vec::new();
@@ -1626,7 +1616,9 @@ fn batch_agrees(
         (s6, "2001:db8:ff::7777".parse().unwrap()),
     ] {
         let mut p = s.packet();
-        prop_assert_eq!(run(&mut one, &mut p.clone(), now), run(&mut batched, &mut p, now));
+        let want = run_general(&mut general, &mut p.clone(), now);
+        prop_assert_eq!(&run(&mut one, &mut p.clone(), now), &want);
+        prop_assert_eq!(run(&mut batched, &mut p, now), want);
         let virt = src_addr(&p);
         answers.push(s.reply().build(s.partner, virt));
         ctx.push(Ctx {
@@ -1657,8 +1649,15 @@ fn batch_agrees(
         }
     }
 
+    // The general path is the reference; the fast path one at a time must match it exactly.
     let mut want = packets.clone();
-    let want_outcomes: Vec<Outcome> = want.iter_mut().map(|p| run(&mut one, p, now)).collect();
+    let want_outcomes: Vec<Outcome> =
+        want.iter_mut().map(|p| run_general(&mut general, p, now)).collect();
+    let mut single = packets.clone();
+    for (i, p) in single.iter_mut().enumerate() {
+        prop_assert_eq!(&run(&mut one, p, now), &want_outcomes[i], "packet {} one at a time", i);
+        same_bytes(p, &want[i], "fast path vs general path")?;
+    }
     let mut got = packets.clone();
     let mut got_outcomes: Vec<Option<Outcome>> = vec![None; got.len()];
     let mut start = 0;
@@ -1673,17 +1672,31 @@ fn batch_agrees(
         prop_assert_eq!(Some(w), g.as_ref(), "packet {}", i);
         same_bytes(&got[i], &want[i], "batched vs one at a time")?;
     }
-    prop_assert_eq!(one.counters(), batched.counters());
-    prop_assert_eq!(one.table_sizes(), batched.table_sizes());
+    prop_assert_eq!(general.counters(), one.counters());
+    prop_assert_eq!(general.counters(), batched.counters());
+    prop_assert_eq!(general.table_sizes(), one.table_sizes());
+    prop_assert_eq!(general.table_sizes(), batched.table_sizes());
+    let leases = |t: &vipgate::nat::Translator| t.leases().collect::<Vec<_>>();
+    prop_assert_eq!(leases(&general), leases(&one));
+    prop_assert_eq!(leases(&general), leases(&batched));
+    // The flows' timers agree too: past the transitory TCP and ICMP timeouts, not the UDP one.
+    let later = now + std::time::Duration::from_secs(250);
+    for t in [&mut general, &mut one, &mut batched] {
+        t.handle_timeout(later);
+    }
+    prop_assert_eq!(general.counters(), one.counters());
+    prop_assert_eq!(general.counters(), batched.counters());
+    prop_assert_eq!(general.table_sizes(), one.table_sizes());
+    prop_assert_eq!(general.table_sizes(), batched.table_sizes());
     Ok(())
 }
 
 proptest! {
     #![proptest_config(cases(300))]
 
-    /// `translate_batch` is `translate` on each packet in order, whatever the batch sizes.
+    /// The fast path, one at a time and in batches of any sizes, is the general path.
     #[test]
-    fn batches_translate_as_one_packet_at_a_time(
+    fn fast_path_and_batches_translate_as_the_general_path(
         s4 in spec(Shape { v6: false, max_payload: 200, ..Shape::ALL }),
         s6 in spec(Shape { v4: false, max_payload: 200, ..Shape::ALL }),
         specs in prop::collection::vec(spec(Shape { max_payload: 100, ..Shape::ALL }), 0..24),

@@ -38,23 +38,8 @@ use super::index::Index;
 use super::prefetch::prefetch;
 use crate::wire::Delta;
 use crate::wire::{protocol, tcp_flags};
-use foldhash::fast::FixedState;
-use std::hash::{BuildHasher, Hasher};
-use std::net::IpAddr;
 
-/// An address as the hot path holds it: 16 bytes, IPv6 as is, IPv4 mapped (`::ffff:a.b.c.d`,
-/// the address in the last 4 bytes). The family always comes from the packet at hand, so the
-/// mapping is never ambiguous. A byte array (not `u128`) keeps flows 8-byte aligned.
-pub type Wide = [u8; 16];
-
-/// `a` as a [`Wide`] address.
-#[inline]
-pub fn wide(a: IpAddr) -> Wide {
-    match a {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
+pub use crate::wire::{wide, Wide};
 
 /// TCP state bits kept per flow (enough for RFC 7857 §3's timer choice).
 pub mod tcp_state {
@@ -173,14 +158,42 @@ impl FlowEntry {
     }
 }
 
-/// The hash of a flow key: addresses, protocol and ports, through foldhash.
-#[inline]
-fn flow_hash(hasher: &FixedState, addr: Wide, partner: Wide, proto: u8, hp: u16, pp: u16) -> u64 {
-    let mut h = hasher.build_hasher();
-    h.write_u128(u128::from_ne_bytes(addr));
-    h.write_u128(u128::from_ne_bytes(partner));
-    h.write_u64((u64::from(proto) << 32) | (u64::from(hp) << 16) | u64::from(pp));
-    h.finish()
+/// The 128-bit product of `a` and `b`, its halves xored: the mixing step of foldhash and
+/// wyhash (every output bit depends on every input bit).
+#[inline(always)]
+fn folded_multiply(a: u64, b: u64) -> u64 {
+    let full = u128::from(a) * u128::from(b);
+    (full as u64) ^ ((full >> 64) as u64)
+}
+
+/// The seeded hash of a flow key (two addresses, protocol and ports): five words, three
+/// folded multiplies, about 20 instructions. Seeded from the translator's randomness, so
+/// nobody outside can aim keys at one probe run.
+#[derive(Debug, Clone, Copy)]
+struct FlowHasher([u64; 6]);
+
+impl FlowHasher {
+    fn new(seed: u64) -> FlowHasher {
+        // SplitMix64 steps spread one seed over six words.
+        let mut x = seed;
+        FlowHasher(std::array::from_fn(|_| {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }))
+    }
+
+    #[inline(always)]
+    fn hash(&self, addr: Wide, partner: Wide, proto: u8, hp: u16, pp: u16) -> u64 {
+        let s = &self.0;
+        let (a, p) = (u128::from_le_bytes(addr), u128::from_le_bytes(partner));
+        let ports = (u64::from(proto) << 32) | (u64::from(hp) << 16) | u64::from(pp);
+        let x = folded_multiply(a as u64 ^ s[0], p as u64 ^ s[1]);
+        let y = folded_multiply((a >> 64) as u64 ^ s[2], (p >> 64) as u64 ^ s[3]);
+        folded_multiply(x ^ s[4], y ^ ports ^ s[5])
+    }
 }
 
 /// The flow table.
@@ -188,7 +201,7 @@ pub struct FlowTable {
     store: Store,
     out: Index,
     inb: Index,
-    hasher: FixedState,
+    hasher: FlowHasher,
     wheel: Wheel,
 }
 
@@ -200,7 +213,7 @@ impl FlowTable {
             store: Store { lines: Slab::with_capacity(cap), links: Vec::with_capacity(cap) },
             out: Index::with_capacity(cap),
             inb: Index::with_capacity(cap),
-            hasher: FixedState::with_seed(hash_seed),
+            hasher: FlowHasher::new(hash_seed),
             wheel: Wheel::new(),
         }
     }
@@ -240,7 +253,7 @@ impl FlowTable {
     /// The hash both indexes file a flow key under.
     #[inline]
     pub fn hash(&self, addr: Wide, partner: Wide, proto: u8, hp: u16, pp: u16) -> u64 {
-        flow_hash(&self.hasher, addr, partner, proto, hp, pp)
+        self.hasher.hash(addr, partner, proto, hp, pp)
     }
 
     /// Prefetch, stage 1: the slot where a lookup of `hash` starts, in the outbound index
@@ -342,10 +355,9 @@ impl FlowTable {
         }
         lease.flow_head = i;
         lease.flows += 1;
-        let hasher = &self.hasher;
         let Some(f) = self.store.lines.get(i) else { return Err(DropReason::FlowTableFull) };
-        let ho = flow_hash(hasher, f.real, f.partner, proto, host_port, partner_port);
-        let hi = flow_hash(hasher, f.virt, f.partner, proto, host_port, partner_port);
+        let ho = self.hasher.hash(f.real, f.partner, proto, host_port, partner_port);
+        let hi = self.hasher.hash(f.virt, f.partner, proto, host_port, partner_port);
         // Both indexes have a free slot for every free slab slot, so neither refuses.
         self.out.insert(ho, i);
         self.inb.insert(hi, i);
@@ -357,8 +369,8 @@ impl FlowTable {
         self.wheel.cancel(&mut self.store, i);
         let f = self.store.lines.get(i)?.clone();
         let l = *self.store.links_of(i)?;
-        let ho = flow_hash(&self.hasher, f.real, f.partner, f.proto, f.host_port, f.partner_port);
-        let hi = flow_hash(&self.hasher, f.virt, f.partner, f.proto, f.host_port, f.partner_port);
+        let ho = self.hasher.hash(f.real, f.partner, f.proto, f.host_port, f.partner_port);
+        let hi = self.hasher.hash(f.virt, f.partner, f.proto, f.host_port, f.partner_port);
         self.out.remove(ho, i);
         self.inb.remove(hi, i);
         if let Some(p) = self.store.links_of(l.prev) {

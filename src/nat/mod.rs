@@ -32,6 +32,7 @@
 //! contacts is still recorded as its own lease (the partners allowed back in, and the ones
 //! allowed to inquire).
 
+mod fast;
 mod flow;
 mod index;
 mod lease;
@@ -554,6 +555,8 @@ pub struct Translator {
     counters: Counters,
     rng: ChaCha12Rng,
     epoch: Instant,
+    /// The last instant the packet path converted, and its ms since `epoch`.
+    clock: (Instant, u64),
     flow_timeouts: FlowTimeouts,
     lease_idle_ms: u64,
     quarantine_ms: u64,
@@ -584,6 +587,7 @@ impl Translator {
             counters: Counters::default(),
             rng,
             epoch: now,
+            clock: (now, 0),
             flow_timeouts: FlowTimeouts::from(&config.timeouts),
             lease_idle_ms: config.timeouts.lease_idle.as_millis() as u64,
             quarantine_ms: config.timeouts.quarantine.as_millis() as u64,
@@ -622,9 +626,20 @@ impl Translator {
         (self.leases.allocation_size(), self.flows.allocation_size())
     }
 
-    #[inline]
     fn ms(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.epoch).as_millis() as u64
+        let d = now.saturating_duration_since(self.epoch);
+        d.as_secs().saturating_mul(1000).saturating_add(u64::from(d.subsec_millis()))
+    }
+
+    /// [`Translator::ms`] for the packet path: a packet's `now` is most often the one of the
+    /// packet before (the frames of one readiness event), and comparing two instants costs
+    /// less than subtracting them.
+    #[inline]
+    fn packet_ms(&mut self, now: Instant) -> u64 {
+        if self.clock.0 != now {
+            self.clock = (now, self.ms(now));
+        }
+        self.clock.1
     }
 
     fn instant(&self, ms: u64) -> Option<Instant> {

@@ -5,6 +5,7 @@
 //! addresses it may hand out (RFC-reserved ones and operator exclusions removed) and a
 //! random walk over them driven by a caller-seeded generator.
 
+use crate::wire::Wide;
 use ipnet::IpNet;
 use rand_core::RngCore;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -34,15 +35,29 @@ impl PrefixSet {
     #[inline]
     pub fn contains(&self, a: IpAddr) -> bool {
         match a {
-            IpAddr::V4(a) => {
-                let a = u32::from(a);
-                self.v4.iter().any(|&(net, mask)| a & mask == net)
-            }
-            IpAddr::V6(a) => {
-                let a = u128::from(a);
-                self.v6.iter().any(|&(net, mask)| a & mask == net)
-            }
+            IpAddr::V4(a) => self.contains_v4(u32::from(a)),
+            IpAddr::V6(a) => self.contains_v6(u128::from(a)),
         }
+    }
+
+    /// [`PrefixSet::contains`] for an address as the fast path holds it.
+    #[inline]
+    pub fn contains_wide(&self, a: &Wide, v4: bool) -> bool {
+        if v4 {
+            self.contains_v4(u32::from_be_bytes([a[12], a[13], a[14], a[15]]))
+        } else {
+            self.contains_v6(u128::from_be_bytes(*a))
+        }
+    }
+
+    #[inline]
+    fn contains_v4(&self, a: u32) -> bool {
+        self.v4.iter().any(|&(net, mask)| a & mask == net)
+    }
+
+    #[inline]
+    fn contains_v6(&self, a: u128) -> bool {
+        self.v6.iter().any(|&(net, mask)| a & mask == net)
     }
 
     /// True when the set has a prefix of `a`'s family.

@@ -595,10 +595,13 @@ fn tcp_timers_established_transitory_and_rst() {
     let old = u16::from_be_bytes([rst[36], rst[37]]);
     let c = crate::wire::Delta::word(0x5012, 0x5004).apply(old);
     rst[36..38].copy_from_slice(&c.to_be_bytes());
-    h.ok(&rst, 10_100.0);
-    h.tick(10_100.0 + 239.0);
+    // First the wheel moves the flow from its SYN's slot (10,240 s) to its established one.
+    h.tick(10_250.0);
     assert!(id(&h).is_some());
-    h.tick(10_100.0 + 240.0);
+    h.ok(&rst, 10_300.0);
+    h.tick(10_300.0 + 239.0);
+    assert!(id(&h).is_some());
+    h.tick(10_300.0 + 240.0);
     assert!(id(&h).is_none(), "RST did not shorten the flow to 240 s");
 }
 

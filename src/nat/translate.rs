@@ -7,8 +7,10 @@
 //! lease's precomputed delta (RFC 1624); ICMP errors get their embedded packet translated the
 //! other way (RFC 5508 REQ-3..5) and their ICMP checksum recomputed after verification.
 
+use super::fast::Fast;
 use super::flow::{wide, Wide};
 use super::{Direction, DropReason, Filtering, Origin, Translator, Verdict, NEVER};
+use crate::wire::narrow;
 use crate::wire::vnet::Checksum;
 use crate::wire::{
     self, addr_delta, checksum, ipv4, protocol, read_u16, write_addr, write_u16, Datagram, Delta,
@@ -20,29 +22,14 @@ use std::time::Instant;
 /// Offset of an ICMP error's embedded packet from the start of the ICMP header.
 const ICMP_EMBEDDED: usize = 8;
 
-/// Packets between the stages of [`Translator::translate_batch`]: enough translations (about
-/// 60 ns each when warm) to cover a load from memory. 2, 4 and 8 measured the same here; 4
-/// leaves room for slower memory.
+/// Packets between the stages of [`Translator::translate_batch`]: enough translations to
+/// cover a load from memory. 2, 4 and 8 measured the same here; 4 leaves room for slower
+/// memory.
 const STAGE_GAP: usize = 4;
 
 /// Packets a batch keeps between its first stage and its last (more than `2 × STAGE_GAP`;
 /// a power of two, so the position in the ring is a mask).
 const RING: usize = 4 * STAGE_GAP;
-
-/// What the first stage of a batch learns of a packet: the hash of its flow key, and which
-/// index that key is looked up in.
-#[derive(Debug, Clone, Copy)]
-struct Hint {
-    hash: u64,
-    outbound: bool,
-}
-
-/// A packet of a batch between the stages.
-#[derive(Debug, Clone, Copy)]
-struct Staged {
-    parsed: Result<Datagram, wire::Error>,
-    hint: Option<Hint>,
-}
 
 impl Translator {
     /// Translates one packet in place.
@@ -63,12 +50,44 @@ impl Translator {
         csum: Checksum,
         now: Instant,
     ) -> Verdict<'a> {
-        let now_ms = self.ms(now);
-        let routed = match wire::parse(packet) {
-            Ok(d) => self.route(packet, d, csum, None, now_ms),
-            Err(e) => Err(e.into()),
+        let now_ms = self.packet_ms(now);
+        let fast = match csum {
+            Checksum::Full => {
+                self.fast_key(packet).and_then(|f| self.forward_fast(packet, &f, now_ms))
+            }
+            Checksum::Partial { .. } => None,
+        };
+        let routed = match fast {
+            Some(dir) => Ok(dir),
+            None => self.route_full(packet, csum, now_ms),
         };
         self.conclude(packet, routed, now_ms)
+    }
+
+    /// [`Translator::translate`] without the fast path: every packet parsed in full and
+    /// routed by the general code. The fast path must be indistinguishable from it; the
+    /// property tests hold the two together, and the benchmark can measure both.
+    pub fn translate_without_fast_path<'a>(
+        &'a mut self,
+        packet: &mut [u8],
+        now: Instant,
+    ) -> Verdict<'a> {
+        let now_ms = self.packet_ms(now);
+        let routed = self.route_full(packet, Checksum::Full, now_ms);
+        self.conclude(packet, routed, now_ms)
+    }
+
+    /// The general path: parse in full, then route.
+    fn route_full(
+        &mut self,
+        packet: &mut [u8],
+        csum: Checksum,
+        now: u64,
+    ) -> Result<Direction, Stop> {
+        match wire::parse(packet) {
+            Ok(d) => self.route(packet, d, csum, now),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Counts a packet's outcome and makes its verdict.
@@ -122,61 +141,41 @@ impl Translator {
         now: Instant,
         mut verdict: impl FnMut(usize, Verdict<'_>),
     ) {
-        let mut staged = [Staged { parsed: Err(wire::Error::Truncated), hint: None }; RING];
-        let now_ms = self.ms(now);
+        let mut staged: [Option<Fast>; RING] = [None; RING];
+        let now_ms = self.packet_ms(now);
         let n = packets.len();
         for i in 0..n + 2 * STAGE_GAP {
             if let Some(p) = packets.get(i) {
-                let parsed = wire::parse(p);
-                let hint = parsed.as_ref().ok().and_then(|d| self.hint(d));
-                if let Some(h) = hint {
-                    self.flows.prefetch_slot(h.hash, h.outbound);
+                let f = self.fast_key(p);
+                if let Some(f) = &f {
+                    self.flows.prefetch_slot(f.hash, f.outbound);
                 }
-                staged[i % RING] = Staged { parsed, hint };
+                staged[i % RING] = f;
             }
             if let Some(j) = i.checked_sub(STAGE_GAP).filter(|&j| j < n) {
-                if let Some(h) = staged[j % RING].hint {
-                    self.flows.prefetch_flow(h.hash, h.outbound);
+                if let Some(f) = &staged[j % RING] {
+                    self.flows.prefetch_flow(f.hash, f.outbound);
                 }
             }
             let Some(j) = i.checked_sub(2 * STAGE_GAP) else { continue };
             let Some(p) = packets.get_mut(j) else { continue };
-            // The packet is as stage 1 parsed it (only its own translation writes to it), and
-            // its key's hash does not change, so both are reused.
-            let Staged { parsed, hint } = staged[j % RING];
-            let routed = match parsed {
-                Ok(d) => self.route(p, d, Checksum::Full, hint, now_ms),
-                Err(e) => Err(e.into()),
+            // The key stage 1 read is still the packet's (only its own translation writes to
+            // it) and depends on no table, so it is reused.
+            let fast = staged[j % RING].and_then(|f| self.forward_fast(p, &f, now_ms));
+            let routed = match fast {
+                Some(dir) => Ok(dir),
+                None => self.route_full(p, Checksum::Full, now_ms),
             };
             verdict(j, self.conclude(p, routed, now_ms));
         }
     }
 
-    /// The flow key `route` will look up for this packet, if it looks one up (a hairpin's
-    /// second leg is not guessed).
-    #[inline]
-    fn hint(&self, d: &Datagram) -> Option<Hint> {
-        let outbound = if self.lan.contains(d.src) {
-            true
-        } else if self.pool.contains(d.dst) {
-            false
-        } else {
-            return None;
-        };
-        let k = FlowKey::of(d, outbound)?;
-        let (addr, partner) = ends(d, outbound);
-        let hash = self.flows.hash(wide(addr), wide(partner), k.proto, k.host_port, k.partner_port);
-        Some(Hint { hash, outbound })
-    }
-
-    /// Translates a parsed packet; `hint`, from [`Translator::hint`] on the same packet, saves
-    /// hashing its flow key again.
+    /// Translates a parsed packet.
     fn route(
         &mut self,
         pkt: &mut [u8],
         mut d: Datagram,
         csum: Checksum,
-        hint: Option<Hint>,
         now: u64,
     ) -> Result<Direction, Stop> {
         if let Checksum::Partial { at } = csum {
@@ -195,24 +194,22 @@ impl Translator {
             if self.lan.contains(d.dst) {
                 return Err(Stop::Pass);
             }
-            let hash = hint.filter(|h| h.outbound).map(|h| h.hash);
             if !to_pool {
-                self.outbound(pkt, &d, hash, now)?;
+                self.outbound(pkt, &d, now)?;
                 return Ok(Direction::Outbound);
             }
             // Hairpin: if the second leg refuses, the sender must get its packet back as it
             // sent it (an ICMP error quotes it, and goes to its real address).
             let saved = &mut self.hairpin_scratch[..d.len];
             saved.copy_from_slice(&pkt[..d.len]);
-            let virt = self.outbound(pkt, &d, hash, now)?;
-            if let Err(e) = self.inbound(pkt, &Datagram { src: virt, ..d }, None, now) {
+            let virt = self.outbound(pkt, &d, now)?;
+            if let Err(e) = self.inbound(pkt, &Datagram { src: virt, ..d }, now) {
                 pkt[..d.len].copy_from_slice(&self.hairpin_scratch[..d.len]);
                 return Err(e);
             }
             Ok(Direction::Hairpin)
         } else if to_pool {
-            let hash = hint.filter(|h| !h.outbound).map(|h| h.hash);
-            self.inbound(pkt, &d, hash, now)?;
+            self.inbound(pkt, &d, now)?;
             Ok(Direction::Inbound)
         } else {
             Err(Stop::Pass)
@@ -256,15 +253,8 @@ impl Translator {
         }
     }
 
-    /// Host → partner. Returns the virtual source written. `hash`: of the flow key, when known.
-    #[inline]
-    fn outbound(
-        &mut self,
-        pkt: &mut [u8],
-        d: &Datagram,
-        hash: Option<u64>,
-        now: u64,
-    ) -> Result<IpAddr, Stop> {
+    /// Host → partner. Returns the virtual source written.
+    fn outbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<IpAddr, Stop> {
         translatable(d)?;
         if !super::is_unicast(d.dst) {
             return Err(Stop::Pass);
@@ -279,21 +269,14 @@ impl Translator {
             rewrite(pkt, d, d.src_offset(), wide(virt), delta);
             return Ok(virt);
         };
-        let fi = self.flow_of(d, k, true, hash, now)?;
+        let fi = self.flow_of(d, k, true, now)?;
         let (_, virt, delta) = self.touch_flow(fi, k.flags, true, now)?;
         rewrite(pkt, d, d.src_offset(), virt, delta);
         Ok(narrow(virt, d.is_v4()))
     }
 
-    /// Partner → host. `hash`: of the flow key, when known.
-    #[inline]
-    fn inbound(
-        &mut self,
-        pkt: &mut [u8],
-        d: &Datagram,
-        hash: Option<u64>,
-        now: u64,
-    ) -> Result<(), Stop> {
+    /// Partner → host.
+    fn inbound(&mut self, pkt: &mut [u8], d: &Datagram, now: u64) -> Result<(), Stop> {
         translatable(d)?;
         let Some(k) = FlowKey::of(d, false) else {
             let li = self.lease_in(d.dst, d.src, false, now)?;
@@ -303,26 +286,17 @@ impl Translator {
             rewrite(pkt, d, d.dst_offset(), wide(real), delta);
             return Ok(());
         };
-        let fi = self.flow_of(d, k, false, hash, now)?;
+        let fi = self.flow_of(d, k, false, now)?;
         let (real, _, delta) = self.touch_flow(fi, k.flags, false, now)?;
         rewrite(pkt, d, d.dst_offset(), real, delta.negate());
         Ok(())
     }
 
-    /// The flow of `d` (key `k`), made with its lease when there is none. `hash`: of the flow
-    /// key, when the caller knows it already.
-    #[inline]
-    fn flow_of(
-        &mut self,
-        d: &Datagram,
-        k: FlowKey,
-        outbound: bool,
-        hash: Option<u64>,
-        now: u64,
-    ) -> Result<u32, Stop> {
+    /// The flow of `d` (key `k`), made with its lease when there is none.
+    fn flow_of(&mut self, d: &Datagram, k: FlowKey, outbound: bool, now: u64) -> Result<u32, Stop> {
         let (addr, partner) = ends(d, outbound);
         let (a, p) = (wide(addr), wide(partner));
-        let h = hash.unwrap_or_else(|| self.flows.hash(a, p, k.proto, k.host_port, k.partner_port));
+        let h = self.flows.hash(a, p, k.proto, k.host_port, k.partner_port);
         if let Some(fi) = self.flows.find(outbound, h, a, p, k.proto, k.host_port, k.partner_port) {
             return Ok(fi);
         }
@@ -566,20 +540,37 @@ impl FlowKey {
 
 /// Writes `new` at address field `at` and updates the IPv4 header checksum and the transport
 /// checksum (when this datagram carries one that covers the addresses).
-#[inline]
 fn rewrite(pkt: &mut [u8], d: &Datagram, at: usize, new: Wide, delta: Delta) {
-    if d.is_v4() {
+    let sum = d.pseudo_checksum_offset();
+    patch(pkt, d.is_v4(), at, new, sum, d.protocol, d.partial_checksum, delta);
+}
+
+/// [`rewrite`] from the parts of a datagram it needs: `sum` is the offset of the transport
+/// checksum that covers the address (if any), `partial` says it holds a partial sum.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn patch(
+    pkt: &mut [u8],
+    v4: bool,
+    at: usize,
+    new: Wide,
+    sum: Option<usize>,
+    proto: u8,
+    partial: bool,
+    delta: Delta,
+) {
+    if v4 {
         pkt[at..at + 4].copy_from_slice(&new[12..]);
         let c = read_u16(pkt, ipv4::CHECKSUM_OFFSET);
         write_u16(pkt, ipv4::CHECKSUM_OFFSET, delta.apply(c));
     } else {
         pkt[at..at + 16].copy_from_slice(&new);
     }
-    if let Some(c) = d.pseudo_checksum_offset() {
-        if d.partial_checksum {
+    if let Some(c) = sum {
+        if partial {
             write_u16(pkt, c, delta.apply_partial(read_u16(pkt, c)));
         } else {
-            update_l4_checksum(pkt, c, d.protocol, delta);
+            update_l4_checksum(pkt, c, proto, delta);
         }
     }
 }
@@ -591,16 +582,6 @@ fn ends(d: &Datagram, outbound: bool) -> (IpAddr, IpAddr) {
         (d.src, d.dst)
     } else {
         (d.dst, d.src)
-    }
-}
-
-/// The address `a` (as [`wide`] holds it) in the packet's family.
-#[inline]
-fn narrow(a: Wide, v4: bool) -> IpAddr {
-    if v4 {
-        IpAddr::V4(std::net::Ipv4Addr::new(a[12], a[13], a[14], a[15]))
-    } else {
-        IpAddr::V6(std::net::Ipv6Addr::from(a))
     }
 }
 

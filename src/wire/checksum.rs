@@ -37,6 +37,14 @@ pub fn fold(mut acc: u64) -> u16 {
     acc as u16
 }
 
+/// The one's-complement sum of two 16-bit words: one end-around carry is always enough
+/// (0xffff + 0xffff = 0x1fffe folds to 0xffff), so no loop.
+#[inline(always)]
+fn add(a: u16, b: u16) -> u16 {
+    let s = u32::from(a) + u32::from(b);
+    ((s & 0xffff) + (s >> 16)) as u16
+}
+
 /// The checksum field value for `data` (plus an `initial` partial sum such as a pseudo-header).
 pub fn checksum(data: &[u8], initial: u64) -> u16 {
     !fold(sum(data, initial))
@@ -79,17 +87,20 @@ impl Delta {
 
     /// The delta that undoes this one.
     #[must_use]
+    #[inline]
     pub fn negate(self) -> Delta {
         Delta(!self.0)
     }
 
     /// Applies the delta to a checksum field value (RFC 1624 equation 3).
+    #[inline]
     pub fn apply(self, checksum: u16) -> u16 {
-        !fold(u64::from(!checksum) + u64::from(self.0))
+        !add(!checksum, self.0)
     }
 
     /// Applies the delta to a UDP checksum: 0 means "no checksum" (IPv4) and stays 0, and a
     /// computed 0 is sent as 0xffff (RFC 768).
+    #[inline]
     pub fn apply_udp(self, checksum: u16) -> u16 {
         if checksum == 0 {
             return 0;
@@ -104,7 +115,7 @@ impl Delta {
     /// the rest to offload hardware stores it: the field holds the sum itself, not its
     /// complement (Linux `inet_proto_csum_replace4` for CHECKSUM_PARTIAL).
     pub fn apply_partial(self, partial: u16) -> u16 {
-        fold(u64::from(partial) + u64::from(self.0))
+        add(partial, self.0)
     }
 
     /// True when the rewrite does not change any checksum.

@@ -153,14 +153,21 @@ impl Datagram {
         if self.fragment == Fragment::Later {
             return None;
         }
-        let at = match self.protocol {
-            protocol::TCP => self.l4 + TcpPacket::<&[u8]>::CHECKSUM_OFFSET,
-            protocol::UDP => self.l4 + UdpPacket::<&[u8]>::CHECKSUM_OFFSET,
-            protocol::ICMPV6 => self.l4 + IcmpPacket::<&[u8]>::CHECKSUM_OFFSET,
-            _ => return None,
-        };
-        Some(at)
+        pseudo_checksum_at(self.protocol, self.l4)
     }
+}
+
+/// Byte offset of the checksum of a `protocol` header at `l4` when it covers the addresses
+/// (TCP, UDP, ICMPv6; ICMPv4 has no pseudo-header).
+#[inline]
+pub fn pseudo_checksum_at(protocol: u8, l4: usize) -> Option<usize> {
+    let at = match protocol {
+        protocol::TCP => TcpPacket::<&[u8]>::CHECKSUM_OFFSET,
+        protocol::UDP => UdpPacket::<&[u8]>::CHECKSUM_OFFSET,
+        protocol::ICMPV6 => IcmpPacket::<&[u8]>::CHECKSUM_OFFSET,
+        _ => return None,
+    };
+    Some(l4 + at)
 }
 
 /// Validates a whole datagram (IPv4 or IPv6) and describes it.
@@ -170,18 +177,91 @@ impl Datagram {
 #[inline]
 pub fn parse(buf: &[u8]) -> Result<Datagram> {
     match parse_plain(buf) {
-        Some(d) => Ok(d),
+        Some(p) => Ok(p.datagram()),
         None => parse_inner(buf, false),
     }
 }
 
-/// [`parse`] of the common case in straight-line code: an IPv4 header without options or an
-/// IPv6 header without extension headers, not a fragment, carrying TCP, UDP or an ICMP echo.
-/// `None` for anything else, which the full parse then handles; where this answers, it
-/// answers exactly as the full parse would (a property test holds the two together).
+/// An address as the hot path holds it: 16 bytes, IPv6 as is, IPv4 mapped (`::ffff:a.b.c.d`,
+/// the address in the last 4 bytes). The family always comes from the packet at hand, so the
+/// mapping is never ambiguous. A byte array (not `u128`) keeps what holds it 8-byte aligned.
+pub type Wide = [u8; 16];
+
+/// `a` as a [`Wide`] address.
 #[inline]
-fn parse_plain(buf: &[u8]) -> Option<Datagram> {
-    let (src, dst, protocol, l4, len) = match *buf.first()? {
+pub fn wide(a: IpAddr) -> Wide {
+    match a {
+        IpAddr::V4(v4) => {
+            let mut w = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
+            w[12..].copy_from_slice(&v4.octets());
+            w
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The address `a` (as [`wide`] holds it) in the given family.
+#[inline]
+pub fn narrow(a: Wide, v4: bool) -> IpAddr {
+    if v4 {
+        IpAddr::from([a[12], a[13], a[14], a[15]])
+    } else {
+        IpAddr::from(a)
+    }
+}
+
+/// A packet with plain headers, as [`parse_plain`] reads it: an IPv4 header without options
+/// or an IPv6 header without extension headers, not a fragment, carrying TCP, UDP or an ICMP
+/// or ICMPv6 echo. What the translator's fast path works from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plain {
+    /// IPv4 (else IPv6).
+    pub v4: bool,
+    /// Source address.
+    pub src: Wide,
+    /// Destination address.
+    pub dst: Wide,
+    /// TCP, UDP, ICMP or ICMPv6.
+    pub protocol: u8,
+    /// The IP length field, as a datagram length.
+    pub len: u16,
+    /// Ports and flags, or the echo identifier.
+    pub transport: Transport,
+}
+
+impl Plain {
+    /// Byte offset of the transport header.
+    #[inline]
+    pub fn l4(&self) -> usize {
+        if self.v4 {
+            ipv4::MIN_HEADER_LEN
+        } else {
+            ipv6::HEADER_LEN
+        }
+    }
+
+    /// The same packet as [`parse`] describes it.
+    #[inline]
+    pub fn datagram(&self) -> Datagram {
+        Datagram {
+            src: narrow(self.src, self.v4),
+            dst: narrow(self.dst, self.v4),
+            protocol: self.protocol,
+            l4: self.l4(),
+            len: usize::from(self.len),
+            fragment: Fragment::Whole,
+            transport: self.transport,
+            partial_checksum: false,
+        }
+    }
+}
+
+/// [`parse`] of the common case in straight-line code (see [`Plain`]). `None` for anything
+/// else, which the full parse then handles; where this answers, it answers exactly as the
+/// full parse would (a property test holds the two together).
+#[inline]
+pub fn parse_plain(buf: &[u8]) -> Option<Plain> {
+    let (v4, src, dst, protocol, l4, len) = match *buf.first()? {
         0x45 => {
             let h: &[u8; ipv4::MIN_HEADER_LEN] =
                 buf.get(..ipv4::MIN_HEADER_LEN)?.try_into().ok()?;
@@ -189,19 +269,23 @@ fn parse_plain(buf: &[u8]) -> Option<Datagram> {
             if h[6] & 0x3f != 0 || h[7] != 0 {
                 return None;
             }
-            let a = |at: usize| IpAddr::from([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+            let a = |at: usize| {
+                let mut w = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
+                w[12..].copy_from_slice(&h[at..at + 4]);
+                w
+            };
             let len = usize::from(u16::from_be_bytes([h[2], h[3]]));
-            (a(ipv4::SRC_OFFSET), a(ipv4::DST_OFFSET), h[9], ipv4::MIN_HEADER_LEN, len)
+            (true, a(ipv4::SRC_OFFSET), a(ipv4::DST_OFFSET), h[9], ipv4::MIN_HEADER_LEN, len)
         }
         b if b >> 4 == 6 => {
             let h: &[u8; ipv6::HEADER_LEN] = buf.get(..ipv6::HEADER_LEN)?.try_into().ok()?;
             let a = |at: usize| {
-                let mut o = [0u8; 16];
-                o.copy_from_slice(&h[at..at + 16]);
-                IpAddr::from(o)
+                let mut w = [0u8; 16];
+                w.copy_from_slice(&h[at..at + 16]);
+                w
             };
             let len = ipv6::HEADER_LEN + usize::from(u16::from_be_bytes([h[4], h[5]]));
-            (a(ipv6::SRC_OFFSET), a(ipv6::DST_OFFSET), h[6], ipv6::HEADER_LEN, len)
+            (false, a(ipv6::SRC_OFFSET), a(ipv6::DST_OFFSET), h[6], ipv6::HEADER_LEN, len)
         }
         _ => return None,
     };
@@ -231,7 +315,7 @@ fn parse_plain(buf: &[u8]) -> Option<Datagram> {
             }
         }
         protocol::ICMP | protocol::ICMPV6 => {
-            let (request, reply) = match (protocol, l4 == ipv4::MIN_HEADER_LEN) {
+            let (request, reply) = match (protocol, v4) {
                 (protocol::ICMP, true) => (icmpv4::ECHO_REQUEST, icmpv4::ECHO_REPLY),
                 (protocol::ICMPV6, false) => (icmpv6::ECHO_REQUEST, icmpv6::ECHO_REPLY),
                 _ => return None,
@@ -244,16 +328,10 @@ fn parse_plain(buf: &[u8]) -> Option<Datagram> {
         }
         _ => return None,
     };
-    Some(Datagram {
-        src,
-        dst,
-        protocol,
-        l4,
-        len,
-        fragment: Fragment::Whole,
-        transport,
-        partial_checksum: false,
-    })
+    // `len` fits the buffer, whose length a slice bounds by `isize::MAX`; IP lengths are
+    // 16-bit fields plus at most the IPv6 header.
+    let len = u16::try_from(len).ok()?;
+    Some(Plain { v4, src, dst, protocol, len, transport })
 }
 
 /// Describes the packet quoted inside an ICMP error: the IP header must be complete, the rest
@@ -543,8 +621,8 @@ mod tests {
         for v6 in [false, true] {
             for kind in 0..3 {
                 let b = plain_packet(v6, kind, 10);
-                let d = parse_plain(&b).expect("a plain packet");
-                assert_eq!(Ok(d), parse_inner(&b, false));
+                let p = parse_plain(&b).expect("a plain packet");
+                assert_eq!(Ok(p.datagram()), parse_inner(&b, false));
             }
         }
         // Options, fragments and extension headers are for the full parse.
@@ -594,8 +672,8 @@ mod tests {
                 }
             }
             b.truncate(cut.max(1));
-            if let Some(d) = parse_plain(&b) {
-                proptest::prop_assert_eq!(Ok(d), parse_inner(&b, false));
+            if let Some(p) = parse_plain(&b) {
+                proptest::prop_assert_eq!(Ok(p.datagram()), parse_inner(&b, false));
             }
         }
     }

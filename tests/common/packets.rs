@@ -59,7 +59,17 @@ pub enum Outcome {
 
 /// Translates `pkt` in place and returns the verdict as an [`Outcome`].
 pub fn run(t: &mut Translator, pkt: &mut [u8], now: Instant) -> Outcome {
-    match t.translate(pkt, now) {
+    outcome(t.translate(pkt, now))
+}
+
+/// [`run`] through the general path only ([`Translator::translate_without_fast_path`]).
+pub fn run_general(t: &mut Translator, pkt: &mut [u8], now: Instant) -> Outcome {
+    outcome(t.translate_without_fast_path(pkt, now))
+}
+
+/// A verdict as an [`Outcome`].
+pub fn outcome(v: Verdict<'_>) -> Outcome {
+    match v {
         Verdict::Forward(d) => Outcome::Forward(d),
         Verdict::Drop(r) => Outcome::Drop(r),
         Verdict::Reply(r, b) => Outcome::Reply(r, b.to_vec()),

@@ -1,0 +1,84 @@
+//! Replays the translator benchmark's trace for instruction counting, so a change to the
+//! packet path can be weighed by a number that does not move with the machine's mood:
+//!
+//! ```text
+//! cargo build --release --example replay_count
+//! valgrind --tool=callgrind --toggle-collect='replay_count::replay*' \
+//!     target/release/examples/replay_count [PACKETS] [PASSES] [batched]
+//! ```
+//!
+//! Instructions per packet = the collected count / (PACKETS × PASSES). The defaults, the
+//! first 1,000 packets 100 times, are the bench's cache-resident replay.
+
+#[path = "../benches/trace/mod.rs"]
+#[allow(dead_code)]
+mod trace;
+
+use std::hint::black_box;
+use std::time::Instant;
+use trace::{Packets, Params, Trace};
+use vipgate::nat::Translator;
+
+/// One pass over `packets`, each copied into `scratch` and translated there.
+#[inline(never)]
+fn replay_single(t: &mut Translator, packets: &Packets, now: Instant, scratch: &mut [u8; 2048]) {
+    for p in packets.iter() {
+        let n = p.len().min(128);
+        scratch[..n].copy_from_slice(&p[..n]);
+        let _ = black_box(t.translate(&mut scratch[..p.len()], now));
+    }
+}
+
+/// One pass over `packets` in batches of 32 through `translate_batch`.
+#[inline(never)]
+fn replay_batched(
+    t: &mut Translator,
+    packets: &Packets,
+    now: Instant,
+    ring: &mut [[u8; 2048]; 32],
+) {
+    let mut it = packets.iter();
+    loop {
+        let mut bufs: [&mut [u8]; 32] = ring.each_mut().map(|b| &mut b[..]);
+        let mut n = 0;
+        for (slot, p) in bufs.iter_mut().zip(&mut it) {
+            let b = std::mem::take(slot);
+            let len = p.len().min(128);
+            b[..len].copy_from_slice(&p[..len]);
+            *slot = &mut b[..p.len()];
+            n += 1;
+        }
+        if n == 0 {
+            break;
+        }
+        t.translate_batch(&mut bufs[..n], now, |_, v| {
+            let _ = black_box(v);
+        });
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let packets: usize = args.next().map_or(1000, |a| a.parse().expect("PACKETS"));
+    let passes: usize = args.next().map_or(100, |a| a.parse().expect("PASSES"));
+    let batched = args.next().as_deref() == Some("batched");
+    let now = Instant::now();
+    let tr = Trace::generate(Params::STANDARD);
+    let open_all = trace::opening_packets(&tr, 0..tr.pairs.len());
+    let mut t = trace::translator(32_768, 131_072, now);
+    trace::open_pairs(&mut t, &open_all, now);
+    let all = trace::materialize(&tr, &mut t, now);
+    let hot = all.prefix(packets);
+    let before = t.counters().dropped_total();
+    let mut scratch = [0u8; 2048];
+    let mut ring = Box::new([[0u8; 2048]; 32]);
+    for _ in 0..passes {
+        if batched {
+            replay_batched(&mut t, &hot, now, &mut ring);
+        } else {
+            replay_single(&mut t, &hot, now, &mut scratch);
+        }
+    }
+    assert_eq!(t.counters().dropped_total(), before, "the replay dropped packets");
+    println!("{} packets x {passes} passes{}", hot.len(), if batched { ", batched" } else { "" });
+}
