@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo build --release --example replay_count
-//! valgrind --tool=callgrind --toggle-collect='replay_count::replay*' \
+//! valgrind --tool=callgrind --toggle-collect='replay_count::trace::replay*' \
 //!     target/release/examples/replay_count [PACKETS] [PASSES] [batched]
 //! ```
 //!
@@ -14,48 +14,8 @@
 #[allow(dead_code)]
 mod trace;
 
-use std::hint::black_box;
 use std::time::Instant;
-use trace::{Packets, Params, Trace};
-use vipgate::nat::Translator;
-
-/// One pass over `packets`, each copied into `scratch` and translated there.
-#[inline(never)]
-fn replay_single(t: &mut Translator, packets: &Packets, now: Instant, scratch: &mut [u8; 2048]) {
-    for p in packets.iter() {
-        let n = p.len().min(128);
-        scratch[..n].copy_from_slice(&p[..n]);
-        let _ = black_box(t.translate(&mut scratch[..p.len()], now));
-    }
-}
-
-/// One pass over `packets` in batches of 32 through `translate_batch`.
-#[inline(never)]
-fn replay_batched(
-    t: &mut Translator,
-    packets: &Packets,
-    now: Instant,
-    ring: &mut [[u8; 2048]; 32],
-) {
-    let mut it = packets.iter();
-    loop {
-        let mut bufs: [&mut [u8]; 32] = ring.each_mut().map(|b| &mut b[..]);
-        let mut n = 0;
-        for (slot, p) in bufs.iter_mut().zip(&mut it) {
-            let b = std::mem::take(slot);
-            let len = p.len().min(128);
-            b[..len].copy_from_slice(&p[..len]);
-            *slot = &mut b[..p.len()];
-            n += 1;
-        }
-        if n == 0 {
-            break;
-        }
-        t.translate_batch(&mut bufs[..n], now, |_, v| {
-            let _ = black_box(v);
-        });
-    }
-}
+use trace::{replay, replay_batched, Params, Trace, BATCH};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -71,12 +31,12 @@ fn main() {
     let hot = all.prefix(packets);
     let before = t.counters().dropped_total();
     let mut scratch = [0u8; 2048];
-    let mut ring = Box::new([[0u8; 2048]; 32]);
+    let mut ring = Box::new([[0u8; 2048]; BATCH]);
     for _ in 0..passes {
         if batched {
             replay_batched(&mut t, &hot, now, &mut ring);
         } else {
-            replay_single(&mut t, &hot, now, &mut scratch);
+            replay(&mut t, &hot, now, &mut scratch);
         }
     }
     assert_eq!(t.counters().dropped_total(), before, "the replay dropped packets");
