@@ -9,47 +9,28 @@
 //! from: it answers `None` having changed nothing, and where it answers it does exactly what
 //! the general path would (the property tests run both side by side on the same traffic).
 
-use super::translate::patch;
+use super::translate::{patch, FlowKey, Way};
 use super::{is_unicast, Direction, Translator};
-use crate::wire::{self, ipv4, ipv6, narrow, Plain, Transport, Wide};
+use crate::wire::{self, narrow, Wide};
 
-/// What the fast path learns of a packet before it looks its flow up: the first stage of a
-/// batch computes it, the last one uses it.
+/// What the fast path learns of a packet before it looks its flow up (the first stage of a
+/// batch computes it, the last one uses it): the flow key, once, and its hash.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Fast {
-    plain: Plain,
+    /// The host's end: its real address outbound, its virtual one inbound.
+    host: Wide,
+    /// The partner's address.
+    partner: Wide,
+    /// Protocol, ports and TCP flags.
+    key: FlowKey,
+    /// IPv4 (else IPv6).
+    v4: bool,
+    /// Offset of the transport checksum that covers the addresses, if there is one.
+    sum: Option<usize>,
     /// Host → partner (else partner → the host's virtual address).
     pub outbound: bool,
     /// The flow key's hash, in the index of `outbound`'s direction.
     pub hash: u64,
-}
-
-/// The flow key of a plain packet: the host's end (real address outbound, virtual inbound),
-/// the partner's, their ports (the echo identifier as the host's), and the TCP flags.
-struct Key {
-    host: Wide,
-    partner: Wide,
-    host_port: u16,
-    partner_port: u16,
-    flags: u8,
-}
-
-impl Key {
-    #[inline(always)]
-    fn of(p: &Plain, outbound: bool) -> Key {
-        let (host, partner) = if outbound { (p.src, p.dst) } else { (p.dst, p.src) };
-        let (src, dst, flags) = match p.transport {
-            Transport::Tcp { src_port, dst_port, flags } => (src_port, dst_port, flags),
-            Transport::Udp { src_port, dst_port } => (src_port, dst_port, 0),
-            Transport::Echo { ident, .. } => {
-                return Key { host, partner, host_port: ident, partner_port: 0, flags: 0 }
-            }
-            // `parse_plain` gives nothing else.
-            _ => (0, 0, 0),
-        };
-        let (host_port, partner_port) = if outbound { (src, dst) } else { (dst, src) };
-        Key { host, partner, host_port, partner_port, flags }
-    }
 }
 
 impl Translator {
@@ -59,20 +40,22 @@ impl Translator {
     #[inline]
     pub(super) fn fast_key(&self, pkt: &[u8]) -> Option<Fast> {
         let p = wire::parse_plain(pkt)?;
-        let to_pool = self.pool.prefixes().contains_wide(&p.dst, p.v4);
-        let outbound = if self.lan.contains_wide(&p.src, p.v4) {
-            if to_pool || self.lan.contains_wide(&p.dst, p.v4) || !is_unicast(narrow(p.dst, p.v4)) {
-                return None;
-            }
-            true
-        } else if to_pool {
-            false
-        } else {
-            return None;
+        let way = Way::of(
+            self.lan.contains_wide(&p.src, p.v4),
+            self.lan.contains_wide(&p.dst, p.v4),
+            self.pool.prefixes().contains_wide(&p.dst, p.v4),
+        );
+        let outbound = match way {
+            // A destination that is not unicast passes (the general path says so).
+            Way::Out => is_unicast(narrow(p.dst, p.v4)).then_some(true)?,
+            Way::In => false,
+            Way::Hairpin | Way::Pass => return None,
         };
-        let k = Key::of(&p, outbound);
-        let hash = self.flows.hash(k.host, k.partner, p.protocol, k.host_port, k.partner_port);
-        Some(Fast { plain: p, outbound, hash })
+        let (host, partner) = if outbound { (p.src, p.dst) } else { (p.dst, p.src) };
+        let key = FlowKey::new(p.protocol, p.transport, outbound)?;
+        let hash = self.flows.hash(host, partner, key.proto, key.host_port, key.partner_port);
+        let sum = wire::pseudo_checksum_at(p.protocol, p.l4());
+        Some(Fast { host, partner, key, v4: p.v4, sum, outbound, hash })
     }
 
     /// Translates the packet `f` was read from when its flow exists: refreshes the flow,
@@ -80,30 +63,24 @@ impl Translator {
     /// counts it). `None`, with nothing changed, when there is no such flow.
     #[inline]
     pub(super) fn forward_fast(&mut self, pkt: &mut [u8], f: &Fast, now: u64) -> Option<Direction> {
-        let p = &f.plain;
-        let k = Key::of(p, f.outbound);
+        let k = &f.key;
         let fi = self.flows.find(
             f.outbound,
             f.hash,
-            k.host,
-            k.partner,
-            p.protocol,
+            f.host,
+            f.partner,
+            k.proto,
             k.host_port,
             k.partner_port,
         )?;
         let (real, virt, delta) =
             self.flows.touch(fi, k.flags, f.outbound, now, &self.flow_timeouts)?;
-        let sum = wire::pseudo_checksum_at(p.protocol, p.l4());
-        let (src_at, dst_at) = if p.v4 {
-            (ipv4::SRC_OFFSET, ipv4::DST_OFFSET)
-        } else {
-            (ipv6::SRC_OFFSET, ipv6::DST_OFFSET)
-        };
+        let (src_at, dst_at) = wire::addr_offsets(f.v4);
         if f.outbound {
-            patch(pkt, p.v4, src_at, virt, sum, p.protocol, false, delta);
+            patch(pkt, f.v4, src_at, virt, f.sum, k.proto, false, delta);
             Some(Direction::Outbound)
         } else {
-            patch(pkt, p.v4, dst_at, real, sum, p.protocol, false, delta.negate());
+            patch(pkt, f.v4, dst_at, real, f.sum, k.proto, false, delta.negate());
             Some(Direction::Inbound)
         }
     }

@@ -38,8 +38,10 @@ use super::index::Index;
 use super::prefetch::prefetch;
 use crate::wire::Delta;
 use crate::wire::{protocol, tcp_flags};
+use rand_chacha::ChaCha12Rng;
+use rand_core::{RngCore, SeedableRng};
 
-pub use crate::wire::{wide, Wide};
+use crate::wire::{wide, Wide};
 
 /// TCP state bits kept per flow (enough for RFC 7857 §3's timer choice).
 pub mod tcp_state {
@@ -174,15 +176,8 @@ struct FlowHasher([u64; 6]);
 
 impl FlowHasher {
     fn new(seed: u64) -> FlowHasher {
-        // SplitMix64 steps spread one seed over six words.
-        let mut x = seed;
-        FlowHasher(std::array::from_fn(|_| {
-            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }))
+        let mut words = ChaCha12Rng::seed_from_u64(seed);
+        FlowHasher(std::array::from_fn(|_| words.next_u64()))
     }
 
     #[inline(always)]

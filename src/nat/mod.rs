@@ -627,8 +627,7 @@ impl Translator {
     }
 
     fn ms(&self, now: Instant) -> u64 {
-        let d = now.saturating_duration_since(self.epoch);
-        d.as_secs().saturating_mul(1000).saturating_add(u64::from(d.subsec_millis()))
+        now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     /// [`Translator::ms`] for the packet path: a packet's `now` is most often the one of the

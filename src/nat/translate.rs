@@ -8,13 +8,11 @@
 //! other way (RFC 5508 REQ-3..5) and their ICMP checksum recomputed after verification.
 
 use super::fast::Fast;
-use super::flow::{wide, Wide};
 use super::{Direction, DropReason, Filtering, Origin, Translator, Verdict, NEVER};
-use crate::wire::narrow;
 use crate::wire::vnet::Checksum;
 use crate::wire::{
-    self, addr_delta, checksum, ipv4, protocol, read_u16, write_addr, write_u16, Datagram, Delta,
-    Fragment, Transport,
+    self, addr_delta, checksum, ipv4, narrow, protocol, read_u16, wide, write_addr, write_u16,
+    Datagram, Delta, Fragment, Transport, Wide,
 };
 use std::net::IpAddr;
 use std::time::Instant;
@@ -57,10 +55,7 @@ impl Translator {
             }
             Checksum::Partial { .. } => None,
         };
-        let routed = match fast {
-            Some(dir) => Ok(dir),
-            None => self.route_full(packet, csum, now_ms),
-        };
+        let routed = fast.map_or_else(|| self.route_full(packet, csum, now_ms), Ok);
         self.conclude(packet, routed, now_ms)
     }
 
@@ -77,7 +72,9 @@ impl Translator {
         self.conclude(packet, routed, now_ms)
     }
 
-    /// The general path: parse in full, then route.
+    /// The general path: parse in full, then route. Kept out of line, so the fast path's
+    /// callers stay small.
+    #[inline(never)]
     fn route_full(
         &mut self,
         packet: &mut [u8],
@@ -162,10 +159,7 @@ impl Translator {
             // The key stage 1 read is still the packet's (only its own translation writes to
             // it) and depends on no table, so it is reused.
             let fast = staged[j % RING].and_then(|f| self.forward_fast(p, &f, now_ms));
-            let routed = match fast {
-                Some(dir) => Ok(dir),
-                None => self.route_full(p, Checksum::Full, now_ms),
-            };
+            let routed = fast.map_or_else(|| self.route_full(p, Checksum::Full, now_ms), Ok);
             verdict(j, self.conclude(p, routed, now_ms));
         }
     }
@@ -189,30 +183,30 @@ impl Translator {
         if let Transport::IcmpError { .. } = d.transport {
             return self.route_error(pkt, &d);
         }
-        let to_pool = self.pool.contains(d.dst);
-        if self.lan.contains(d.src) {
-            if self.lan.contains(d.dst) {
-                return Err(Stop::Pass);
-            }
-            if !to_pool {
+        let way =
+            Way::of(self.lan.contains(d.src), self.lan.contains(d.dst), self.pool.contains(d.dst));
+        match way {
+            Way::Out => {
                 self.outbound(pkt, &d, now)?;
-                return Ok(Direction::Outbound);
+                Ok(Direction::Outbound)
             }
-            // Hairpin: if the second leg refuses, the sender must get its packet back as it
-            // sent it (an ICMP error quotes it, and goes to its real address).
-            let saved = &mut self.hairpin_scratch[..d.len];
-            saved.copy_from_slice(&pkt[..d.len]);
-            let virt = self.outbound(pkt, &d, now)?;
-            if let Err(e) = self.inbound(pkt, &Datagram { src: virt, ..d }, now) {
-                pkt[..d.len].copy_from_slice(&self.hairpin_scratch[..d.len]);
-                return Err(e);
+            Way::In => {
+                self.inbound(pkt, &d, now)?;
+                Ok(Direction::Inbound)
             }
-            Ok(Direction::Hairpin)
-        } else if to_pool {
-            self.inbound(pkt, &d, now)?;
-            Ok(Direction::Inbound)
-        } else {
-            Err(Stop::Pass)
+            Way::Hairpin => {
+                // If the second leg refuses, the sender must get its packet back as it sent it
+                // (an ICMP error quotes it, and goes to its real address).
+                let saved = &mut self.hairpin_scratch[..d.len];
+                saved.copy_from_slice(&pkt[..d.len]);
+                let virt = self.outbound(pkt, &d, now)?;
+                if let Err(e) = self.inbound(pkt, &Datagram { src: virt, ..d }, now) {
+                    pkt[..d.len].copy_from_slice(&self.hairpin_scratch[..d.len]);
+                    return Err(e);
+                }
+                Ok(Direction::Hairpin)
+            }
+            Way::Pass => Err(Stop::Pass),
         }
     }
 
@@ -508,28 +502,60 @@ impl From<crate::wire::Error> for Stop {
     }
 }
 
+/// Which way a packet goes, from where its addresses lie (the table in
+/// docs/architecture.md); ICMP errors go by the packet they quote instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Way {
+    /// From a served host to elsewhere.
+    Out,
+    /// From elsewhere to a pool address.
+    In,
+    /// From a served host to a pool address (RFC 4787 REQ-9).
+    Hairpin,
+    /// None of ours (lan to lan, or neither end served): untouched.
+    Pass,
+}
+
+impl Way {
+    /// The way of a packet whose source is or is not served, and whose destination is or is
+    /// not served and is or is not in the pool.
+    #[inline]
+    pub(super) fn of(src_in_lan: bool, dst_in_lan: bool, dst_in_pool: bool) -> Way {
+        match (src_in_lan, dst_in_lan, dst_in_pool) {
+            (true, true, _) => Way::Pass,
+            (true, false, false) => Way::Out,
+            (true, false, true) => Way::Hairpin,
+            (false, _, true) => Way::In,
+            (false, _, false) => Way::Pass,
+        }
+    }
+}
+
 /// What identifies a flow within its lease.
 #[derive(Debug, Clone, Copy)]
-struct FlowKey {
-    proto: u8,
-    host_port: u16,
-    partner_port: u16,
-    flags: u8,
+pub(super) struct FlowKey {
+    pub proto: u8,
+    pub host_port: u16,
+    pub partner_port: u16,
+    pub flags: u8,
 }
 
 impl FlowKey {
     #[inline]
     fn of(d: &Datagram, outbound: bool) -> Option<FlowKey> {
-        let (proto, src, dst, flags) = match d.transport {
-            Transport::Tcp { src_port, dst_port, flags } => (d.protocol, src_port, dst_port, flags),
-            Transport::Udp { src_port, dst_port } => (d.protocol, src_port, dst_port, 0),
+        FlowKey::new(d.protocol, d.transport, outbound)
+    }
+
+    /// The key of a `proto` packet with this transport header going `outbound` (or in):
+    /// the ports (the echo identifier as the host's) and the TCP flags. `None` for what has
+    /// no flow (a later fragment, an ICMP error or other message, another protocol).
+    #[inline(always)]
+    pub(super) fn new(proto: u8, t: Transport, outbound: bool) -> Option<FlowKey> {
+        let (src, dst, flags) = match t {
+            Transport::Tcp { src_port, dst_port, flags } => (src_port, dst_port, flags),
+            Transport::Udp { src_port, dst_port } => (src_port, dst_port, 0),
             Transport::Echo { ident, .. } => {
-                return Some(FlowKey {
-                    proto: d.protocol,
-                    host_port: ident,
-                    partner_port: 0,
-                    flags: 0,
-                })
+                return Some(FlowKey { proto, host_port: ident, partner_port: 0, flags: 0 })
             }
             _ => return None,
         };

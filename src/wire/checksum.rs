@@ -77,12 +77,12 @@ impl Delta {
         // fold(sum(!old)) == !fold(sum(old)) for a non-empty field.
         let old_sum = fold(sum(old, 0));
         let new_sum = fold(sum(new, 0));
-        Delta(fold(u64::from(!old_sum) + u64::from(new_sum)))
+        Delta(add(!old_sum, new_sum))
     }
 
     /// The delta of replacing one 16-bit word.
     pub fn word(old: u16, new: u16) -> Delta {
-        Delta(fold(u64::from(!old) + u64::from(new)))
+        Delta(add(!old, new))
     }
 
     /// The delta that undoes this one.
@@ -129,7 +129,7 @@ impl std::ops::Add for Delta {
 
     /// The delta of both rewrites together.
     fn add(self, other: Delta) -> Delta {
-        Delta(fold(u64::from(self.0) + u64::from(other.0)))
+        Delta(add(self.0, other.0))
     }
 }
 

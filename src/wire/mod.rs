@@ -131,20 +131,12 @@ impl Datagram {
 
     /// Byte offset of the source address field.
     pub fn src_offset(&self) -> usize {
-        if self.is_v4() {
-            ipv4::SRC_OFFSET
-        } else {
-            ipv6::SRC_OFFSET
-        }
+        addr_offsets(self.is_v4()).0
     }
 
     /// Byte offset of the destination address field.
     pub fn dst_offset(&self) -> usize {
-        if self.is_v4() {
-            ipv4::DST_OFFSET
-        } else {
-            ipv6::DST_OFFSET
-        }
+        addr_offsets(self.is_v4()).1
     }
 
     /// Byte offset of the transport checksum that covers the addresses (TCP, UDP, ICMPv6),
@@ -154,6 +146,17 @@ impl Datagram {
             return None;
         }
         pseudo_checksum_at(self.protocol, self.l4)
+    }
+}
+
+/// Byte offsets of the source and destination address fields of an IPv4 (`v4`) or IPv6
+/// header.
+#[inline]
+pub fn addr_offsets(v4: bool) -> (usize, usize) {
+    if v4 {
+        (ipv4::SRC_OFFSET, ipv4::DST_OFFSET)
+    } else {
+        (ipv6::SRC_OFFSET, ipv6::DST_OFFSET)
     }
 }
 
@@ -289,43 +292,11 @@ pub fn parse_plain(buf: &[u8]) -> Option<Plain> {
         }
         _ => return None,
     };
-    // The total length covers the header and fits the buffer.
+    // The total length covers the header and fits the buffer; the transport header is read
+    // as the full parse reads it, and only what the fast path handles is taken.
     let seg = buf.get(l4..len)?;
-    let transport = match protocol {
-        protocol::TCP => {
-            let hl = usize::from(*seg.get(12)? >> 4) * 4;
-            if seg.len() < TcpPacket::<&[u8]>::MIN_HEADER_LEN
-                || hl < TcpPacket::<&[u8]>::MIN_HEADER_LEN
-                || hl > seg.len()
-            {
-                return None;
-            }
-            let port = |at: usize| u16::from_be_bytes([seg[at], seg[at + 1]]);
-            Transport::Tcp { src_port: port(0), dst_port: port(2), flags: seg[13] }
-        }
-        protocol::UDP => {
-            let h = seg.get(..UdpPacket::<&[u8]>::HEADER_LEN)?;
-            let ul = usize::from(u16::from_be_bytes([h[4], h[5]]));
-            if ul < UdpPacket::<&[u8]>::HEADER_LEN || ul > seg.len() {
-                return None;
-            }
-            Transport::Udp {
-                src_port: u16::from_be_bytes([h[0], h[1]]),
-                dst_port: u16::from_be_bytes([h[2], h[3]]),
-            }
-        }
-        protocol::ICMP | protocol::ICMPV6 => {
-            let (request, reply) = match (protocol, v4) {
-                (protocol::ICMP, true) => (icmpv4::ECHO_REQUEST, icmpv4::ECHO_REPLY),
-                (protocol::ICMPV6, false) => (icmpv6::ECHO_REQUEST, icmpv6::ECHO_REPLY),
-                _ => return None,
-            };
-            let h = seg.get(..IcmpPacket::<&[u8]>::HEADER_LEN)?;
-            if h[0] != request && h[0] != reply {
-                return None;
-            }
-            Transport::Echo { ident: u16::from_be_bytes([h[4], h[5]]), reply: h[0] == reply }
-        }
+    let transport = match transport(seg, protocol, v4, Fragment::Whole, false).ok()? {
+        t @ (Transport::Tcp { .. } | Transport::Udp { .. } | Transport::Echo { .. }) => t,
         _ => return None,
     };
     // `len` fits the buffer, whose length a slice bounds by `isize::MAX`; IP lengths are
@@ -421,6 +392,7 @@ fn finish(
     Ok(Datagram { src, dst, protocol, l4, len, fragment, transport, partial_checksum: false })
 }
 
+#[inline]
 fn transport(
     seg: &[u8],
     proto: u8,
@@ -458,6 +430,7 @@ fn transport(
     }
 }
 
+#[inline]
 fn icmp(i: IcmpPacket<&[u8]>, v4: bool) -> Transport {
     let t = i.msg_type();
     let (echo_req, echo_rep) = if v4 {
