@@ -3,10 +3,11 @@
 //! A deterministic trace (see `trace/mod.rs`: 120,000 packets over about 18,500 host/partner
 //! pairs, TCP/UDP/ICMP echo, IPv4 and IPv6, 64 to 1500 bytes, both directions, about 3 % of
 //! packets the first of a new pair) is replayed through the translator. The translator rewrites
-//! in place, so each packet's first [`HEAD`] bytes (every header the translator reads or
-//! writes: it never touches the payload of a data packet) are copied from the pristine trace
-//! into one reused 2 KiB buffer before it is translated; in the daemon the packet is already
-//! there after the TUN read. The baselines do the same copy. `*_full_copy` variants copy
+//! in place, so each packet's headers (IP and transport: all the translator reads or writes,
+//! it never touches the payload of a data packet) are copied from the pristine trace into
+//! one reused 2 KiB buffer before it is translated; in the daemon the packet is already there
+//! after the TUN read. Each packet of the trace starts on a cache line, as a packet buffer
+//! does. The baselines do the same copy. `*_full_copy` variants copy
 //! whole packets, to show what the copy of an 89 MB trace costs on its own.
 //!
 //! Bench groups (throughput in packets):

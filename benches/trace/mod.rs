@@ -328,6 +328,7 @@ impl Trace {
 
     /// Appends one packet of `flow` to `out`: outbound, or with `inbound_to` the partner's
     /// reply to that address (the pair's virtual address); `opening` makes a TCP packet a SYN.
+    /// Returns the length of its headers (IP and transport).
     fn build(
         &self,
         out: &mut Vec<u8>,
@@ -336,7 +337,7 @@ impl Trace {
         size: u16,
         seq: u32,
         opening: bool,
-    ) {
+    ) -> usize {
         let pair = &self.pairs[flow.pair as usize];
         let (src, dst, sport, dport) = match inbound_to {
             None => (pair.host, pair.partner, flow.host_port, flow.partner_port),
@@ -381,6 +382,7 @@ impl Trace {
         };
         written.expect("etherparse builds the packet");
         assert_eq!(out.len() - before, usize::from(size), "packet size");
+        ip_len + l4_len
     }
 }
 
@@ -419,27 +421,26 @@ pub fn opening_packets(trace: &Trace, pairs: Range<usize>) -> Packets {
     for pair in &trace.pairs[pairs] {
         let first = pair.first_flow as usize;
         for (k, flow) in trace.flows[first..first + pair.flow_count as usize].iter().enumerate() {
-            let at = p.bytes.len();
-            trace.build(&mut p.bytes, flow, None, 64, k as u32, true);
-            p.spans.push((at as u32, 64));
+            p.push(|out| trace.build(out, flow, None, 64, k as u32, true));
             p.outbound += 1;
         }
     }
-    p
+    p.aligned()
 }
 
 /// Translates packets made by [`opening_packets`], panicking unless each is forwarded.
 pub fn open_pairs(t: &mut Translator, opening: &Packets, now: Instant) {
     for packet in opening.iter() {
-        expect_forward(t, packet, now, Direction::Outbound, "opening a pair");
+        expect_forward(t, packet.bytes, now, Direction::Outbound, "opening a pair");
     }
 }
 
-/// The trace as packets, stored back to back in one buffer.
+/// The trace as packets in one buffer, each starting on a cache line (64 bytes), as packet
+/// buffers do (a TUN read's, a NIC ring's).
 #[derive(Debug, Default)]
 pub struct Packets {
     bytes: Vec<u8>,
-    spans: Vec<(u32, u16)>,
+    spans: Vec<Span>,
     /// Packets host → partner.
     pub outbound: u64,
     /// Packets partner → host.
@@ -449,37 +450,92 @@ pub struct Packets {
     pub opening: u64,
 }
 
+/// Where a packet is in [`Packets::bytes`].
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    at: u32,
+    len: u16,
+    /// Length of its headers (IP and transport): all of the packet the translator reads.
+    head: u8,
+}
+
+/// One packet of a trace.
+#[derive(Debug, Clone, Copy)]
+pub struct Packet<'a> {
+    /// The whole packet.
+    pub bytes: &'a [u8],
+    /// Length of its headers (IP and transport): the translator reads nothing after them.
+    pub head: usize,
+}
+
+/// Cache line size: where each packet starts.
+const LINE: usize = 64;
+
 impl Packets {
     /// Number of packets.
     pub fn len(&self) -> usize {
         self.spans.len()
     }
 
-    /// Total bytes.
+    /// Total bytes of the packets (without the padding between them).
     pub fn bytes(&self) -> usize {
-        self.bytes.len()
+        self.spans.iter().map(|s| usize::from(s.len)).sum()
+    }
+
+    fn packet(&self, s: &Span) -> Packet<'_> {
+        let at = s.at as usize;
+        Packet { bytes: &self.bytes[at..at + usize::from(s.len)], head: usize::from(s.head) }
     }
 
     /// The packets, in trace order.
-    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        self.spans.iter().map(|&(at, len)| &self.bytes[at as usize..at as usize + usize::from(len)])
+    pub fn iter(&self) -> impl Iterator<Item = Packet<'_>> + '_ {
+        self.spans.iter().map(|s| self.packet(s))
     }
 
     /// Packet `i`, if there is one.
-    pub fn get(&self, i: usize) -> Option<&[u8]> {
-        let &(at, len) = self.spans.get(i)?;
-        self.bytes.get(at as usize..at as usize + usize::from(len))
+    pub fn get(&self, i: usize) -> Option<Packet<'_>> {
+        self.spans.get(i).map(|s| self.packet(s))
+    }
+
+    /// Appends the packet `build` writes (returning its header length), at the next multiple
+    /// of [`LINE`] from the start of the buffer.
+    fn push(&mut self, build: impl FnOnce(&mut Vec<u8>) -> usize) {
+        self.bytes.resize(self.bytes.len().next_multiple_of(LINE), 0);
+        let at = self.bytes.len();
+        let head = build(&mut self.bytes);
+        let len = self.bytes.len() - at;
+        self.spans.push(Span {
+            at: u32::try_from(at).expect("trace under 4 GB"),
+            len: u16::try_from(len).expect("packet under 64 KB"),
+            head: u8::try_from(head).expect("headers under 256 bytes"),
+        });
+    }
+
+    /// The same packets in a buffer whose start is on a cache line (the allocator only
+    /// promises 16 bytes), so every packet is.
+    fn aligned(self) -> Packets {
+        let mut bytes = Vec::<u8>::with_capacity(self.bytes.len() + LINE);
+        // The capacity is reserved, so the buffer never moves and the offset holds.
+        let pad = bytes.as_ptr().align_offset(LINE);
+        bytes.resize(pad, 0);
+        bytes.extend_from_slice(&self.bytes);
+        let spans = self.spans.iter().map(|s| Span { at: s.at + pad as u32, ..*s }).collect();
+        Packets { bytes, spans, ..self }
     }
 
     /// The first `n` packets (for a cache-resident replay).
     pub fn prefix(&self, n: usize) -> Packets {
+        let spans = &self.spans[..n.min(self.spans.len())];
+        let start = spans.first().map_or(0, |s| s.at);
+        let end = spans.last().map_or(0, |s| s.at as usize + usize::from(s.len));
         Packets {
-            bytes: self.bytes.clone(),
-            spans: self.spans[..n.min(self.spans.len())].to_vec(),
+            bytes: self.bytes[start as usize..end].to_vec(),
+            spans: spans.iter().map(|s| Span { at: s.at - start, ..*s }).collect(),
             outbound: 0,
             inbound: 0,
             opening: 0,
         }
+        .aligned()
     }
 }
 
@@ -487,17 +543,13 @@ impl Packets {
 // Replay loops (the benchmark's timed code; `examples/replay_count.rs` counts their
 // instructions).
 
-/// Bytes of each packet copied into the scratch buffer before translation: more than any
-/// header chain in the trace (IPv6 + TCP with options is at most 100).
-pub const HEAD: usize = 128;
-
-/// Puts packet `p` into `scratch` (its first `HEAD` bytes, or all of it with `full`) and
-/// returns the packet-sized buffer.
+/// Puts packet `p` into `scratch` (its headers, or all of it with `full`) and returns the
+/// packet-sized buffer.
 #[inline]
-pub fn load<'a>(scratch: &'a mut [u8; 2048], p: &[u8], full: bool) -> &'a mut [u8] {
-    let n = if full { p.len() } else { p.len().min(HEAD) };
-    scratch[..n].copy_from_slice(&p[..n]);
-    &mut scratch[..p.len()]
+pub fn load<'a>(scratch: &'a mut [u8; 2048], p: Packet<'_>, full: bool) -> &'a mut [u8] {
+    let n = if full { p.bytes.len() } else { p.head };
+    scratch[..n].copy_from_slice(&p.bytes[..n]);
+    &mut scratch[..p.bytes.len()]
 }
 
 /// Loads each packet into `scratch` and translates it there.
@@ -543,9 +595,8 @@ pub fn replay_batched(t: &mut Translator, packets: &Packets, now: Instant, ring:
                 prefetch_head(ahead);
             }
             let b = std::mem::take(slot);
-            let len = p.len().min(HEAD);
-            b[..len].copy_from_slice(&p[..len]);
-            *slot = &mut b[..p.len()];
+            b[..p.head].copy_from_slice(&p.bytes[..p.head]);
+            *slot = &mut b[..p.bytes.len()];
             n += 1;
         }
         if n == 0 {
@@ -557,10 +608,10 @@ pub fn replay_batched(t: &mut Translator, packets: &Packets, now: Instant, ring:
     }
 }
 
-/// Prefetches the lines of a packet's first [`HEAD`] bytes.
+/// Prefetches the lines of a packet's headers.
 #[inline]
-fn prefetch_head(p: &[u8]) {
-    for line in p[..p.len().min(HEAD)].chunks(64) {
+fn prefetch_head(p: Packet<'_>) {
+    for line in p.bytes[..p.head].chunks(LINE) {
         safe_arch::prefetch_t0(&line[0]);
     }
 }
@@ -569,7 +620,9 @@ fn prefetch_head(p: &[u8]) {
 /// documentation); `t` must already hold the pairs the schedule does not open itself.
 pub fn materialize(trace: &Trace, t: &mut Translator, now: Instant) -> Packets {
     let mut p = Packets {
-        bytes: Vec::with_capacity(trace.events.iter().map(|e| usize::from(e.size)).sum()),
+        bytes: Vec::with_capacity(
+            trace.events.iter().map(|e| usize::from(e.size).next_multiple_of(LINE)).sum(),
+        ),
         spans: Vec::with_capacity(trace.events.len()),
         ..Packets::default()
     };
@@ -582,9 +635,7 @@ pub fn materialize(trace: &Trace, t: &mut Translator, now: Instant) -> Packets {
             let lease = t.lease_of(pair.host, pair.partner).expect("a reply's pair is leased");
             Some(lease.virtual_addr)
         };
-        let at = p.bytes.len();
-        trace.build(&mut p.bytes, flow, to, e.size, seq as u32, e.opens_pair);
-        p.spans.push((at as u32, e.size));
+        p.push(|out| trace.build(out, flow, to, e.size, seq as u32, e.opens_pair));
         let (want, counter) = if e.outbound {
             (Direction::Outbound, &mut p.outbound)
         } else {
@@ -592,7 +643,8 @@ pub fn materialize(trace: &Trace, t: &mut Translator, now: Instant) -> Packets {
         };
         *counter += 1;
         p.opening += u64::from(e.opens_pair);
-        expect_forward(t, &p.bytes[at..], now, want, "materializing the trace");
+        let last = p.get(p.len() - 1).expect("just pushed");
+        expect_forward(t, last.bytes, now, want, "materializing the trace");
     }
-    p
+    p.aligned()
 }

@@ -58,6 +58,12 @@ impl Translator {
         Some(Fast { host, partner, key, v4: p.v4, sum, outbound, hash })
     }
 
+    #[doc(hidden)]
+    pub(super) fn fast_find(&self, f: &Fast) -> Option<u32> {
+        let k = &f.key;
+        self.flows.find(f.outbound, f.hash, f.host, f.partner, k.proto, k.host_port, k.partner_port)
+    }
+
     /// Translates the packet `f` was read from when its flow exists: refreshes the flow,
     /// rewrites the host's address and the checksums, and returns the direction (the caller
     /// counts it). `None`, with nothing changed, when there is no such flow.

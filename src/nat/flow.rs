@@ -183,10 +183,10 @@ impl FlowHasher {
     #[inline(always)]
     fn hash(&self, addr: Wide, partner: Wide, proto: u8, hp: u16, pp: u16) -> u64 {
         let s = &self.0;
-        let (a, p) = (u128::from_le_bytes(addr), u128::from_le_bytes(partner));
+        let ([a0, a1], [p0, p1]) = (addr.words(), partner.words());
         let ports = (u64::from(proto) << 32) | (u64::from(hp) << 16) | u64::from(pp);
-        let x = folded_multiply(a as u64 ^ s[0], p as u64 ^ s[1]);
-        let y = folded_multiply((a >> 64) as u64 ^ s[2], (p >> 64) as u64 ^ s[3]);
+        let x = folded_multiply(a0 ^ s[0], p0 ^ s[1]);
+        let y = folded_multiply(a1 ^ s[2], p1 ^ s[3]);
         folded_multiply(x ^ s[4], y ^ ports ^ s[5])
     }
 }

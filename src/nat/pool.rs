@@ -44,9 +44,9 @@ impl PrefixSet {
     #[inline]
     pub fn contains_wide(&self, a: &Wide, v4: bool) -> bool {
         if v4 {
-            self.contains_v4(u32::from_be_bytes([a[12], a[13], a[14], a[15]]))
+            self.contains_v4(u32::from_be_bytes(a.v4_octets()))
         } else {
-            self.contains_v6(u128::from_be_bytes(*a))
+            self.contains_v6(u128::from_be_bytes(a.octets()))
         }
     }
 

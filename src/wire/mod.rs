@@ -185,21 +185,61 @@ pub fn parse(buf: &[u8]) -> Result<Datagram> {
     }
 }
 
-/// An address as the hot path holds it: 16 bytes, IPv6 as is, IPv4 mapped (`::ffff:a.b.c.d`,
-/// the address in the last 4 bytes). The family always comes from the packet at hand, so the
-/// mapping is never ambiguous. A byte array (not `u128`) keeps what holds it 8-byte aligned.
-pub type Wide = [u8; 16];
+/// An address as the hot path holds it: IPv6 as is, IPv4 mapped (`::ffff:a.b.c.d`). The
+/// family always comes from the packet at hand, so the mapping is never ambiguous.
+///
+/// The 16 bytes, in network order, are held as two native-endian words: the compiler keeps
+/// an address in two registers and compares, hashes and copies it whole (a `[u8; 16]` it
+/// splits into bytes), and what holds it stays 8-byte aligned (a `u128` would be 16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct Wide([u64; 2]);
+
+impl Wide {
+    /// An address from its 16 bytes.
+    #[inline(always)]
+    pub fn from_octets(b: [u8; 16]) -> Wide {
+        let [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7] = b;
+        Wide([
+            u64::from_ne_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+            u64::from_ne_bytes([b0, b1, b2, b3, b4, b5, b6, b7]),
+        ])
+    }
+
+    /// The IPv4 address `a` (network order), mapped.
+    #[inline(always)]
+    pub fn from_v4(a: [u8; 4]) -> Wide {
+        Wide([0, u64::from_ne_bytes([0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]])])
+    }
+
+    /// The 16 bytes.
+    #[inline(always)]
+    pub fn octets(self) -> [u8; 16] {
+        let mut b = [0; 16];
+        b[..8].copy_from_slice(&self.0[0].to_ne_bytes());
+        b[8..].copy_from_slice(&self.0[1].to_ne_bytes());
+        b
+    }
+
+    /// The last 4 bytes: the IPv4 address of a mapped one.
+    #[inline(always)]
+    pub fn v4_octets(self) -> [u8; 4] {
+        let [.., a, b, c, d] = self.0[1].to_ne_bytes();
+        [a, b, c, d]
+    }
+
+    /// The two words (for hashing).
+    #[inline(always)]
+    pub fn words(self) -> [u64; 2] {
+        self.0
+    }
+}
 
 /// `a` as a [`Wide`] address.
 #[inline]
 pub fn wide(a: IpAddr) -> Wide {
     match a {
-        IpAddr::V4(v4) => {
-            let mut w = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
-            w[12..].copy_from_slice(&v4.octets());
-            w
-        }
-        IpAddr::V6(v6) => v6.octets(),
+        IpAddr::V4(v4) => Wide::from_v4(v4.octets()),
+        IpAddr::V6(v6) => Wide::from_octets(v6.octets()),
     }
 }
 
@@ -207,9 +247,9 @@ pub fn wide(a: IpAddr) -> Wide {
 #[inline]
 pub fn narrow(a: Wide, v4: bool) -> IpAddr {
     if v4 {
-        IpAddr::from([a[12], a[13], a[14], a[15]])
+        IpAddr::from(a.v4_octets())
     } else {
-        IpAddr::from(a)
+        IpAddr::from(a.octets())
     }
 }
 
@@ -272,11 +312,7 @@ pub fn parse_plain(buf: &[u8]) -> Option<Plain> {
             if h[6] & 0x3f != 0 || h[7] != 0 {
                 return None;
             }
-            let a = |at: usize| {
-                let mut w = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
-                w[12..].copy_from_slice(&h[at..at + 4]);
-                w
-            };
+            let a = |at: usize| Wide::from_v4([h[at], h[at + 1], h[at + 2], h[at + 3]]);
             let len = usize::from(u16::from_be_bytes([h[2], h[3]]));
             (true, a(ipv4::SRC_OFFSET), a(ipv4::DST_OFFSET), h[9], ipv4::MIN_HEADER_LEN, len)
         }
@@ -285,7 +321,7 @@ pub fn parse_plain(buf: &[u8]) -> Option<Plain> {
             let a = |at: usize| {
                 let mut w = [0u8; 16];
                 w.copy_from_slice(&h[at..at + 16]);
-                w
+                Wide::from_octets(w)
             };
             let len = ipv6::HEADER_LEN + usize::from(u16::from_be_bytes([h[4], h[5]]));
             (false, a(ipv6::SRC_OFFSET), a(ipv6::DST_OFFSET), h[6], ipv6::HEADER_LEN, len)
