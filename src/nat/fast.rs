@@ -9,9 +9,9 @@
 //! from: it answers `None` having changed nothing, and where it answers it does exactly what
 //! the general path would (the property tests run both side by side on the same traffic).
 
-use super::translate::{patch, FlowKey, Way};
-use super::{is_unicast, Direction, Translator};
-use crate::wire::{self, narrow, Wide};
+use super::translate::{patch_plain, FlowKey, Way};
+use super::{is_unicast_wide, Translator};
+use crate::wire::{self, protocol, Wide};
 
 /// What the fast path learns of a packet before it looks its flow up (the first stage of a
 /// batch computes it, the last one uses it): the flow key, once, and its hash.
@@ -25,8 +25,10 @@ pub(super) struct Fast {
     key: FlowKey,
     /// IPv4 (else IPv6).
     v4: bool,
-    /// Offset of the transport checksum that covers the addresses, if there is one.
-    sum: Option<usize>,
+    /// The transport checksum covers the addresses (all but ICMPv4).
+    sum: bool,
+    /// Offset of the transport checksum.
+    sum_at: usize,
     /// Host → partner (else partner → the host's virtual address).
     pub outbound: bool,
     /// The flow key's hash, in the index of `outbound`'s direction.
@@ -37,38 +39,36 @@ impl Translator {
     /// Reads a packet for the fast path: `None` unless it has plain headers and goes out from
     /// a served host to a unicast partner, or in to a pool address from outside. Lan-to-lan
     /// packets, hairpins and anything else are the general path's.
+    ///
+    /// Like [`wire::parse_plain`], it decides without a branch on the family or the
+    /// direction: each choice is computed both ways and picked.
     #[inline]
     pub(super) fn fast_key(&self, pkt: &[u8]) -> Option<Fast> {
         let p = wire::parse_plain(pkt)?;
-        let way = Way::of(
+        let (out, inbound, _) = Way::bits(
             self.lan.contains_wide(&p.src, p.v4),
             self.lan.contains_wide(&p.dst, p.v4),
             self.pool.prefixes().contains_wide(&p.dst, p.v4),
         );
-        let outbound = match way {
-            // A destination that is not unicast passes (the general path says so).
-            Way::Out => is_unicast(narrow(p.dst, p.v4)).then_some(true)?,
-            Way::In => false,
-            Way::Hairpin | Way::Pass => return None,
-        };
-        let (host, partner) = if outbound { (p.src, p.dst) } else { (p.dst, p.src) };
-        let key = FlowKey::new(p.protocol, p.transport, outbound)?;
+        // Out to a destination that is not unicast passes (the general path says so).
+        let outbound = out & is_unicast_wide(p.dst, p.v4);
+        if !(outbound | inbound) {
+            return None;
+        }
+        let host = Wide::select(outbound, p.src, p.dst);
+        let partner = Wide::select(outbound, p.dst, p.src);
+        let key = FlowKey::from_ports(p.protocol, p.src_port, p.dst_port, p.flags, outbound);
         let hash = self.flows.hash(host, partner, key.proto, key.host_port, key.partner_port);
-        let sum = wire::pseudo_checksum_at(p.protocol, p.l4());
-        Some(Fast { host, partner, key, v4: p.v4, sum, outbound, hash })
-    }
-
-    #[doc(hidden)]
-    pub(super) fn fast_find(&self, f: &Fast) -> Option<u32> {
-        let k = &f.key;
-        self.flows.find(f.outbound, f.hash, f.host, f.partner, k.proto, k.host_port, k.partner_port)
+        let sum = wire::covers_addresses(p.protocol);
+        let sum_at = p.l4() + wire::checksum_offset(p.protocol);
+        Some(Fast { host, partner, key, v4: p.v4, sum, sum_at, outbound, hash })
     }
 
     /// Translates the packet `f` was read from when its flow exists: refreshes the flow,
-    /// rewrites the host's address and the checksums, and returns the direction (the caller
-    /// counts it). `None`, with nothing changed, when there is no such flow.
+    /// rewrites the host's address and the checksums, and says whether it went out (else
+    /// in). `None`, with nothing changed, when there is no such flow.
     #[inline]
-    pub(super) fn forward_fast(&mut self, pkt: &mut [u8], f: &Fast, now: u64) -> Option<Direction> {
+    pub(super) fn forward_fast(&mut self, pkt: &mut [u8], f: &Fast, now: u64) -> Option<bool> {
         let k = &f.key;
         let fi = self.flows.find(
             f.outbound,
@@ -81,13 +81,10 @@ impl Translator {
         )?;
         let (real, virt, delta) =
             self.flows.touch(fi, k.flags, f.outbound, now, &self.flow_timeouts)?;
-        let (src_at, dst_at) = wire::addr_offsets(f.v4);
-        if f.outbound {
-            patch(pkt, f.v4, src_at, virt, f.sum, k.proto, false, delta);
-            Some(Direction::Outbound)
-        } else {
-            patch(pkt, f.v4, dst_at, real, f.sum, k.proto, false, delta.negate());
-            Some(Direction::Inbound)
-        }
+        // Out, the source becomes the virtual address; in, the destination the real one.
+        let new = Wide::select(f.outbound, virt, real);
+        let udp = k.proto == protocol::UDP;
+        patch_plain(pkt, f.v4, f.outbound, new, f.sum_at, f.sum, udp, delta.negate_if(!f.outbound));
+        Some(f.outbound)
     }
 }

@@ -41,7 +41,7 @@ use crate::wire::{protocol, tcp_flags};
 use rand_chacha::ChaCha12Rng;
 use rand_core::{RngCore, SeedableRng};
 
-use crate::wire::{wide, Wide};
+use crate::wire::{pick, wide, Wide};
 
 /// TCP state bits kept per flow (enough for RFC 7857 §3's timer choice).
 pub mod tcp_state {
@@ -126,37 +126,29 @@ impl Entries for Store {
 impl FlowEntry {
     /// Updates the TCP state with a segment's flags; returns the idle timeout that now
     /// applies, in ms.
+    ///
+    /// Without a branch on the protocol or the direction (mixed traffic draws both at random):
+    /// the TCP state is worked out for every flow and kept only for a TCP one, and the
+    /// timeout is picked among the protocols'.
     #[inline]
     pub fn touch(&mut self, flags: u8, outbound: bool, t: &FlowTimeouts) -> u64 {
         use tcp_state::*;
-        match self.proto {
-            protocol::TCP => {
-                let closed =
-                    self.tcp & RST != 0 || self.tcp & (OUT_FIN | IN_FIN) == OUT_FIN | IN_FIN;
-                if closed && flags & tcp_flags::SYN != 0 {
-                    // The 4-tuple is being reused by a new connection.
-                    self.tcp = 0;
-                }
-                self.tcp |= if outbound { OUT_SEEN } else { IN_SEEN };
-                if flags & tcp_flags::FIN != 0 {
-                    self.tcp |= if outbound { OUT_FIN } else { IN_FIN };
-                }
-                if flags & tcp_flags::RST != 0 {
-                    self.tcp |= RST;
-                }
-                let s = self.tcp;
-                let established = s & (OUT_SEEN | IN_SEEN) == OUT_SEEN | IN_SEEN
-                    && s & RST == 0
-                    && s & (OUT_FIN | IN_FIN) != OUT_FIN | IN_FIN;
-                if established {
-                    t.tcp_established
-                } else {
-                    t.tcp_transitory
-                }
-            }
-            protocol::UDP => t.udp,
-            _ => t.icmp_query,
-        }
+        let bit = |c: bool, b: u8| pick(c, b, 0);
+        let mut s = self.tcp;
+        let closed = (s & RST != 0) | (s & (OUT_FIN | IN_FIN) == OUT_FIN | IN_FIN);
+        // A SYN on a closed 4-tuple: a new connection reuses it.
+        s &= !bit(closed & (flags & tcp_flags::SYN != 0), 0xff);
+        s |= pick(outbound, OUT_SEEN, IN_SEEN);
+        s |= bit(flags & tcp_flags::FIN != 0, pick(outbound, OUT_FIN, IN_FIN));
+        s |= bit(flags & tcp_flags::RST != 0, RST);
+        let established = (s & (OUT_SEEN | IN_SEEN) == OUT_SEEN | IN_SEEN)
+            & (s & RST == 0)
+            & (s & (OUT_FIN | IN_FIN) != OUT_FIN | IN_FIN);
+        let tcp = self.proto == protocol::TCP;
+        self.tcp = pick(tcp, s, self.tcp);
+        let tcp_timeout = pick(established, t.tcp_established, t.tcp_transitory);
+        let other = pick(self.proto == protocol::UDP, t.udp, t.icmp_query);
+        pick(tcp, tcp_timeout, other)
     }
 }
 
@@ -194,8 +186,8 @@ impl FlowHasher {
 /// The flow table.
 pub struct FlowTable {
     store: Store,
-    out: Index,
-    inb: Index,
+    /// The inbound index, then the outbound one (`indexes[outbound as usize]`).
+    indexes: [Index; 2],
     hasher: FlowHasher,
     wheel: Wheel,
 }
@@ -206,8 +198,7 @@ impl FlowTable {
     pub fn new(cap: usize, hash_seed: u64) -> FlowTable {
         FlowTable {
             store: Store { lines: Slab::with_capacity(cap), links: Vec::with_capacity(cap) },
-            out: Index::with_capacity(cap),
-            inb: Index::with_capacity(cap),
+            indexes: [Index::with_capacity(cap), Index::with_capacity(cap)],
             hasher: FlowHasher::new(hash_seed),
             wheel: Wheel::new(),
         }
@@ -231,18 +222,20 @@ impl FlowTable {
         let lines = &self.store.lines;
         let eq = |i: u32| {
             lines.peek(i).is_some_and(|f| {
-                (if outbound { f.real } else { f.virt }) == addr
+                Wide::select(outbound, f.real, f.virt) == addr
                     && f.partner == partner
                     && f.host_port == hp
                     && f.partner_port == pp
                     && f.proto == proto
             })
         };
-        if outbound {
-            self.out.find(h, eq)
-        } else {
-            self.inb.find(h, eq)
-        }
+        self.index(outbound).find(h, eq)
+    }
+
+    /// The index of a direction's keys.
+    #[inline(always)]
+    fn index(&self, outbound: bool) -> &Index {
+        &self.indexes[usize::from(outbound)]
     }
 
     /// The hash both indexes file a flow key under.
@@ -255,14 +248,14 @@ impl FlowTable {
     /// or the inbound one.
     #[inline]
     pub fn prefetch_slot(&self, hash: u64, outbound: bool) {
-        prefetch(if outbound { self.out.home(hash) } else { self.inb.home(hash) });
+        prefetch(self.index(outbound).home(hash));
     }
 
     /// Prefetch, stage 2 (once the slot is in the cache): the packet line of the flow the
     /// slot most likely names.
     #[inline]
     pub fn prefetch_flow(&self, hash: u64, outbound: bool) {
-        let guess = if outbound { self.out.guess(hash) } else { self.inb.guess(hash) };
+        let guess = self.index(outbound).guess(hash);
         if let Some(f) = guess.and_then(|i| self.store.lines.peek(i)) {
             prefetch(f);
         }
@@ -354,8 +347,9 @@ impl FlowTable {
         let ho = self.hasher.hash(f.real, f.partner, proto, host_port, partner_port);
         let hi = self.hasher.hash(f.virt, f.partner, proto, host_port, partner_port);
         // Both indexes have a free slot for every free slab slot, so neither refuses.
-        self.out.insert(ho, i);
-        self.inb.insert(hi, i);
+        let [inb, out] = &mut self.indexes;
+        out.insert(ho, i);
+        inb.insert(hi, i);
         Ok(i)
     }
 
@@ -366,8 +360,9 @@ impl FlowTable {
         let l = *self.store.links_of(i)?;
         let ho = self.hasher.hash(f.real, f.partner, f.proto, f.host_port, f.partner_port);
         let hi = self.hasher.hash(f.virt, f.partner, f.proto, f.host_port, f.partner_port);
-        self.out.remove(ho, i);
-        self.inb.remove(hi, i);
+        let [inb, out] = &mut self.indexes;
+        out.remove(ho, i);
+        inb.remove(hi, i);
         if let Some(p) = self.store.links_of(l.prev) {
             p.next = l.next;
         } else {
@@ -394,8 +389,7 @@ impl FlowTable {
     pub fn allocation_size(&self) -> usize {
         self.store.lines.allocation_size()
             + self.store.links.capacity() * std::mem::size_of::<FlowLinks>()
-            + self.out.allocation_size()
-            + self.inb.allocation_size()
+            + self.indexes.iter().map(Index::allocation_size).sum::<usize>()
     }
 }
 

@@ -46,6 +46,7 @@ mod wheel;
 pub use flow::tcp_state;
 pub use pool::{Pool, PrefixSet};
 
+use crate::wire::Wide;
 use flow::{FlowTable, FlowTimeouts};
 use ipnet::IpNet;
 use lease::LeaseTable;
@@ -976,6 +977,16 @@ fn is_unicast(a: IpAddr) -> bool {
         }
         IpAddr::V6(v) => !(v.is_unspecified() || v.is_loopback() || v.is_multicast()),
     }
+}
+
+/// [`is_unicast`] of an address as the fast path holds it, without a branch on its family.
+#[inline(always)]
+fn is_unicast_wide(a: Wide, v4: bool) -> bool {
+    let x = u32::from_be_bytes(a.v4_octets());
+    let v4_special = (x == 0) | (x >> 24 == 127) | (x >> 28 == 0xe) | (x == u32::MAX);
+    let y = u128::from_be_bytes(a.octets());
+    let v6_special = (y == 0) | (y == 1) | (y >> 120 == 0xff);
+    (v4 & !v4_special) | (!v4 & !v6_special)
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use super::fast::Fast;
 use super::{Direction, DropReason, Filtering, Origin, Translator, Verdict, NEVER};
 use crate::wire::vnet::Checksum;
 use crate::wire::{
-    self, addr_delta, checksum, ipv4, narrow, protocol, read_u16, wide, write_addr, write_u16,
-    Datagram, Delta, Fragment, Transport, Wide,
+    self, addr_delta, checksum, ipv4, narrow, pick, protocol, read_u16, wide, write_addr,
+    write_u16, Datagram, Delta, Fragment, Transport, Wide,
 };
 use std::net::IpAddr;
 use std::time::Instant;
@@ -49,8 +49,22 @@ impl Translator {
             }
             Checksum::Partial { .. } => None,
         };
-        let routed = fast.map_or_else(|| self.route_full(packet, csum, now_ms), Ok);
-        self.conclude(packet, routed, now_ms)
+        match fast {
+            Some(outbound) => self.forwarded(outbound),
+            None => {
+                let routed = self.route_full(packet, csum, now_ms);
+                self.conclude(packet, routed, now_ms)
+            }
+        }
+    }
+
+    /// Counts a packet the fast path forwarded (`outbound`, else inbound) and makes its
+    /// verdict, without a branch on the direction.
+    #[inline(always)]
+    fn forwarded(&mut self, outbound: bool) -> Verdict<'static> {
+        self.counters.outbound += u64::from(outbound);
+        self.counters.inbound += u64::from(!outbound);
+        Verdict::Forward(if outbound { Direction::Outbound } else { Direction::Inbound })
     }
 
     /// [`Translator::translate`] without the fast path: every packet parsed in full and
@@ -147,72 +161,16 @@ impl Translator {
             for (k, (p, s)) in group.iter_mut().zip(&staged).enumerate() {
                 // The key the first pass read is still the packet's (only its own
                 // translation writes to it) and depends on no table, so it is reused.
-                let fast = s.and_then(|f| self.forward_fast(p, &f, now_ms));
-                let routed = fast.map_or_else(|| self.route_full(p, Checksum::Full, now_ms), Ok);
-                verdict(g * GROUP + k, self.conclude(p, routed, now_ms));
-            }
-        }
-    }
-
-    #[doc(hidden)]
-    pub fn translate_batch_pipelined(
-        &mut self,
-        packets: &mut [&mut [u8]],
-        now: Instant,
-        mut verdict: impl FnMut(usize, Verdict<'_>),
-    ) {
-        const STAGE_GAP: usize = 8;
-        const RING: usize = 32;
-        let mut staged: [Option<Fast>; RING] = [None; RING];
-        let now_ms = self.packet_ms(now);
-        let n = packets.len();
-        for i in 0..n + 2 * STAGE_GAP {
-            if let Some(p) = packets.get(i) {
-                let f = self.fast_key(p);
-                if let Some(f) = &f {
-                    self.flows.prefetch_slot(f.hash, f.outbound);
-                }
-                staged[i % RING] = f;
-            }
-            if let Some(j) = i.checked_sub(STAGE_GAP).filter(|&j| j < n) {
-                if let Some(f) = &staged[j % RING] {
-                    self.flows.prefetch_flow(f.hash, f.outbound);
-                }
-            }
-            let Some(j) = i.checked_sub(2 * STAGE_GAP) else { continue };
-            let Some(p) = packets.get_mut(j) else { continue };
-            let fast = staged[j % RING].and_then(|f| self.forward_fast(p, &f, now_ms));
-            let routed = fast.map_or_else(|| self.route_full(p, Checksum::Full, now_ms), Ok);
-            verdict(j, self.conclude(p, routed, now_ms));
-        }
-    }
-
-    #[doc(hidden)]
-    pub fn batch_probe(&mut self, packets: &mut [&mut [u8]], level: u32) -> u64 {
-        let mut staged: [Option<Fast>; GROUP] = [None; GROUP];
-        let mut acc = 0u64;
-        for group in packets.chunks_mut(GROUP) {
-            for (s, p) in staged.iter_mut().zip(group.iter()) {
-                *s = self.fast_key(p);
-                if let Some(f) = s {
-                    acc = acc.wrapping_add(f.hash);
-                    if level >= 2 {
-                        self.flows.prefetch_slot(f.hash, f.outbound);
+                let v = match s.as_ref().and_then(|f| self.forward_fast(p, f, now_ms)) {
+                    Some(outbound) => self.forwarded(outbound),
+                    None => {
+                        let routed = self.route_full(p, Checksum::Full, now_ms);
+                        self.conclude(p, routed, now_ms)
                     }
-                }
-            }
-            if level >= 3 {
-                for f in staged[..group.len()].iter().flatten() {
-                    self.flows.prefetch_flow(f.hash, f.outbound);
-                }
-            }
-            if level >= 4 {
-                for f in staged[..group.len()].iter().flatten() {
-                    acc = acc.wrapping_add(u64::from(self.fast_find(f).unwrap_or(0)));
-                }
+                };
+                verdict(g * GROUP + k, v);
             }
         }
-        acc
     }
 
     /// Translates a parsed packet.
@@ -572,13 +530,24 @@ impl Way {
     /// not served and is or is not in the pool.
     #[inline]
     pub(super) fn of(src_in_lan: bool, dst_in_lan: bool, dst_in_pool: bool) -> Way {
-        match (src_in_lan, dst_in_lan, dst_in_pool) {
-            (true, true, _) => Way::Pass,
-            (true, false, false) => Way::Out,
-            (true, false, true) => Way::Hairpin,
-            (false, _, true) => Way::In,
-            (false, _, false) => Way::Pass,
+        match Way::bits(src_in_lan, dst_in_lan, dst_in_pool) {
+            (true, _, _) => Way::Out,
+            (_, true, _) => Way::In,
+            (_, _, true) => Way::Hairpin,
+            _ => Way::Pass,
         }
+    }
+
+    /// [`Way::of`] as three bits, out, in and hairpin (none: pass), computed without a
+    /// branch for the fast path.
+    #[inline(always)]
+    pub(super) fn bits(
+        src_in_lan: bool,
+        dst_in_lan: bool,
+        dst_in_pool: bool,
+    ) -> (bool, bool, bool) {
+        let from_host = src_in_lan & !dst_in_lan;
+        (from_host & !dst_in_pool, !src_in_lan & dst_in_pool, from_host & dst_in_pool)
     }
 }
 
@@ -605,13 +574,24 @@ impl FlowKey {
         let (src, dst, flags) = match t {
             Transport::Tcp { src_port, dst_port, flags } => (src_port, dst_port, flags),
             Transport::Udp { src_port, dst_port } => (src_port, dst_port, 0),
-            Transport::Echo { ident, .. } => {
-                return Some(FlowKey { proto, host_port: ident, partner_port: 0, flags: 0 })
-            }
+            Transport::Echo { ident, .. } => (ident, 0, 0),
             _ => return None,
         };
-        let (host_port, partner_port) = if outbound { (src, dst) } else { (dst, src) };
-        Some(FlowKey { proto, host_port, partner_port, flags })
+        Some(FlowKey::from_ports(proto, src, dst, flags, outbound))
+    }
+
+    /// The key of a TCP, UDP or echo packet with these ports (an echo: its identifier and 0)
+    /// and flags: the host's port is the source port outbound and the destination port
+    /// inbound, but an echo's identifier is the host's both ways. Without a branch.
+    #[inline(always)]
+    pub(super) fn from_ports(proto: u8, src: u16, dst: u16, flags: u8, outbound: bool) -> FlowKey {
+        let as_sent = outbound | (proto == protocol::ICMP) | (proto == protocol::ICMPV6);
+        FlowKey {
+            proto,
+            host_port: pick(as_sent, src, dst),
+            partner_port: pick(as_sent, dst, src),
+            flags,
+        }
     }
 }
 
@@ -650,6 +630,47 @@ pub(super) fn patch(
             update_l4_checksum(pkt, c, proto, delta);
         }
     }
+}
+
+/// Byte offset of the 16 bytes [`patch_plain`] rewrites in an IPv4 header: they hold both
+/// addresses.
+const V4_ADDRESSES: usize = 4;
+
+/// [`patch`] for a packet of the fast path (plain headers, a whole checksum): rewrites its
+/// source address (`outbound`) or its destination address with `new`, then its IPv4 header
+/// checksum and its transport checksum at `sum_at` if that covers the addresses (`sum`), by
+/// `delta`. Without a branch on the family, the direction or the protocol (see
+/// [`wire::pick`]): the address is written as a 16-byte window, IPv6's address or the IPv4
+/// header's two, whose other bytes are written back as they were; so are the checksums that
+/// do not change.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn patch_plain(
+    pkt: &mut [u8],
+    v4: bool,
+    outbound: bool,
+    new: Wide,
+    sum_at: usize,
+    sum: bool,
+    udp: bool,
+    delta: Delta,
+) {
+    let (src_at, dst_at) = wire::addr_offsets(v4);
+    let at = pick(outbound, src_at, dst_at);
+    let window_at = pick(v4, V4_ADDRESSES, at);
+    let shift = pick(v4, (at - V4_ADDRESSES) * 8, 0);
+    let v4_value = u128::from(u32::from_le_bytes(new.v4_octets())) << shift;
+    let mask = pick(v4, 0xffff_ffff << shift, u128::MAX);
+    let value = pick(v4, v4_value, u128::from_le_bytes(new.octets()));
+    if let Some(w) = pkt.get_mut(window_at..window_at + 16) {
+        let old = u128::from_le_bytes(w.try_into().unwrap_or([0; 16]));
+        w.copy_from_slice(&((old & !mask) | (value & mask)).to_le_bytes());
+    }
+    let c = read_u16(pkt, ipv4::CHECKSUM_OFFSET);
+    write_u16(pkt, ipv4::CHECKSUM_OFFSET, pick(v4, delta.apply(c), c));
+    let c = read_u16(pkt, sum_at);
+    let updated = pick(udp, delta.apply_udp(c), delta.apply(c));
+    write_u16(pkt, sum_at, pick(sum, updated, c));
 }
 
 /// The host's address in `d` (real outbound, virtual inbound) and the partner's.

@@ -92,6 +92,13 @@ impl Delta {
         Delta(!self.0)
     }
 
+    /// This delta, or the one that undoes it when `c`, chosen without a branch.
+    #[must_use]
+    #[inline(always)]
+    pub fn negate_if(self, c: bool) -> Delta {
+        Delta(self.0 ^ u16::from(c).wrapping_neg())
+    }
+
     /// Applies the delta to a checksum field value (RFC 1624 equation 3).
     #[inline]
     pub fn apply(self, checksum: u16) -> u16 {

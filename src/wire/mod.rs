@@ -151,26 +151,45 @@ impl Datagram {
 
 /// Byte offsets of the source and destination address fields of an IPv4 (`v4`) or IPv6
 /// header.
-#[inline]
+#[inline(always)]
 pub fn addr_offsets(v4: bool) -> (usize, usize) {
-    if v4 {
-        (ipv4::SRC_OFFSET, ipv4::DST_OFFSET)
-    } else {
-        (ipv6::SRC_OFFSET, ipv6::DST_OFFSET)
-    }
+    (pick(v4, ipv4::SRC_OFFSET, ipv6::SRC_OFFSET), pick(v4, ipv4::DST_OFFSET, ipv6::DST_OFFSET))
+}
+
+/// `a` if `c`, else `b`, chosen without a branch (the hot path's conditions are the packet's
+/// family, protocol and direction, which mixed traffic draws at random: a branch on them is
+/// a misprediction every other packet).
+#[inline(always)]
+pub fn pick<T>(c: bool, a: T, b: T) -> T {
+    std::hint::select_unpredictable(c, a, b)
+}
+
+/// Byte offset, from the start of its header, of the checksum of a TCP, UDP, ICMP or ICMPv6
+/// header (`protocol` one of these).
+#[inline(always)]
+pub fn checksum_offset(protocol: u8) -> usize {
+    let tcp = pick(protocol == protocol::TCP, TcpPacket::<&[u8]>::CHECKSUM_OFFSET, 0);
+    let udp = pick(protocol == protocol::UDP, UdpPacket::<&[u8]>::CHECKSUM_OFFSET, 0);
+    let icmp = pick(
+        protocol == protocol::ICMP || protocol == protocol::ICMPV6,
+        IcmpPacket::<&[u8]>::CHECKSUM_OFFSET,
+        0,
+    );
+    tcp | udp | icmp
+}
+
+/// Whether a `protocol` checksum covers the addresses (a pseudo-header): TCP, UDP and
+/// ICMPv6 do, ICMPv4 does not.
+#[inline(always)]
+pub fn covers_addresses(protocol: u8) -> bool {
+    matches!(protocol, protocol::TCP | protocol::UDP | protocol::ICMPV6)
 }
 
 /// Byte offset of the checksum of a `protocol` header at `l4` when it covers the addresses
 /// (TCP, UDP, ICMPv6; ICMPv4 has no pseudo-header).
 #[inline]
 pub fn pseudo_checksum_at(protocol: u8, l4: usize) -> Option<usize> {
-    let at = match protocol {
-        protocol::TCP => TcpPacket::<&[u8]>::CHECKSUM_OFFSET,
-        protocol::UDP => UdpPacket::<&[u8]>::CHECKSUM_OFFSET,
-        protocol::ICMPV6 => IcmpPacket::<&[u8]>::CHECKSUM_OFFSET,
-        _ => return None,
-    };
-    Some(l4 + at)
+    covers_addresses(protocol).then(|| l4 + checksum_offset(protocol))
 }
 
 /// Validates a whole datagram (IPv4 or IPv6) and describes it.
@@ -227,6 +246,12 @@ impl Wide {
         [a, b, c, d]
     }
 
+    /// `a` if `c`, else `b`, chosen without a branch (see [`pick`]).
+    #[inline(always)]
+    pub fn select(c: bool, a: Wide, b: Wide) -> Wide {
+        Wide([pick(c, a.0[0], b.0[0]), pick(c, a.0[1], b.0[1])])
+    }
+
     /// The two words (for hashing).
     #[inline(always)]
     pub fn words(self) -> [u64; 2] {
@@ -268,18 +293,39 @@ pub struct Plain {
     pub protocol: u8,
     /// The IP length field, as a datagram length.
     pub len: u16,
-    /// Ports and flags, or the echo identifier.
-    pub transport: Transport,
+    /// TCP or UDP source port; an echo's identifier.
+    pub src_port: u16,
+    /// TCP or UDP destination port; 0 for an echo.
+    pub dst_port: u16,
+    /// TCP flags (0 for UDP and echo).
+    pub flags: u8,
+    /// An echo reply (else a request, or not an echo).
+    pub echo_reply: bool,
 }
 
 impl Plain {
     /// Byte offset of the transport header.
-    #[inline]
+    #[inline(always)]
     pub fn l4(&self) -> usize {
-        if self.v4 {
-            ipv4::MIN_HEADER_LEN
-        } else {
-            ipv6::HEADER_LEN
+        pick(self.v4, ipv4::MIN_HEADER_LEN, ipv6::HEADER_LEN)
+    }
+
+    /// An echo (ICMP or ICMPv6), else TCP or UDP.
+    #[inline(always)]
+    pub fn is_echo(&self) -> bool {
+        self.protocol == protocol::ICMP || self.protocol == protocol::ICMPV6
+    }
+
+    /// The transport header as [`parse`] describes it.
+    pub fn transport(&self) -> Transport {
+        match self.protocol {
+            protocol::TCP => Transport::Tcp {
+                src_port: self.src_port,
+                dst_port: self.dst_port,
+                flags: self.flags,
+            },
+            protocol::UDP => Transport::Udp { src_port: self.src_port, dst_port: self.dst_port },
+            _ => Transport::Echo { ident: self.src_port, reply: self.echo_reply },
         }
     }
 
@@ -293,52 +339,98 @@ impl Plain {
             l4: self.l4(),
             len: usize::from(self.len),
             fragment: Fragment::Whole,
-            transport: self.transport,
+            transport: self.transport(),
             partial_checksum: false,
         }
     }
 }
 
-/// [`parse`] of the common case in straight-line code (see [`Plain`]). `None` for anything
-/// else, which the full parse then handles; where this answers, it answers exactly as the
-/// full parse would (a property test holds the two together).
+/// Bytes [`parse_plain`] reads: the IPv6 header and a TCP header without options fit.
+const PLAIN_WINDOW: usize = 64;
+
+/// [`parse`] of the common case (see [`Plain`]). `None` for anything else, which the full
+/// parse then handles; where this answers, it answers exactly as the full parse would (a
+/// property test holds the two together).
+///
+/// It reads every field at the offsets of both families, makes every check (the IP length
+/// fields, the fragment fields, the TCP data offset, the UDP length, the ICMP type) and
+/// combines them into one test, then picks the family's and protocol's values without a
+/// branch: on mixed traffic, a branch on the family or the protocol would mispredict about
+/// every other packet, each time costing more than all of this. Packets shorter than its
+/// window are read from a zero-padded copy (the length checks keep the padding out).
 #[inline]
 pub fn parse_plain(buf: &[u8]) -> Option<Plain> {
-    let (v4, src, dst, protocol, l4, len) = match *buf.first()? {
-        0x45 => {
-            let h: &[u8; ipv4::MIN_HEADER_LEN] =
-                buf.get(..ipv4::MIN_HEADER_LEN)?.try_into().ok()?;
-            // Not a fragment: neither the MF flag nor an offset.
-            if h[6] & 0x3f != 0 || h[7] != 0 {
-                return None;
-            }
-            let a = |at: usize| Wide::from_v4([h[at], h[at + 1], h[at + 2], h[at + 3]]);
-            let len = usize::from(u16::from_be_bytes([h[2], h[3]]));
-            (true, a(ipv4::SRC_OFFSET), a(ipv4::DST_OFFSET), h[9], ipv4::MIN_HEADER_LEN, len)
+    let mut padded = [0u8; PLAIN_WINDOW];
+    let h: &[u8; PLAIN_WINDOW] = match buf.first_chunk() {
+        Some(h) => h,
+        None => {
+            padded[..buf.len()].copy_from_slice(buf);
+            &padded
         }
-        b if b >> 4 == 6 => {
-            let h: &[u8; ipv6::HEADER_LEN] = buf.get(..ipv6::HEADER_LEN)?.try_into().ok()?;
-            let a = |at: usize| {
-                let mut w = [0u8; 16];
-                w.copy_from_slice(&h[at..at + 16]);
-                Wide::from_octets(w)
-            };
-            let len = ipv6::HEADER_LEN + usize::from(u16::from_be_bytes([h[4], h[5]]));
-            (false, a(ipv6::SRC_OFFSET), a(ipv6::DST_OFFSET), h[6], ipv6::HEADER_LEN, len)
-        }
-        _ => return None,
     };
-    // The total length covers the header and fits the buffer; the transport header is read
-    // as the full parse reads it, and only what the fast path handles is taken.
-    let seg = buf.get(l4..len)?;
-    let transport = match transport(seg, protocol, v4, Fragment::Whole, false).ok()? {
-        t @ (Transport::Tcp { .. } | Transport::Udp { .. } | Transport::Echo { .. }) => t,
-        _ => return None,
+    let be16 = |at: usize| usize::from(u16::from_be_bytes([h[at], h[at + 1]]));
+    let v4 = h[0] == 0x45;
+    let v6 = h[0] >> 4 == 6;
+    let l4 = pick(v4, ipv4::MIN_HEADER_LEN, ipv6::HEADER_LEN);
+    let protocol = pick(v4, h[9], h[6]);
+    let len = pick(v4, be16(2), ipv6::HEADER_LEN + be16(4));
+    // An IPv4 fragment has the MF flag or an offset.
+    let whole = !v4 | (h[6] & 0x3f | h[7] == 0);
+    let v4_addr = |at: usize| Wide::from_v4([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+    let v6_addr = |at: usize| {
+        let mut w = [0u8; 16];
+        w.copy_from_slice(&h[at..at + 16]);
+        Wide::from_octets(w)
     };
-    // `len` fits the buffer, whose length a slice bounds by `isize::MAX`; IP lengths are
-    // 16-bit fields plus at most the IPv6 header.
-    let len = u16::try_from(len).ok()?;
-    Some(Plain { v4, src, dst, protocol, len, transport })
+    let src = Wide::select(v4, v4_addr(ipv4::SRC_OFFSET), v6_addr(ipv6::SRC_OFFSET));
+    let dst = Wide::select(v4, v4_addr(ipv4::DST_OFFSET), v6_addr(ipv6::DST_OFFSET));
+
+    // The transport header, read as each protocol would have it; `seg` is what the IP length
+    // leaves for it (wrapped around, so huge, when the length does not cover the IP header).
+    let t = |at: usize| h[l4 + at];
+    let seg = len.wrapping_sub(l4);
+    let tcp = protocol == protocol::TCP;
+    let udp = protocol == protocol::UDP;
+    let (echo_request, echo_reply) = (
+        pick(v4, icmpv4::ECHO_REQUEST, icmpv6::ECHO_REQUEST),
+        pick(v4, icmpv4::ECHO_REPLY, icmpv6::ECHO_REPLY),
+    );
+    let icmp = protocol == pick(v4, protocol::ICMP, protocol::ICMPV6);
+    let icmp_type = t(0);
+    let echo = icmp & ((icmp_type == echo_request) | (icmp_type == echo_reply));
+    let data_offset = usize::from(t(12) >> 4) * 4;
+    let udp_len = usize::from(u16::from_be_bytes([t(4), t(5)]));
+    let tcp_ok = tcp
+        & (seg >= TcpPacket::<&[u8]>::MIN_HEADER_LEN)
+        & (data_offset >= TcpPacket::<&[u8]>::MIN_HEADER_LEN)
+        & (data_offset <= seg);
+    let udp_ok = udp
+        & (seg >= UdpPacket::<&[u8]>::HEADER_LEN)
+        & (udp_len >= UdpPacket::<&[u8]>::HEADER_LEN)
+        & (udp_len <= seg);
+    let echo_ok = echo & (seg >= IcmpPacket::<&[u8]>::HEADER_LEN);
+    let ok = (v4 | v6)
+        & whole
+        & (len >= l4)
+        & (len <= buf.len())
+        & (len <= usize::from(u16::MAX))
+        & (tcp_ok | udp_ok | echo_ok);
+    if !ok {
+        return None;
+    }
+    let (port0, port1) = (u16::from_be_bytes([t(0), t(1)]), u16::from_be_bytes([t(2), t(3)]));
+    let ident = u16::from_be_bytes([t(4), t(5)]);
+    Some(Plain {
+        v4,
+        src,
+        dst,
+        protocol,
+        len: len as u16,
+        src_port: pick(echo, ident, port0),
+        dst_port: pick(echo, 0, port1),
+        flags: pick(tcp, t(13), 0),
+        echo_reply: echo & (icmp_type == echo_reply),
+    })
 }
 
 /// Describes the packet quoted inside an ICMP error: the IP header must be complete, the rest
