@@ -214,6 +214,11 @@ pub fn parse(buf: &[u8]) -> Result<Datagram> {
 pub struct Wide([u64; 2]);
 
 impl Wide {
+    /// `::`.
+    pub const ZERO: Wide = Wide([0, 0]);
+    /// An address with one bit set (which one depends on the byte order; only for masks).
+    pub const ONE: Wide = Wide([1, 0]);
+
     /// An address from its 16 bytes.
     #[inline(always)]
     pub fn from_octets(b: [u8; 16]) -> Wide {
@@ -387,7 +392,8 @@ pub fn parse_plain(buf: &[u8]) -> Option<Plain> {
 
     // The transport header, read as each protocol would have it; `seg` is what the IP length
     // leaves for it (wrapped around, so huge, when the length does not cover the IP header).
-    let t = |at: usize| h[l4 + at];
+    let th: &[u8; 20] = h[l4..l4 + 20].try_into().ok()?;
+    let t = |at: usize| th[at];
     let seg = len.wrapping_sub(l4);
     let tcp = protocol == protocol::TCP;
     let udp = protocol == protocol::UDP;
