@@ -291,6 +291,24 @@ mod tests {
         assert!(!s.contains("2001:db8:2::1".parse().unwrap()));
     }
 
+    /// Rows pad the family with fewer prefixes with entries that match nothing; a mapped IPv6
+    /// address is not taken for an IPv4 one, nor the other way round.
+    #[test]
+    fn prefix_set_families_stay_apart() {
+        let s = PrefixSet::new(&nets(&["192.0.2.0/24", "198.51.100.128/25", "0.0.0.0/0"][..2]));
+        let a = |x: &str| x.parse::<IpAddr>().unwrap();
+        assert!(s.contains(a("198.51.100.200")) && !s.contains(a("198.51.100.1")));
+        assert!(s.has_family_of(a("192.0.2.1")) && !s.has_family_of(a("2001:db8::1")));
+        for v6 in ["::", "::ffff:192.0.2.1", "2001:db8::1"] {
+            assert!(!s.contains(a(v6)), "{v6}");
+        }
+        let all = PrefixSet::new(&nets(&["::/0", "2001:db8::/32", "192.0.2.0/24"]));
+        assert!(all.contains(a("::ffff:198.51.100.1")) && all.contains(a("::")));
+        assert!(!all.contains(a("198.51.100.1")), "an IPv4 address is not in ::/0");
+        assert!(all.has_family_of(a("192.0.2.9")));
+        assert!(PrefixSet::new(&[]).rows.is_empty());
+    }
+
     #[test]
     fn v4_network_and_broadcast_excluded_below_31() {
         let p = Pool::new(&nets(&["198.18.0.0/30", "198.18.1.0/31", "198.18.2.1/32"]), &[]);

@@ -874,3 +874,56 @@ fn chains_of_a_host_and_of_an_address_survive_removal_anywhere() {
     assert!(h.t.leases_on(real, v).is_empty());
     assert_eq!(h.t.table_sizes().0, 1);
 }
+
+/// The fast path's branch-free unicast test agrees with the general path's.
+#[test]
+fn unicast_wide_agrees_with_unicast() {
+    let addrs = [
+        "0.0.0.0", "0.0.0.1", "127.0.0.1", "127.255.255.255", "128.0.0.1", "126.255.255.255",
+        "223.255.255.255", "224.0.0.1", "239.255.255.255", "240.0.0.1", "255.255.255.254",
+        "255.255.255.255", "198.51.100.7", "::", "::1", "::2", "::ffff:127.0.0.1", "fe80::1",
+        "feff::1", "ff00::", "ff02::1", "2001:db8::1", "::ffff:224.0.0.1",
+    ];
+    for s in addrs {
+        let a: IpAddr = s.parse().unwrap();
+        assert_eq!(is_unicast_wide(crate::wire::wide(a), a.is_ipv4()), is_unicast(a), "{s}");
+    }
+}
+
+/// `Way::of`, through the bits the fast path uses, for every combination.
+#[test]
+fn ways_of_every_combination() {
+    use super::translate::Way;
+    for (src_lan, dst_lan, dst_pool, want) in [
+        (true, true, false, Way::Pass),
+        (true, true, true, Way::Pass),
+        (true, false, false, Way::Out),
+        (true, false, true, Way::Hairpin),
+        (false, false, true, Way::In),
+        (false, true, true, Way::In),
+        (false, false, false, Way::Pass),
+        (false, true, false, Way::Pass),
+    ] {
+        assert_eq!(Way::of(src_lan, dst_lan, dst_pool), want, "{src_lan} {dst_lan} {dst_pool}");
+    }
+}
+
+/// A flow key takes the host's port from the source going out and from the destination
+/// coming in, but an echo's identifier both ways.
+#[test]
+fn flow_keys_by_direction() {
+    use super::translate::FlowKey;
+    use crate::wire::protocol;
+    for proto in [protocol::TCP, protocol::UDP] {
+        let out = FlowKey::from_ports(proto, 40000, 443, 0x10, true);
+        let inb = FlowKey::from_ports(proto, 443, 40000, 0x10, false);
+        assert_eq!((out.host_port, out.partner_port), (40000, 443));
+        assert_eq!((inb.host_port, inb.partner_port), (40000, 443));
+    }
+    for proto in [protocol::ICMP, protocol::ICMPV6] {
+        for outbound in [true, false] {
+            let k = FlowKey::from_ports(proto, 7, 0, 0, outbound);
+            assert_eq!((k.host_port, k.partner_port), (7, 0));
+        }
+    }
+}

@@ -630,6 +630,31 @@ mod tests {
         0x01, 0xbb, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
     ];
 
+    /// A `Wide` keeps its 16 bytes in order; IPv4 addresses are mapped; `select` and `pick`
+    /// choose as `if` would.
+    #[test]
+    fn wide_addresses() {
+        let v6: IpAddr = "2001:db8::102:304".parse().unwrap();
+        let v4: IpAddr = "192.0.2.10".parse().unwrap();
+        let b: [u8; 16] = std::array::from_fn(|i| i as u8 * 17);
+        assert_eq!(Wide::from_octets(b).octets(), b);
+        assert_eq!(narrow(wide(v6), false), v6);
+        assert_eq!(narrow(wide(v4), true), v4);
+        let mapped: IpAddr = "::ffff:192.0.2.10".parse().unwrap();
+        assert_eq!(narrow(wide(v4), false), mapped);
+        assert_eq!(wide(v4).v4_octets(), [192, 0, 2, 10]);
+        assert_eq!(Wide::select(true, wide(v4), wide(v6)), wide(v4));
+        assert_eq!(Wide::select(false, wide(v4), wide(v6)), wide(v6));
+        assert_eq!((pick(true, 3, 5), pick(false, 3, 5)), (3, 5));
+        assert_eq!(addr_offsets(true), (ipv4::SRC_OFFSET, ipv4::DST_OFFSET));
+        assert_eq!(addr_offsets(false), (ipv6::SRC_OFFSET, ipv6::DST_OFFSET));
+        for (p, at) in [(protocol::TCP, 16), (protocol::UDP, 6), (protocol::ICMPV6, 2)] {
+            assert_eq!(pseudo_checksum_at(p, 40), Some(40 + at));
+        }
+        assert_eq!(pseudo_checksum_at(protocol::ICMP, 20), None);
+        assert_eq!(checksum_offset(protocol::ICMP), 2);
+    }
+
     #[test]
     fn parses_tcp_v4() {
         let d = parse(&TCP4).unwrap();
