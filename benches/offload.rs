@@ -12,8 +12,9 @@
 //! - `offload/finish_checksum_1500`: finishing a partial checksum of a 1500-byte packet in
 //!   software (a partial checksum that is not at the TCP/UDP checksum).
 //!
-//! As in `benches/translate.rs`, the translator rewrites in place, so the first 128 bytes
-//! (all headers) are copied back from a pristine copy before each translation.
+//! As in `benches/translate.rs`, the translator rewrites in place, so the headers are copied
+//! back from a pristine copy before each translation (here the first 128 bytes, which hold
+//! them all).
 //!
 //! Run: `cargo bench --bench offload`.
 
