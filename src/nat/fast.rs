@@ -11,7 +11,7 @@
 
 use super::translate::{patch_plain, FlowKey, Way};
 use super::{is_unicast_wide, Translator};
-use crate::wire::{self, protocol, Wide};
+use crate::wire::{self, Wide};
 
 /// What the fast path learns of a packet before it looks its flow up (the first stage of a
 /// batch computes it, the last one uses it): the flow key, once, and its hash.
@@ -25,10 +25,6 @@ pub(super) struct Fast {
     key: FlowKey,
     /// IPv4 (else IPv6).
     v4: bool,
-    /// The transport checksum covers the addresses (all but ICMPv4).
-    sum: bool,
-    /// Offset of the transport checksum.
-    sum_at: usize,
     /// Host → partner (else partner → the host's virtual address).
     pub outbound: bool,
     /// The flow key's hash, in the index of `outbound`'s direction.
@@ -59,9 +55,7 @@ impl Translator {
         let partner = Wide::select(outbound, p.dst, p.src);
         let key = FlowKey::from_ports(p.protocol, p.src_port, p.dst_port, p.flags, outbound);
         let hash = self.flows.hash(host, partner, key.proto, key.host_port, key.partner_port);
-        let sum = wire::covers_addresses(p.protocol);
-        let sum_at = p.l4() + wire::checksum_offset(p.protocol);
-        Some(Fast { host, partner, key, v4: p.v4, sum, sum_at, outbound, hash })
+        Some(Fast { host, partner, key, v4: p.v4, outbound, hash })
     }
 
     /// Translates the packet `f` was read from when its flow exists: refreshes the flow,
@@ -83,8 +77,7 @@ impl Translator {
             self.flows.touch(fi, k.flags, f.outbound, now, &self.flow_timeouts)?;
         // Out, the source becomes the virtual address; in, the destination the real one.
         let new = Wide::select(f.outbound, virt, real);
-        let udp = k.proto == protocol::UDP;
-        patch_plain(pkt, f.v4, f.outbound, new, f.sum_at, f.sum, udp, delta.negate_if(!f.outbound));
+        patch_plain(pkt, f.v4, f.outbound, new, k.proto, delta.negate_if(!f.outbound));
         Some(f.outbound)
     }
 }

@@ -133,14 +133,13 @@ impl FlowEntry {
     #[inline]
     pub fn touch(&mut self, flags: u8, outbound: bool, t: &FlowTimeouts) -> u64 {
         use tcp_state::*;
-        let bit = |c: bool, b: u8| pick(c, b, 0);
-        let mut s = self.tcp;
+        let s = self.tcp;
         let closed = (s & RST != 0) | (s & (OUT_FIN | IN_FIN) == OUT_FIN | IN_FIN);
         // A SYN on a closed 4-tuple: a new connection reuses it.
-        s &= !bit(closed & (flags & tcp_flags::SYN != 0), 0xff);
+        let mut s = pick(closed & (flags & tcp_flags::SYN != 0), 0, s);
         s |= pick(outbound, OUT_SEEN, IN_SEEN);
-        s |= bit(flags & tcp_flags::FIN != 0, pick(outbound, OUT_FIN, IN_FIN));
-        s |= bit(flags & tcp_flags::RST != 0, RST);
+        s |= pick(flags & tcp_flags::FIN != 0, pick(outbound, OUT_FIN, IN_FIN), 0);
+        s |= pick(flags & tcp_flags::RST != 0, RST, 0);
         let established = (s & (OUT_SEEN | IN_SEEN) == OUT_SEEN | IN_SEEN)
             & (s & RST == 0)
             & (s & (OUT_FIN | IN_FIN) != OUT_FIN | IN_FIN);

@@ -971,15 +971,12 @@ impl Translator {
 /// True for an address a lease may name as partner: not unspecified, loopback, multicast or
 /// IPv4 broadcast.
 fn is_unicast(a: IpAddr) -> bool {
-    match a {
-        IpAddr::V4(v) => {
-            !(v.is_unspecified() || v.is_loopback() || v.is_multicast() || v.is_broadcast())
-        }
-        IpAddr::V6(v) => !(v.is_unspecified() || v.is_loopback() || v.is_multicast()),
-    }
+    is_unicast_wide(crate::wire::wide(a), a.is_ipv4())
 }
 
-/// [`is_unicast`] of an address as the fast path holds it, without a branch on its family.
+/// [`is_unicast`] of an address as the fast path holds it (IPv4 when `v4`), without a branch
+/// on its family: unspecified, loopback (127/8, ::1), multicast (224/4, ff00::/8) and
+/// 255.255.255.255 are not.
 #[inline(always)]
 fn is_unicast_wide(a: Wide, v4: bool) -> bool {
     let x = u32::from_be_bytes(a.v4_octets());

@@ -55,22 +55,31 @@ impl Translator {
             }
             Checksum::Partial { .. } => None,
         };
+        self.verdict_of(packet, fast, csum, now_ms)
+    }
+
+    /// The verdict on a packet the fast path forwarded (`fast` says whether it went out,
+    /// else in), counted without a branch on the direction; or, when it did not (`None`),
+    /// the general path's.
+    #[inline(always)]
+    fn verdict_of<'a>(
+        &'a mut self,
+        packet: &mut [u8],
+        fast: Option<bool>,
+        csum: Checksum,
+        now_ms: u64,
+    ) -> Verdict<'a> {
         match fast {
-            Some(outbound) => self.forwarded(outbound),
+            Some(outbound) => {
+                self.counters.outbound += u64::from(outbound);
+                self.counters.inbound += u64::from(!outbound);
+                Verdict::Forward(if outbound { Direction::Outbound } else { Direction::Inbound })
+            }
             None => {
                 let routed = self.route_full(packet, csum, now_ms);
                 self.conclude(packet, routed, now_ms)
             }
         }
-    }
-
-    /// Counts a packet the fast path forwarded (`outbound`, else inbound) and makes its
-    /// verdict, without a branch on the direction.
-    #[inline(always)]
-    fn forwarded(&mut self, outbound: bool) -> Verdict<'static> {
-        self.counters.outbound += u64::from(outbound);
-        self.counters.inbound += u64::from(!outbound);
-        Verdict::Forward(if outbound { Direction::Outbound } else { Direction::Inbound })
     }
 
     /// [`Translator::translate`] without the fast path: every packet parsed in full and
@@ -172,14 +181,8 @@ impl Translator {
             let Some(p) = packets.get_mut(j) else { continue };
             // The key stage 1 read is still the packet's (only its own translation writes to
             // it) and depends on no table, so it is reused.
-            let v = match staged[j % RING].as_ref().and_then(|f| self.forward_fast(p, f, now_ms)) {
-                Some(outbound) => self.forwarded(outbound),
-                None => {
-                    let routed = self.route_full(p, Checksum::Full, now_ms);
-                    self.conclude(p, routed, now_ms)
-                }
-            };
-            verdict(j, v);
+            let fast = staged[j % RING].as_ref().and_then(|f| self.forward_fast(p, f, now_ms));
+            verdict(j, self.verdict_of(p, fast, Checksum::Full, now_ms));
         }
     }
 
@@ -646,23 +649,20 @@ pub(super) fn patch(
 /// addresses.
 const V4_ADDRESSES: usize = 4;
 
-/// [`patch`] for a packet of the fast path (plain headers, a whole checksum): rewrites its
-/// source address (`outbound`) or its destination address with `new`, then its IPv4 header
-/// checksum and its transport checksum at `sum_at` if that covers the addresses (`sum`), by
-/// `delta`. Without a branch on the family, the direction or the protocol (see
-/// [`wire::pick`]): the address is written as a 16-byte window, IPv6's address or the IPv4
-/// header's two, whose other bytes are written back as they were; so are the checksums that
-/// do not change.
+/// [`patch`] for a packet of the fast path (plain headers, a whole checksum, a `proto` of
+/// TCP, UDP, ICMP or ICMPv6): rewrites its source address (`outbound`) or its destination
+/// address with `new`, then its IPv4 header checksum and its transport checksum if that
+/// covers the addresses, by `delta`. Without a branch on the family, the direction or the
+/// protocol (see [`wire::pick`]): the address is written as a 16-byte window, IPv6's address
+/// or the IPv4 header's two, whose other bytes are written back as they were; so are the
+/// checksums that do not change.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(super) fn patch_plain(
     pkt: &mut [u8],
     v4: bool,
     outbound: bool,
     new: Wide,
-    sum_at: usize,
-    sum: bool,
-    udp: bool,
+    proto: u8,
     delta: Delta,
 ) {
     let (src_at, dst_at) = wire::addr_offsets(v4);
@@ -673,14 +673,15 @@ pub(super) fn patch_plain(
     let mask = pick(v4, 0xffff_ffff << shift, u128::MAX);
     let value = pick(v4, v4_value, u128::from_le_bytes(new.octets()));
     if let Some(w) = pkt.get_mut(window_at..window_at + 16) {
-        let old = u128::from_le_bytes(w.try_into().unwrap_or([0; 16]));
+        let old = u128::from_le_bytes(w.try_into().unwrap_or_default());
         w.copy_from_slice(&((old & !mask) | (value & mask)).to_le_bytes());
     }
     let c = read_u16(pkt, ipv4::CHECKSUM_OFFSET);
     write_u16(pkt, ipv4::CHECKSUM_OFFSET, pick(v4, delta.apply(c), c));
+    let sum_at = wire::plain_l4(v4) + wire::checksum_offset(proto);
     let c = read_u16(pkt, sum_at);
-    let updated = pick(udp, delta.apply_udp(c), delta.apply(c));
-    write_u16(pkt, sum_at, pick(sum, updated, c));
+    let updated = pick(proto == protocol::UDP, delta.apply_udp(c), delta.apply(c));
+    write_u16(pkt, sum_at, pick(wire::covers_addresses(proto), updated, c));
 }
 
 /// The host's address in `d` (real outbound, virtual inbound) and the partner's.

@@ -312,13 +312,7 @@ impl Plain {
     /// Byte offset of the transport header.
     #[inline(always)]
     pub fn l4(&self) -> usize {
-        pick(self.v4, ipv4::MIN_HEADER_LEN, ipv6::HEADER_LEN)
-    }
-
-    /// An echo (ICMP or ICMPv6), else TCP or UDP.
-    #[inline(always)]
-    pub fn is_echo(&self) -> bool {
-        self.protocol == protocol::ICMP || self.protocol == protocol::ICMPV6
+        plain_l4(self.v4)
     }
 
     /// The transport header as [`parse`] describes it.
@@ -350,6 +344,12 @@ impl Plain {
     }
 }
 
+/// Byte offset of the transport header of a packet with plain headers (see [`Plain`]).
+#[inline(always)]
+pub fn plain_l4(v4: bool) -> usize {
+    pick(v4, ipv4::MIN_HEADER_LEN, ipv6::HEADER_LEN)
+}
+
 /// Bytes [`parse_plain`] reads: the IPv6 header and a TCP header without options fit.
 const PLAIN_WINDOW: usize = 64;
 
@@ -373,27 +373,21 @@ pub fn parse_plain(buf: &[u8]) -> Option<Plain> {
             &padded
         }
     };
-    let be16 = |at: usize| usize::from(u16::from_be_bytes([h[at], h[at + 1]]));
     let v4 = h[0] == 0x45;
     let v6 = h[0] >> 4 == 6;
-    let l4 = pick(v4, ipv4::MIN_HEADER_LEN, ipv6::HEADER_LEN);
+    let l4 = plain_l4(v4);
     let protocol = pick(v4, h[9], h[6]);
-    let len = pick(v4, be16(2), ipv6::HEADER_LEN + be16(4));
+    let len = pick(v4, 0, ipv6::HEADER_LEN) + usize::from(read_u16(h, pick(v4, 2, 4)));
     // An IPv4 fragment has the MF flag or an offset.
     let whole = !v4 | (h[6] & 0x3f | h[7] == 0);
     let v4_addr = |at: usize| Wide::from_v4([h[at], h[at + 1], h[at + 2], h[at + 3]]);
-    let v6_addr = |at: usize| {
-        let mut w = [0u8; 16];
-        w.copy_from_slice(&h[at..at + 16]);
-        Wide::from_octets(w)
-    };
+    let v6_addr = |at: usize| Wide::from_octets(h[at..at + 16].try_into().unwrap_or([0; 16]));
     let src = Wide::select(v4, v4_addr(ipv4::SRC_OFFSET), v6_addr(ipv6::SRC_OFFSET));
     let dst = Wide::select(v4, v4_addr(ipv4::DST_OFFSET), v6_addr(ipv6::DST_OFFSET));
 
     // The transport header, read as each protocol would have it; `seg` is what the IP length
     // leaves for it (wrapped around, so huge, when the length does not cover the IP header).
-    let th: &[u8; 20] = h[l4..l4 + 20].try_into().ok()?;
-    let t = |at: usize| th[at];
+    let t: &[u8; 20] = h[l4..l4 + 20].try_into().ok()?;
     let seg = len.wrapping_sub(l4);
     let tcp = protocol == protocol::TCP;
     let udp = protocol == protocol::UDP;
@@ -402,10 +396,12 @@ pub fn parse_plain(buf: &[u8]) -> Option<Plain> {
         pick(v4, icmpv4::ECHO_REPLY, icmpv6::ECHO_REPLY),
     );
     let icmp = protocol == pick(v4, protocol::ICMP, protocol::ICMPV6);
-    let icmp_type = t(0);
+    let icmp_type = t[0];
     let echo = icmp & ((icmp_type == echo_request) | (icmp_type == echo_reply));
-    let data_offset = usize::from(t(12) >> 4) * 4;
-    let udp_len = usize::from(u16::from_be_bytes([t(4), t(5)]));
+    let data_offset = usize::from(t[12] >> 4) * 4;
+    // Bytes 4 and 5: UDP's length, an echo's identifier.
+    let word2 = read_u16(t, 4);
+    let udp_len = usize::from(word2);
     let tcp_ok = tcp
         & (seg >= TcpPacket::<&[u8]>::MIN_HEADER_LEN)
         & (data_offset >= TcpPacket::<&[u8]>::MIN_HEADER_LEN)
@@ -424,17 +420,15 @@ pub fn parse_plain(buf: &[u8]) -> Option<Plain> {
     if !ok {
         return None;
     }
-    let (port0, port1) = (u16::from_be_bytes([t(0), t(1)]), u16::from_be_bytes([t(2), t(3)]));
-    let ident = u16::from_be_bytes([t(4), t(5)]);
     Some(Plain {
         v4,
         src,
         dst,
         protocol,
         len: len as u16,
-        src_port: pick(echo, ident, port0),
-        dst_port: pick(echo, 0, port1),
-        flags: pick(tcp, t(13), 0),
+        src_port: pick(echo, word2, read_u16(t, 0)),
+        dst_port: pick(echo, 0, read_u16(t, 2)),
+        flags: pick(tcp, t[13], 0),
         echo_reply: echo & (icmp_type == echo_reply),
     })
 }
