@@ -588,15 +588,13 @@ pub type Ring = [[u8; 2048]; BATCH];
 pub fn replay_batched(t: &mut Translator, packets: &Packets, now: Instant, ring: &mut Ring) {
     let mut it = packets.iter().enumerate();
     loop {
-        let mut bufs: [&mut [u8]; BATCH] = ring.each_mut().map(|b| &mut b[..]);
+        let mut bufs: [&mut [u8]; BATCH] = std::array::from_fn(|_| &mut [][..]);
         let mut n = 0;
-        for (slot, (i, p)) in bufs.iter_mut().zip(&mut it) {
+        for ((buf, scratch), (i, p)) in bufs.iter_mut().zip(ring.iter_mut()).zip(&mut it) {
             if let Some(ahead) = packets.get(i + BATCH) {
                 prefetch_head(ahead);
             }
-            let b = std::mem::take(slot);
-            b[..p.head].copy_from_slice(&p.bytes[..p.head]);
-            *slot = &mut b[..p.bytes.len()];
+            *buf = load(scratch, p, false);
             n += 1;
         }
         if n == 0 {
