@@ -35,6 +35,19 @@ pub enum MappingArg {
     PerHost,
 }
 
+/// `--on-stop` values: what a stopping gateway leaves in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnStop {
+    /// Keep the guard: traffic from the LAN is refused and traffic to the pool unreachable
+    /// until the next start or `vipgate cleanup` (a host never goes out under its real
+    /// address).
+    #[default]
+    Closed,
+    /// Remove every rule and route: the LAN is routed as if vipgate had never run.
+    Open,
+}
+
 /// `--filtering` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -169,6 +182,12 @@ pub struct GatewaySettings {
     #[arg(long, value_name = "N")]
     pub rule_priority: Option<u32>,
 
+    /// What stopping leaves behind: `closed` keeps the fail-closed guard (hosts of the LAN
+    /// are refused, the pool is unreachable) until the next start or `vipgate cleanup`;
+    /// `open` removes every rule and route [default: closed].
+    #[arg(long, value_enum)]
+    pub on_stop: Option<OnStop>,
+
     /// error, warn, info, debug or trace [default: info].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -223,6 +242,8 @@ pub struct GatewayConfig {
     pub route_table: u32,
     /// First rule priority.
     pub rule_priority: u32,
+    /// What stopping leaves behind.
+    pub on_stop: OnStop,
     /// Log level.
     pub log_level: log::LevelFilter,
     /// The rental authority, unless turned off.
@@ -290,6 +311,7 @@ impl GatewaySettings {
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
             route_table: self.route_table.or(file.route_table),
             rule_priority: self.rule_priority.or(file.rule_priority),
+            on_stop: self.on_stop.or(file.on_stop),
             log_level: self.log_level.or(file.log_level),
             authority_listen: list(self.authority_listen, file.authority_listen),
             no_authority: self.no_authority || file.no_authority,
@@ -399,6 +421,7 @@ impl GatewaySettings {
             metrics_listen: self.metrics_listen,
             route_table: self.route_table.unwrap_or(DEFAULT_ROUTE_TABLE),
             rule_priority: self.rule_priority.unwrap_or(DEFAULT_RULE_PRIORITY),
+            on_stop: self.on_stop.unwrap_or_default(),
             log_level,
         })
     }

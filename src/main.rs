@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 use vipgate::authority::{self, AuthorityClient, ErrorCode, Outcome};
-use vipgate::config::{GatewaySettings, DEFAULT_CONTROL_SOCKET};
+use vipgate::config::{
+    GatewaySettings, DEFAULT_CONTROL_SOCKET, DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY,
+};
 use vipgate::control::{self, Request};
 
 /// Exit status of a failure that is not one of the others.
@@ -124,6 +126,23 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Remove what a stopped or crashed gateway left in the kernel: its fail-closed guard
+    /// (hosts of the LAN refused, the pool unreachable) and any other rule of its band and
+    /// route of its table. Refuses while a gateway runs on that band.
+    ///
+    /// A gateway stopped with the default --on-stop closed keeps its guard, so that no host
+    /// ever goes out under its real address; run this when the box should route the LAN
+    /// without vipgate. Give the --route-table and --rule-priority the gateway had, e.g.
+    /// `vipgate cleanup` (the defaults) or `vipgate cleanup --route-table 100 --rule-priority
+    /// 30000`.
+    Cleanup {
+        /// Routing table of the gateway's routes.
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_ROUTE_TABLE)]
+        route_table: u32,
+        /// First of the gateway's rule priorities (it uses six from there).
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_RULE_PRIORITY)]
+        rule_priority: u32,
     },
     /// End leases of the running gateway now (the operator's revoke), and print them.
     ///
@@ -328,6 +347,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
             history(&control_socket, virtual_addr, at, limit, json)
         }
         Command::Stats { control_socket, json } => stats(&control_socket, json),
+        Command::Cleanup { route_table, rule_priority } => {
+            let deleted = vipgate::gateway::cleanup(route_table, rule_priority)?;
+            let last = rule_priority + vipgate::gateway::routing::RULE_BAND - 1;
+            println!(
+                "removed {deleted} rule(s) at priorities {rule_priority}..{last} and the routes \
+                 of table {route_table}"
+            );
+            Ok(())
+        }
         Command::Revoke { control_socket, virtual_addr, real, partner, json } => {
             let v =
                 control_query(&control_socket, &Request::Revoke { virtual_addr, real, partner })?;

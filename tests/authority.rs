@@ -822,8 +822,13 @@ fn a_locked_or_damaged_lease_database_stops_the_daemon_with_a_clear_error() {
     let leases = lease_set(&gw);
     assert_eq!(leases.len(), 10);
 
-    // A second daemon on the same state directory while the first runs.
-    let log = refused_start(&gw, &mut topo.lab);
+    // A second daemon on the same state directory while the first runs (on a band of its
+    // own: the first one's band would refuse it before its state directory is looked at).
+    let band = ["--tun", "vip1", "--route-table", "7600", "--rule-priority", "7600"];
+    let mut d = gw.spawn_again_with(&mut topo.lab, &[&band[..], &["--no-authority"]].concat());
+    let status = d.wait_exit(Duration::from_secs(5)).expect("the second daemon did not refuse");
+    assert!(!status.success());
+    let log = d.log_text();
     assert!(log.contains("locked by another process"), "log of the second daemon:\n{log}");
     assert_eq!(lease_set(&gw), leases, "the first daemon lost leases");
 

@@ -613,10 +613,11 @@ fn exhausted_pool_answers_3_13_and_existing_leases_keep_working() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn sigterm_removes_everything_and_a_restart_clears_a_crashed_run() {
+fn sigterm_with_on_stop_open_removes_everything_and_a_restart_clears_a_crashed_run() {
     let mut lab = Lab::new();
     let ns = lab.gateway_netns("gw");
-    let args = ["--lan", LAN4, "--lan", LAN6, "--pool", POOL4, "--pool", POOL6];
+    let args =
+        ["--lan", LAN4, "--lan", LAN6, "--pool", POOL4, "--pool", POOL6, "--on-stop", "open"];
 
     let mut d = Daemon::start(&mut lab, &ns, &args);
     let rules = band_rules(&ns);

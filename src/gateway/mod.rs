@@ -7,6 +7,7 @@
 //! translator's next deadline, logs lease creation and deletion (the RFC 6888 §4 mapping log),
 //! and serves the local control socket and the optional metrics endpoint between batches.
 
+pub mod claim;
 pub mod durable;
 pub mod queue;
 pub mod rental;
@@ -14,7 +15,7 @@ pub mod routing;
 #[allow(unsafe_code)] // the ioctls and writev of the TUN device, nowhere else
 pub mod tun;
 
-use crate::config::GatewayConfig;
+use crate::config::{GatewayConfig, OnStop};
 use crate::control::{self, LeaseRecord, Request, Stats};
 use crate::nat::{DropReason, LeaseEvent, Origin, Translator, Verdict};
 use crate::store::Done;
@@ -83,10 +84,31 @@ pub fn run_authority(cfg: GatewayConfig) -> Result<()> {
     run_with(cfg, false)
 }
 
+/// The claim on the routing table and rule band of `table` and `priority`, for `holder`.
+fn claim_band(table: u32, priority: u32, holder: &str) -> Result<claim::Claim> {
+    let band = claim::Band { table, priority, len: routing::RULE_BAND };
+    claim::Claim::take(&band, holder)
+}
+
+/// `vipgate cleanup`: removes every rule of the band and every route of the table, the guard
+/// of a gateway that stopped closed and the leftovers of a crashed one. Refuses while a
+/// gateway holds them. Returns the rules deleted.
+pub fn cleanup(table: u32, priority: u32) -> Result<usize> {
+    let holder = format!("vipgate cleanup pid {}", std::process::id());
+    let _claim = claim_band(table, priority, &holder)?;
+    let routing = Routing { tun: String::new(), table, priority, lan: vec![], pools: vec![] };
+    routing.remove()
+}
+
 fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
-    if data_plane {
+    // Before anything changes: the box can run it, and the routing band is ours alone.
+    let claim = if data_plane {
         routing::preflight(&cfg.nat.lan, &cfg.nat.pools)?;
-    }
+        let holder = format!("vipgate gateway pid {}, TUN {}", std::process::id(), cfg.tun);
+        Some(claim_band(cfg.route_table, cfg.rule_priority, &holder)?)
+    } else {
+        None
+    };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -158,12 +180,15 @@ fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
         };
         let tun = tuns.remove(0);
         extra_queues = tuns;
-        let cleanup =
-            Cleanup { routing: Some(routing.clone()), socket: cfg.control_socket.clone() };
+        let cleanup = Cleanup {
+            routing: Some((routing.clone(), cfg.on_stop)),
+            socket: cfg.control_socket.clone(),
+            _claim: claim,
+        };
         routing.install()?;
         (Some(tun), cleanup)
     } else {
-        (None, Cleanup { routing: None, socket: cfg.control_socket.clone() })
+        (None, Cleanup { routing: None, socket: cfg.control_socket.clone(), _claim: None })
     };
 
     let show = |v: &[ipnet::IpNet]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
@@ -226,23 +251,39 @@ fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
         d.close();
     }
     result?;
-    if data_plane {
-        info!("stopped; removing TUN {}, its routes and rules", cfg.tun);
-    } else {
-        info!("stopped");
+    match (data_plane, cfg.on_stop) {
+        (false, _) => info!("stopped"),
+        (true, OnStop::Open) => {
+            info!("stopped; removing TUN {}, its routes and rules (--on-stop open)", cfg.tun)
+        }
+        (true, OnStop::Closed) => info!(
+            "stopped; the guard stays: hosts of {} are refused and {} is unreachable until the \
+             next start or `vipgate cleanup --route-table {} --rule-priority {}`",
+            show(&cfg.nat.lan),
+            show(&cfg.nat.pools),
+            cfg.route_table,
+            cfg.rule_priority
+        ),
     }
     Ok(())
 }
 
-/// Removes the routing and the control socket however the gateway ends.
+/// However the gateway ends: closes or removes the routing (as `--on-stop` says), removes the
+/// control socket, then gives up the claim on the band.
 struct Cleanup {
-    routing: Option<Routing>,
+    routing: Option<(Routing, OnStop)>,
     socket: PathBuf,
+    _claim: Option<claim::Claim>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        if let Some(Err(e)) = self.routing.as_ref().map(Routing::remove) {
+        let done = match &self.routing {
+            None => Ok(0),
+            Some((r, OnStop::Closed)) => r.close(),
+            Some((r, OnStop::Open)) => r.remove(),
+        };
+        if let Err(e) = done {
             warn!("cleanup: {e:#}");
         }
         let _ = std::fs::remove_file(&self.socket);

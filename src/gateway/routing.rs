@@ -19,9 +19,12 @@
 //!
 //! Table T holds one route per family: `default dev TUN`. The box's own ICMP that is not about
 //! a lease comes back out of the translator unchanged (`Verdict::Pass`). Tear-down
-//! deletes exactly the rules in the band and flushes table T; start-up clears what a crashed
-//! run left behind except its guard, which it replaces once its own rules are in place, so
-//! the LAN is never open untranslated, not even during a restart. Nothing else is touched.
+//! by default (`--on-stop closed`) keeps the guard and P+3, so the LAN stays closed (the box
+//! itself stays reachable) until the next start or `vipgate cleanup`; `--on-stop open` deletes
+//! exactly the rules in the band and flushes table T. Start-up clears what a stopped or
+//! crashed run left behind except its guard, which it replaces once its own rules are in
+//! place, so the LAN is never open untranslated, not even during a restart. Only the holder
+//! of the band's [`super::claim::Claim`] changes any of it. Nothing else is touched.
 
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
@@ -30,6 +33,8 @@ use std::process::Command;
 
 /// Number of rule priorities the gateway uses, from the configured first one.
 pub const RULE_BAND: u32 = 6;
+/// Offset in the band of the rule that lets the box's own traffic bypass the TUN.
+const LOCAL: u32 = 3;
 /// Offset in the band of the fail-closed guard rules.
 const GUARD: u32 = 5;
 
@@ -145,13 +150,11 @@ impl Routing {
     }
 
     /// Brings the TUN up, disables reverse-path filtering on it, and installs the rules and
-    /// routes. On failure, removes whatever it installed.
+    /// routes. On failure, what it installed stays for the caller to remove
+    /// ([`Routing::close`] or [`Routing::remove`], as the gateway's `--on-stop` says).
     pub fn install(&self) -> Result<()> {
-        let r = self.try_install().and_then(|()| self.replace_guard());
-        if r.is_err() {
-            let _ = self.remove();
-        }
-        r
+        self.try_install()?;
+        self.replace_guard()
     }
 
     /// The fail-closed guard, last in the band: traffic from the LAN is prohibited and
@@ -194,7 +197,15 @@ impl Routing {
     /// Clears what a previous run left, except its fail-closed guard (so the LAN stays closed
     /// until [`Routing::install`] has the new rules in place). Returns the rules deleted.
     pub fn remove_leftovers(&self) -> Result<usize> {
-        self.remove_band(GUARD)
+        self.remove_band(&[GUARD])
+    }
+
+    /// What a gateway stopping closed does: deletes the rules that lead into the TUN and
+    /// flushes table T, keeping the guard and the rule that lets the box's own traffic bypass
+    /// it (so the box stays reachable from the LAN while its hosts are refused). This is the
+    /// state a crash leaves too, once the kernel removed the dead TUN's routes.
+    pub fn close(&self) -> Result<usize> {
+        self.remove_band(&[LOCAL, GUARD])
     }
 
     fn try_install(&self) -> Result<()> {
@@ -244,15 +255,16 @@ impl Routing {
     /// Deletes every rule in the gateway's priority band and flushes its table, for both
     /// families. Returns how many rules it deleted.
     pub fn remove(&self) -> Result<usize> {
-        self.remove_band(RULE_BAND)
+        self.remove_band(&[])
     }
 
-    /// Deletes the rules at the band's first `upto` priorities and flushes table T.
-    fn remove_band(&self, upto: u32) -> Result<usize> {
+    /// Deletes the rules of the band except those at the offsets in `keep`, and flushes
+    /// table T.
+    fn remove_band(&self, keep: &[u32]) -> Result<usize> {
         let t = self.table.to_string();
         let mut deleted = 0;
         for fam in ["-4", "-6"] {
-            for k in 0..upto {
+            for k in (0..RULE_BAND).filter(|k| !keep.contains(k)) {
                 let prio = (self.priority + k).to_string();
                 // `ip rule del priority N` deletes one rule at a time.
                 while ip(&[fam, "rule", "del", "priority", &prio]).is_ok() {

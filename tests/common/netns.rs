@@ -450,6 +450,8 @@ pub fn get_int_opt(fd: &impl AsRawFd, level: i32, name: i32) -> io::Result<i32> 
 /// when the test is failing, prints its log.
 pub struct Daemon {
     child: Option<Child>,
+    /// Its process id, kept after it was reaped.
+    pid: i32,
     status: Option<ExitStatus>,
     /// Namespace it runs in.
     pub ns: String,
@@ -510,7 +512,17 @@ impl Daemon {
             .stderr(Stdio::from(f))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start vipgate {sub} in {ns}: {e}"));
-        Daemon { child: Some(child), status: None, ns: ns.to_string(), control, log, state, args }
+        let pid = child.id() as i32;
+        Daemon {
+            child: Some(child),
+            pid,
+            status: None,
+            ns: ns.to_string(),
+            control,
+            log,
+            state,
+            args,
+        }
     }
 
     /// Starts another `vipgate gateway` in the same namespace with the same arguments and
@@ -518,6 +530,13 @@ impl Daemon {
     /// its own control socket and log, without waiting for it.
     pub fn spawn_again(&self, lab: &mut Lab) -> Daemon {
         Daemon::spawn_on(lab, &self.ns, self.args.clone(), Some(self.state.clone()))
+    }
+
+    /// Like [`Daemon::spawn_again`], with `extra` arguments after the first daemon's.
+    pub fn spawn_again_with(&self, lab: &mut Lab, extra: &[&str]) -> Daemon {
+        let mut args = self.args.clone();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Daemon::spawn_on(lab, &self.ns, args, Some(self.state.clone()))
     }
 
     /// Like [`Daemon::spawn_again`], then waits until the new daemon is ready.
@@ -562,7 +581,20 @@ impl Daemon {
 
     /// The process id of the daemon (`ip netns exec` execs it in place).
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().expect("daemon already reaped").id() as i32
+        self.pid
+    }
+
+    /// Panics unless the daemon's process is really gone: reaped, and no process of its id
+    /// is left (a `kill -9` that did not kill would leave one).
+    pub fn assert_gone(&self) {
+        assert!(self.child.is_none(), "the daemon (pid {}) has not exited", self.pid);
+        let cmdline = fs::read(format!("/proc/{}/cmdline", self.pid)).unwrap_or_default();
+        assert!(
+            !contains(&cmdline, b"vipgate"),
+            "a vipgate process of pid {} still exists: {}",
+            self.pid,
+            String::from_utf8_lossy(&cmdline)
+        );
     }
 
     /// Its log so far.
@@ -625,6 +657,7 @@ impl Daemon {
 
     /// Sends `signal` to the daemon.
     pub fn signal(&self, signal: i32) {
+        assert!(self.child.is_some(), "signal {signal} to a daemon already reaped");
         // SAFETY: kill(2) of the daemon we started and have not reaped yet.
         let r = unsafe { libc::kill(self.pid(), signal) };
         assert_eq!(r, 0, "kill: {}", io::Error::last_os_error());
@@ -665,6 +698,7 @@ impl Daemon {
     pub fn crash(&mut self) {
         self.signal(libc::SIGKILL);
         assert!(self.wait_exit(Duration::from_secs(5)).is_some(), "SIGKILL did not end the daemon");
+        self.assert_gone();
     }
 }
 
