@@ -123,6 +123,9 @@ impl Durable {
                 }
                 .to_string(),
             },
+            LeaseEvent::Lives { real, partner, until } => {
+                Change::Lives { real: *real, partner: *partner, until: self.wall(*until) }
+            }
             LeaseEvent::Quarantined { virtual_addr, partner, real, until } => {
                 Change::Quarantine(QuarantineRow {
                     virtual_addr: *virtual_addr,

@@ -625,7 +625,7 @@ impl Gateway {
                 LeaseEvent::Created(l) => ("created", l, None),
                 LeaseEvent::Updated(l) => ("updated", l, None),
                 LeaseEvent::Ended(l, r) => ("ended", l, Some(*r)),
-                LeaseEvent::Quarantined { .. } => continue,
+                LeaseEvent::Quarantined { .. } | LeaseEvent::Lives { .. } => continue,
             };
             let origin = if l.origin == Origin::Explicit { "explicit" } else { "implicit" };
             let expires = l.expires.map(|t| control::rfc3339(t, now)).unwrap_or_else(|| "-".into());

@@ -73,8 +73,9 @@ impl Translator {
             k.host_port,
             k.partner_port,
         )?;
+        let life = self.life_shift();
         let (real, virt, delta) =
-            self.flows.touch(fi, k.flags, f.outbound, now, &self.flow_timeouts)?;
+            self.flows.touch_if(fi, k.flags, f.outbound, now, &self.flow_timeouts, life)?;
         // Out, the source becomes the virtual address; in, the destination the real one.
         let new = Wide::select(f.outbound, virt, real);
         patch_plain(pkt, f.v4, f.outbound, new, k.proto, delta.negate_if(!f.outbound));

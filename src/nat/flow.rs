@@ -34,6 +34,13 @@ impl From<&Timeouts> for FlowTimeouts {
         }
     }
 }
+impl FlowTimeouts {
+    /// The idle timeout a new flow of `proto` gets from its first packet, in ms.
+    pub fn first(&self, proto: u8, flags: u8, outbound: bool) -> u64 {
+        FlowEntry { proto, ..FlowEntry::default() }.next(flags, outbound, self).1
+    }
+}
+
 use super::index::Index;
 use super::prefetch::prefetch;
 use crate::wire::Delta;
@@ -124,14 +131,15 @@ impl Entries for Store {
 }
 
 impl FlowEntry {
-    /// Updates the TCP state with a segment's flags; returns the idle timeout that now
-    /// applies, in ms.
+    /// The TCP state after a segment with `flags` going `outbound` (else in), the idle
+    /// timeout that then applies and the one that applied before, in ms, without changing
+    /// the flow.
     ///
     /// Without a branch on the protocol or the direction (mixed traffic draws both at random):
     /// the TCP state is worked out for every flow and kept only for a TCP one, and the
     /// timeout is picked among the protocols'.
     #[inline]
-    pub fn touch(&mut self, flags: u8, outbound: bool, t: &FlowTimeouts) -> u64 {
+    pub fn next(&self, flags: u8, outbound: bool, t: &FlowTimeouts) -> (u8, u64, u64) {
         use tcp_state::*;
         let s = self.tcp;
         let closed = (s & RST != 0) | (s & (OUT_FIN | IN_FIN) == OUT_FIN | IN_FIN);
@@ -140,14 +148,30 @@ impl FlowEntry {
         s |= pick(outbound, OUT_SEEN, IN_SEEN);
         s |= pick(flags & tcp_flags::FIN != 0, pick(outbound, OUT_FIN, IN_FIN), 0);
         s |= pick(flags & tcp_flags::RST != 0, RST, 0);
+        let tcp = self.proto == protocol::TCP;
+        let s = pick(tcp, s, self.tcp);
+        (s, self.timeout_in(s, t), self.timeout_in(self.tcp, t))
+    }
+
+    /// The idle timeout of this flow in TCP state `s`, in ms.
+    #[inline(always)]
+    fn timeout_in(&self, s: u8, t: &FlowTimeouts) -> u64 {
+        use tcp_state::*;
         let established = (s & (OUT_SEEN | IN_SEEN) == OUT_SEEN | IN_SEEN)
             & (s & RST == 0)
             & (s & (OUT_FIN | IN_FIN) != OUT_FIN | IN_FIN);
-        let tcp = self.proto == protocol::TCP;
-        self.tcp = pick(tcp, s, self.tcp);
         let tcp_timeout = pick(established, t.tcp_established, t.tcp_transitory);
         let other = pick(self.proto == protocol::UDP, t.udp, t.icmp_query);
-        pick(tcp, tcp_timeout, other)
+        pick(self.proto == protocol::TCP, tcp_timeout, other)
+    }
+
+    /// Updates the TCP state with a segment's flags; returns the idle timeout that now
+    /// applies, in ms.
+    #[cfg(test)]
+    pub fn touch(&mut self, flags: u8, outbound: bool, t: &FlowTimeouts) -> u64 {
+        let (s, timeout, _) = self.next(flags, outbound, t);
+        self.tcp = s;
+        timeout
     }
 }
 
@@ -277,9 +301,37 @@ impl FlowTable {
         now: u64,
         t: &FlowTimeouts,
     ) -> Option<(Wide, Wide, Delta)> {
+        self.touch_if(i, flags, outbound, now, t, None)
+    }
+
+    /// [`FlowTable::touch`] for the fast path, which may only refresh a flow whose lease's
+    /// stored life covers the refresh (see [`super::life`]): unless `life_shift` is `None`
+    /// (no life is kept), the flow's last packet must have come in the current checkpoint
+    /// period (`now >> life_shift`, the first packet of a period takes the general path)
+    /// and this packet must not change its timeout (a TCP handshake completing, or a
+    /// connection closing). `None`, with nothing changed, otherwise.
+    #[inline]
+    pub fn touch_if(
+        &mut self,
+        i: u32,
+        flags: u8,
+        outbound: bool,
+        now: u64,
+        t: &FlowTimeouts,
+        life_shift: Option<u32>,
+    ) -> Option<(Wide, Wide, Delta)> {
         // No occupancy check: the indexes only name occupied slots.
         let f = self.store.lines.peek_mut(i)?;
-        let expires = now.saturating_add(f.touch(flags, outbound, t));
+        let (s, timeout, before) = f.next(flags, outbound, t);
+        if let Some(shift) = life_shift {
+            // When the last packet came: the deadline it set less the timeout it set.
+            let last = f.expires.wrapping_sub(before);
+            if (last >> shift != now >> shift) | (timeout != before) {
+                return None;
+            }
+        }
+        f.tcp = s;
+        let expires = now.saturating_add(timeout);
         let earlier = expires < f.expires;
         f.expires = expires;
         let out = (f.real, f.virt, f.delta);
@@ -287,6 +339,26 @@ impl FlowTable {
             self.wheel.advance(&mut self.store, i, expires);
         }
         Some(out)
+    }
+
+    /// Flow `i`'s last packet time, idle deadline and current timeout, in ms.
+    pub fn timing(&self, i: u32, t: &FlowTimeouts) -> Option<(u64, u64, u64)> {
+        let f = self.store.lines.get(i)?;
+        let timeout = f.timeout_in(f.tcp, t);
+        Some((f.expires.wrapping_sub(timeout), f.expires, timeout))
+    }
+
+    /// The idle timeout a packet with `flags` going `outbound` would give flow `i`, and the
+    /// one it has now, in ms.
+    pub fn timeout_after(
+        &self,
+        i: u32,
+        flags: u8,
+        outbound: bool,
+        t: &FlowTimeouts,
+    ) -> Option<(u64, u64)> {
+        let (_, after, before) = self.store.lines.get(i)?.next(flags, outbound, t);
+        Some((after, before))
     }
 
     /// Flow `i`'s lease and idle deadline.

@@ -50,6 +50,13 @@ pub struct LeaseEntry {
     pub flow_head: u32,
     /// Sequence number of the event that created it (0: restored, durable).
     pub seq: u64,
+    /// An implicit lease's life as the store has it, durably (ms): a restart gives the lease
+    /// at least this long ([`super::life`]).
+    pub life: u64,
+    /// The newest life handed to the store, and the sequence number of its event.
+    pub life_pending: (u64, u64),
+    /// It ends no earlier than this (ms): the life a restart restored it with.
+    pub floor: u64,
     /// Links of the chain of leases of the same host.
     same_real: Link,
     /// Links of the chain of leases on the same virtual address.
@@ -114,6 +121,9 @@ impl Default for LeaseEntry {
             flows: 0,
             flow_head: NIL,
             seq: 0,
+            life: 0,
+            life_pending: (0, 0),
+            floor: 0,
             same_real: Link::default(),
             same_virtual: Link::default(),
         }

@@ -36,6 +36,8 @@ mod fast;
 mod flow;
 mod index;
 mod lease;
+mod life;
+pub use life::{GRANULARITY_MS, PERIOD_MS};
 mod pool;
 mod prefetch;
 mod reply;
@@ -503,6 +505,16 @@ pub enum LeaseEvent {
     Updated(Lease),
     /// A lease ended.
     Ended(Lease, EndReason),
+    /// An implicit lease lives at least `until` (the life a restart gives it; see
+    /// [`GRANULARITY_MS`]).
+    Lives {
+        /// The host's real address.
+        real: IpAddr,
+        /// The partner.
+        partner: IpAddr,
+        /// The lease lives at least until then.
+        until: Instant,
+    },
     /// An ended lease's address is held back from other hosts until `until`: from
     /// `partner` only, or from everyone when `None` (`per-host`).
     Quarantined {
@@ -782,6 +794,13 @@ impl Translator {
         let i = self
             .create_lease(real, partner, Some(virtual_addr), origin, now_ms, expires_ms)
             .map_err(|_| LeaseError::TableFull)?;
+        if let (Origin::Implicit, Some(l)) = (origin, self.leases.get_mut(i)) {
+            // Its stored life, durable: the lease lives at least that long whatever its
+            // flows do after the restart.
+            l.floor = expires_ms;
+            l.life = expires_ms;
+            l.life_pending = (expires_ms, 0);
+        }
         self.lease_view(i).ok_or(LeaseError::NoSuchLease)
     }
 
@@ -893,7 +912,8 @@ impl Translator {
     pub(crate) fn idle_lease(&mut self, li: u32, since: u64) {
         let Some(lease) = self.leases.get(li) else { return };
         if lease.flows == 0 && lease.origin == Origin::Implicit {
-            self.leases.set_expires(li, since.saturating_add(self.lease_idle_ms));
+            let end = since.saturating_add(self.lease_idle_ms).max(lease.floor);
+            self.leases.set_expires(li, end);
         }
     }
 

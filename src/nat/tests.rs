@@ -779,9 +779,12 @@ fn packets_of_a_new_lease_wait_until_it_is_durable() {
     let mut b = UDP4_OUT.to_vec();
     assert_eq!(h.t.translate(&mut b, h.at(0.0)), Verdict::Hold);
     assert_eq!(b, UDP4_OUT, "a held packet is untouched");
-    // The lease exists (and is logged) but no flow is made before it is durable.
-    let (seq, e) = h.t.poll_event().unwrap();
+    // The lease exists (and is logged), its life goes to the store with it (one commit), and
+    // no flow is made before both are durable.
+    let (_, e) = h.t.poll_event().unwrap();
     assert!(matches!(e, LeaseEvent::Created(_)));
+    let (seq, e) = h.t.poll_event().unwrap();
+    assert!(matches!(e, LeaseEvent::Lives { .. }), "{e:?}");
     assert_eq!(h.t.durable_needed(), Some(seq));
     assert_eq!(h.t.table_sizes().1, 0);
     let mut again = UDP4_OUT.to_vec();

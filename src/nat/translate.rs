@@ -286,6 +286,7 @@ impl Translator {
             return Ok(virt);
         };
         let fi = self.flow_of(d, k, true, now)?;
+        self.cover_flow(fi, k.flags, true, now)?;
         let (_, virt, delta) = self.touch_flow(fi, k.flags, true, now)?;
         rewrite(pkt, d, d.src_offset(), virt, delta);
         Ok(narrow(virt, d.is_v4()))
@@ -303,6 +304,7 @@ impl Translator {
             return Ok(());
         };
         let fi = self.flow_of(d, k, false, now)?;
+        self.cover_flow(fi, k.flags, false, now)?;
         let (real, _, delta) = self.touch_flow(fi, k.flags, false, now)?;
         rewrite(pkt, d, d.dst_offset(), real, delta.negate());
         Ok(())
@@ -321,7 +323,10 @@ impl Translator {
         } else {
             self.lease_in(addr, partner, true, now)?
         };
+        // The life the new flow needs goes to the store with a new lease, in one commit.
+        let covered = self.cover(li, self.flow_timeouts.first(k.proto, k.flags, outbound), now);
         self.hold_unless_durable(li)?;
+        covered?;
         Ok(self.new_flow(li, k, now)?)
     }
 
@@ -506,7 +511,7 @@ fn translatable(d: &Datagram) -> Result<(), DropReason> {
 
 /// Why a packet was not translated: a counted drop, a wait for durability, or none of our
 /// business.
-enum Stop {
+pub(super) enum Stop {
     Drop(DropReason),
     Hold,
     Pass,

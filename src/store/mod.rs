@@ -159,7 +159,8 @@ pub struct LeaseRow {
     pub explicit: bool,
     /// When the lease was made (millisecond precision once stored).
     pub created: SystemTime,
-    /// When it ends, if known (an implicit lease with live flows has no end yet).
+    /// When it ends, if known: an explicit lease's TTL; for an implicit lease, the life its
+    /// flows were last checkpointed with ([`Change::Lives`]; none before the first).
     pub expires: Option<SystemTime>,
 }
 
@@ -216,6 +217,17 @@ pub enum Change {
         at: SystemTime,
         /// Why (e.g. `expired`, `idle`, `released`).
         reason: String,
+    },
+    /// An implicit lease lives at least until `until` (its checkpointed life, which a restart
+    /// gives it back as its expiry). A lease the store does not have, or an explicit one
+    /// (which lives by its TTL), is left alone.
+    Lives {
+        /// The host's real address.
+        real: IpAddr,
+        /// The partner.
+        partner: IpAddr,
+        /// The lease lives at least until then.
+        until: SystemTime,
     },
     /// A quarantine entry was set (key: virtual + partner; replaces an earlier one).
     Quarantine(QuarantineRow),
@@ -476,6 +488,17 @@ impl Store {
                             delete.execute(params![real, partner])?;
                             close.execute(params![real, partner, at, reason])?;
                             latest_end = Some(latest_end.map_or(at, |l| l.max(at)));
+                        }
+                        Change::Lives { real, partner, until } => {
+                            tx.prepare_cached(
+                                "UPDATE lease SET expires_ms = ?3
+                                 WHERE real_addr = ?1 AND partner_addr = ?2 AND explicit = 0",
+                            )?
+                            .execute(params![
+                                real.to_string(),
+                                partner.to_string(),
+                                to_ms(*until)
+                            ])?;
                         }
                         Change::Quarantine(q) => {
                             let partner = q.partner.map(|p| p.to_string()).unwrap_or_default();
