@@ -21,6 +21,7 @@
 //! | `many_flows_keep_consistent_virtual_addresses` | many packets between four hosts and four partners, small pools: a pair keeps its virtual address, no two hosts share one towards a partner (per-host: at all), the lease API agrees, answers come back byte for byte |
 //! | `refusals_are_replied_to_the_real_sender` | tiny tables, hosts sending to partners and to each other's virtual addresses: every `Reply` is a valid 3/13 (1/1) to the real sender quoting what it sent |
 //! | `fast_path_and_batches_translate_as_the_general_path` | the general path (`translate_without_fast_path`), `translate` (its fast path where it applies) and `translate_batch` in batches of random sizes, over packets that open flows later packets of the same batch use, their answers, garbage and mutants: the same verdicts, bytes, counters, table sizes and leases |
+//! | `forwarded_packets_have_one_more_hop_left` | TTLs at the edges (1, 2, 254, 255) and anywhere, every kind, both families, out and in, on the general path, the fast path and with a partial checksum (a super-packet): a forwarded packet's TTL / hop limit is its input's + 1 (255 stays 255), its IPv4 header checksum verifies, its bytes are etherparse's build with that TTL; round trips above see + 2 |
 //! | `checksum_matches_naive`, `delta_matches_full_recomputation` | `wire::checksum` against a naive RFC 1071 sum; `Delta` (RFC 1624 eq. 3, `apply_udp`, `negate`, `add`, `word`) against full recomputation |
 //! | `regression_*` | the smallest failing cases found so far, as plain tests |
 //!
@@ -36,6 +37,7 @@ use proptest::test_runner::TestCaseError;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 use vipgate::nat::{Direction, DropReason, Filtering, Mapping};
+use vipgate::wire::vnet::Checksum;
 use vipgate::wire::{self, checksum, Delta, Transport};
 
 fn cases(n: u32) -> ProptestConfig {
@@ -130,7 +132,8 @@ fn round_trip(spec: &Spec, per_host: bool, trailer: &[u8]) -> Result<(), TestCas
             prop_assert_eq!(be16(&out, l4 + 6), 0);
         }
     }
-    same_bytes(&out, &spec.build(virt, spec.partner), "outbound vs etherparse build")?;
+    prop_assert_eq!(ttl(&out), forwarded_ttl(spec.ttl), "outbound TTL / hop limit");
+    same_bytes(&out, &forwarded(&spec.build(virt, spec.partner)), "outbound vs etherparse build")?;
 
     // (c) the inbound answer.
     match spec.kind {
@@ -144,7 +147,9 @@ fn round_trip(spec: &Spec, per_host: bool, trailer: &[u8]) -> Result<(), TestCas
             prop_assert_eq!(check_checksums(&q), expected_checked(spec), "inbound {}", hex(&q));
             swap_addrs(&mut q);
             swap_ports(&mut q, l4);
-            same_bytes(&q, &original, "outbound then inbound (swapped back) vs original")?;
+            // Each way gave the packet its hop back: two more than the original.
+            let want = forwarded(&forwarded(&original));
+            same_bytes(&q, &want, "outbound then inbound (swapped back) vs original, TTL + 2")?;
         }
         Kind::Echo { .. } => {
             let r = spec.reply();
@@ -152,7 +157,8 @@ fn round_trip(spec: &Spec, per_host: bool, trailer: &[u8]) -> Result<(), TestCas
             prop_assert_eq!(run(&mut t, &mut q, now), Outcome::Forward(Direction::Inbound));
             prop_assert_eq!(dst_addr(&q), spec.host);
             prop_assert_eq!(check_checksums(&q), Ok(Checked::AllValid), "inbound {}", hex(&q));
-            same_bytes(&q, &r.build(spec.partner, spec.host), "echo reply vs etherparse build")?;
+            let want = forwarded(&r.build(spec.partner, spec.host));
+            same_bytes(&q, &want, "echo reply vs etherparse build")?;
         }
     }
     Ok(())
@@ -233,7 +239,8 @@ fn fragments(
         "first fragment checksum (before translation {:#06x})",
         be16(&before, at)
     );
-    same_bytes(&first, &fragment(&whole_virt, l4, 0, k, true, id), "translated first fragment")?;
+    let want = forwarded(&fragment(&whole_virt, l4, 0, k, true, id));
+    same_bytes(&first, &want, "translated first fragment")?;
 
     // A later fragment of the same datagram: address only.
     let slots = (tlen - k).div_ceil(8); // offsets k, k+8, ... below tlen
@@ -252,7 +259,7 @@ fn fragments(
     }
     same_bytes(
         &later,
-        &fragment(&whole_virt, l4, off, len, more, id),
+        &forwarded(&fragment(&whole_virt, l4, off, len, more, id)),
         "translated later fragment",
     )?;
 
@@ -262,10 +269,12 @@ fn fragments(
     let answer_host = r.build(spec.partner, spec.host);
     let mut rf = fragment(&answer_virt, l4, 0, k, true, !id);
     prop_assert_eq!(run(&mut t, &mut rf, now), Outcome::Forward(Direction::Inbound));
-    same_bytes(&rf, &fragment(&answer_host, l4, 0, k, true, !id), "inbound first fragment")?;
+    let want = forwarded(&fragment(&answer_host, l4, 0, k, true, !id));
+    same_bytes(&rf, &want, "inbound first fragment")?;
     let mut rl = fragment(&answer_virt, l4, off, len, more, !id);
     prop_assert_eq!(run(&mut t, &mut rl, now), Outcome::Forward(Direction::Inbound));
-    same_bytes(&rl, &fragment(&answer_host, l4, off, len, more, !id), "inbound later fragment")?;
+    let want = forwarded(&fragment(&answer_host, l4, off, len, more, !id));
+    same_bytes(&rl, &want, "inbound later fragment")?;
     Ok(())
 }
 
@@ -313,7 +322,8 @@ fn hairpin(a: &Spec, b_host: IpAddr, per_host: bool) -> Result<(), TestCaseError
     prop_assert_eq!(t.lease_of(a.host, vb).map(|l| l.virtual_addr), Some(va));
     prop_assert_eq!(dst_addr(&p), b_host);
     prop_assert_eq!(check_checksums(&p), expected_checked(a), "hairpinned {}", hex(&p));
-    same_bytes(&p, &a.build(va, b_host), "hairpinned vs etherparse build")?;
+    // A hairpin is one hop too: its two legs give back one, not two.
+    same_bytes(&p, &forwarded(&a.build(va, b_host)), "hairpinned vs etherparse build")?;
     // B answers A's virtual address.
     match a.kind {
         Kind::Tcp(_) | Kind::Udp { .. } => {
@@ -325,14 +335,16 @@ fn hairpin(a: &Spec, b_host: IpAddr, per_host: bool) -> Result<(), TestCaseError
             prop_assert_eq!(check_checksums(&q), expected_checked(a), "answer {}", hex(&q));
             swap_addrs(&mut q);
             swap_ports(&mut q, l4);
-            same_bytes(&q, &original, "hairpin there and back (swapped back) vs original")?;
+            let want = forwarded(&forwarded(&original));
+            same_bytes(&q, &want, "hairpin there and back (swapped back) vs original, TTL + 2")?;
         }
         Kind::Echo { .. } => {
             let r = a.reply();
             let mut q = r.build(b_host, va);
             prop_assert_eq!(run(&mut t, &mut q, now), Outcome::Forward(Direction::Hairpin));
             prop_assert_eq!(check_checksums(&q), Ok(Checked::AllValid), "answer {}", hex(&q));
-            same_bytes(&q, &r.build(vb, a.host), "hairpinned echo reply vs etherparse build")?;
+            let want = forwarded(&r.build(vb, a.host));
+            same_bytes(&q, &want, "hairpinned echo reply vs etherparse build")?;
         }
     }
     // B reports an error about what it got (as much as fits): A gets it about what it sent.
@@ -344,8 +356,8 @@ fn hairpin(a: &Spec, b_host: IpAddr, per_host: bool) -> Result<(), TestCaseError
     prop_assert_eq!(check_checksums(&e), Ok(Checked::AllValid), "hairpinned error {}", hex(&e));
     same_bytes(
         &e,
-        &icmp_error(vb, a.host, ty, code, rest, &original[..q]),
-        "hairpinned ICMP error",
+        &forwarded(&icmp_error(vb, a.host, ty, code, rest, &forwarded(&original)[..q])),
+        "hairpinned ICMP error (its quote as sent, TTL included)",
     )?;
 
     // Under partner filtering A is not B's partner.
@@ -502,7 +514,15 @@ fn icmp_errors(spec: &Spec, c: &ErrorCase) -> Result<(), TestCaseError> {
     prop_assert_eq!(check_checksums(&e), Ok(Checked::AllValid), "outer checksum of {}", hex(&e));
     same_bytes(
         &e,
-        &icmp_error(from, spec.host, ty, code, rest, &expected_quote(spec, &original, &e, q)),
+        &forwarded(&icmp_error(
+            from,
+            spec.host,
+            ty,
+            code,
+            rest,
+            // The quote is of the packet as it left, with its hop back.
+            &expected_quote(spec, &forwarded(&original), &e, q),
+        )),
         "translated error",
     )?;
 
@@ -537,8 +557,9 @@ fn icmp_errors(spec: &Spec, c: &ErrorCase) -> Result<(), TestCaseError> {
     let mut eo = icmp_error(spec.host, spec.partner, ty, code, rest, &got[..q2]);
     prop_assert_eq!(run(&mut t, &mut eo, now), Outcome::Forward(Direction::Outbound));
     prop_assert_eq!(check_checksums(&eo), Ok(Checked::AllValid), "outbound error {}", hex(&eo));
-    let want = expected_quote(spec, &answer, &eo, q2);
-    same_bytes(&eo, &icmp_error(virt, spec.partner, ty, code, rest, &want), "outbound error")?;
+    let want = expected_quote(spec, &forwarded(&answer), &eo, q2);
+    let want = forwarded(&icmp_error(virt, spec.partner, ty, code, rest, &want));
+    same_bytes(&eo, &want, "outbound error")?;
     Ok(())
 }
 
@@ -955,10 +976,21 @@ fn check_outcome(before: &[u8], after: &[u8], o: &Outcome) -> Result<(), TestCas
                 d1,
                 hex(before)
             );
-            // Within the fixed IP header only the addresses and the IPv4 checksum change.
+            // Within the fixed IP header only the addresses, the IPv4 checksum and the TTL
+            // (one more than it came with, 255 staying 255) change.
             let v4 = before[0] >> 4 == 4;
             let fixed = if v4 { 20 } else { 40 };
-            let writable = |i: usize| if v4 { (10..20).contains(&i) } else { (8..40).contains(&i) };
+            let at = ttl_offset(before);
+            prop_assert_eq!(
+                after[at],
+                forwarded_ttl(before[at]),
+                "{:?}: TTL / hop limit\nbefore {}\nafter  {}",
+                dir,
+                hex(before),
+                hex(after)
+            );
+            let writable =
+                |i: usize| i == at || if v4 { (10..20).contains(&i) } else { (8..40).contains(&i) };
             for i in 0..fixed {
                 if before[i] != after[i] && !writable(i) {
                     return Err(TestCaseError::fail(format!(
@@ -1368,13 +1400,14 @@ fn sessions(per_host: bool, steps: &[Step]) -> Result<(), TestCaseError> {
                     prop_assert_eq!(run(&mut t, &mut q, now), Outcome::Forward(Direction::Inbound));
                     swap_addrs(&mut q);
                     swap_ports(&mut q, spec.l4());
-                    same_bytes(&q, &original, "answer (swapped back) vs original")?;
+                    let want = forwarded(&forwarded(&original));
+                    same_bytes(&q, &want, "answer (swapped back) vs original, TTL + 2")?;
                 }
                 Kind::Echo { .. } => {
                     let r = spec.reply();
                     let mut q = r.build(spec.partner, virt);
                     prop_assert_eq!(run(&mut t, &mut q, now), Outcome::Forward(Direction::Inbound));
-                    same_bytes(&q, &r.build(spec.partner, spec.host), "echo reply")?;
+                    same_bytes(&q, &forwarded(&r.build(spec.partner, spec.host)), "echo reply")?;
                 }
             }
         }
@@ -1707,5 +1740,94 @@ proptest! {
         sizes in prop::collection::vec(1usize..40, 1..4),
     ) {
         batch_agrees(&s4, &s6, &specs, small, filtering_any, &garbage, &mutants, &sizes)?;
+    }
+}
+
+// =============================================================================================
+// 8. One hop, one TTL
+// =============================================================================================
+
+/// TTLs at the edges (1 and 2 expire at a gateway that takes two; 255 cannot grow) and
+/// anywhere.
+fn edge_ttls() -> impl Strategy<Value = u8> {
+    prop_oneof![
+        1 => Just(1u8),
+        1 => Just(2u8),
+        1 => Just(254u8),
+        2 => Just(255u8),
+        3 => 1u8..=255,
+    ]
+}
+
+/// `after`, forwarded from `before`, has one more hop left and a valid IPv4 header checksum.
+fn one_more_hop(before: &[u8], after: &[u8], what: &str) -> Result<(), TestCaseError> {
+    prop_assert_eq!(ttl(after), forwarded_ttl(ttl(before)), "{}: TTL / hop limit", what);
+    if after[0] >> 4 == 4 {
+        prop_assert!(ipv4_header_valid(after), "{}: IPv4 header checksum {}", what, hex(after));
+    }
+    Ok(())
+}
+
+/// A packet out (a new flow: the general path; again: the fast path where its headers are
+/// plain), its answer in (both paths), and the same packet with a partial transport checksum
+/// as a super-packet carries it: every one forwarded with one more hop left.
+fn forwarded_hops(spec: &Spec) -> Result<(), TestCaseError> {
+    let now = Instant::now();
+    let mut t = translator(now);
+    let original = spec.packet();
+    let mut out = original.clone();
+    prop_assert_eq!(run_general(&mut t, &mut out, now), Outcome::Forward(Direction::Outbound));
+    one_more_hop(&original, &out, "outbound, general path")?;
+    let virt = src_addr(&out);
+    same_bytes(&out, &forwarded(&spec.build(virt, spec.partner)), "outbound")?;
+    let mut fast = original.clone();
+    prop_assert_eq!(run(&mut t, &mut fast, now), Outcome::Forward(Direction::Outbound));
+    same_bytes(&fast, &out, "outbound, fast path vs general path")?;
+
+    let r = spec.reply();
+    let answer = r.build(spec.partner, virt);
+    let want = forwarded(&r.build(spec.partner, spec.host));
+    for general in [true, false] {
+        let mut q = answer.clone();
+        let o = if general { run_general(&mut t, &mut q, now) } else { run(&mut t, &mut q, now) };
+        prop_assert_eq!(o, Outcome::Forward(Direction::Inbound));
+        one_more_hop(&answer, &q, "inbound")?;
+        same_bytes(&q, &want, "inbound")?;
+    }
+
+    // With a partial checksum (the pseudo-header's sum, as the kernel hands a super-packet
+    // over): the general path, which gives the hop back just the same.
+    if let (true, Some(at)) = (spec.is_tcp_or_udp(), spec.pseudo_checksum_at()) {
+        let at = spec.l4() + at;
+        let len = original.len() - spec.l4();
+        let proto = if let Kind::Tcp(_) = spec.kind { 6 } else { 17 };
+        let o = &original;
+        let pseudo = if spec.is_v6() {
+            pseudo_v6(&o[8..24], &o[24..40], proto, len as u32)
+        } else {
+            pseudo_v4(&o[12..16], &o[16..20], proto, len as u16)
+        };
+        let mut p = original.clone();
+        p[at..at + 2].copy_from_slice(&naive_sum(&[], pseudo).to_be_bytes());
+        let before = p.clone();
+        let o = outcome(t.translate_with(&mut p, Checksum::Partial { at }, now));
+        prop_assert_eq!(o, Outcome::Forward(Direction::Outbound));
+        one_more_hop(&before, &p, "outbound, partial checksum")?;
+        prop_assert_eq!(src_addr(&p), virt);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(cases(256))]
+
+    /// A hop through the translator is one hop: the kernel takes two (into the TUN and out),
+    /// the translator gives one back, and checksums stay right.
+    #[test]
+    fn forwarded_packets_have_one_more_hop_left(
+        spec in spec(Shape::ALL),
+        ttl in edge_ttls(),
+    ) {
+        forwarded_hops(&Spec { ttl, ..spec })?;
     }
 }

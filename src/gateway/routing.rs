@@ -24,7 +24,22 @@
 //! exactly the rules in the band and flushes table T. Start-up clears what a stopped or
 //! crashed run left behind except its guard, which it replaces once its own rules are in
 //! place, so the LAN is never open untranslated, not even during a restart. Only the holder
-//! of the band's [`super::claim::Claim`] changes any of it. Nothing else is touched.
+//! of the band's [`super::claim::Claim`] changes any of it. Nothing else is touched, but
+//! one sysctl of the namespace:
+//!
+//! | sysctl (the gateway's namespace)                | why                                      |
+//! |-------------------------------------------------|------------------------------------------|
+//! | `net.ipv4.icmp_errors_use_inbound_ifaddr=1`     | the box's own ICMP errors (time exceeded |
+//! |                                                 | for a probe to a virtual address) come   |
+//! |                                                 | from the address of the interface the    |
+//! |                                                 | packet came in by (the WAN side), not    |
+//! |                                                 | from whatever address the TUN, which has |
+//! |                                                 | none, borrows (often the LAN's); IPv6    |
+//! |                                                 | does this already (RFC 4443 §2.2 source  |
+//! |                                                 | from the input interface, Linux ≥ 4.19)  |
+//!
+//! It stays set when the gateway stops (it only chooses which of the box's addresses its ICMP
+//! errors come from).
 
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
@@ -224,6 +239,9 @@ impl Routing {
                 std::fs::write(&path, value).with_context(|| format!("cannot write {path}"))?;
             }
         }
+        if self.all_families().contains(&"-4") {
+            icmp_errors_from_inbound_interface()?;
+        }
         for fam in self.all_families() {
             let rule = |k: u32, selector: &[&str], table: &str| -> Result<String> {
                 let prio = (p + k).to_string();
@@ -298,6 +316,20 @@ impl Routing {
         }
         Ok(true)
     }
+}
+
+/// Makes the box's own ICMPv4 errors come from the address of the interface the offending
+/// packet came in by (`net.ipv4.icmp_errors_use_inbound_ifaddr=1`, a per-namespace sysctl).
+///
+/// Without it Linux takes the source from the route back to the sender; for a probe to a
+/// virtual address that route is the TUN (rule P+1), which has no address, so the error
+/// borrows one of the box's others, often its LAN address: "time exceeded" in a traceroute
+/// through the gateway would name the LAN side. With it, the error names the WAN address
+/// the probe arrived at, as a kernel NAT's does. ICMPv6 needs no setting: Linux already
+/// takes the source from the input interface when the route has no preferred source.
+fn icmp_errors_from_inbound_interface() -> Result<()> {
+    let path = "/proc/sys/net/ipv4/icmp_errors_use_inbound_ifaddr";
+    std::fs::write(path, "1").with_context(|| format!("cannot write {path}"))
 }
 
 fn fam_of(n: &IpNet) -> &'static str {

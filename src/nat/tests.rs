@@ -956,6 +956,36 @@ fn flow_keys_by_direction() {
     }
 }
 
+/// A forwarded packet has one more hop left than it came with (the kernel takes two, one on
+/// the way into the TUN and one on the way out), saturating at 255, on the fast path (echo,
+/// IPv6 UDP, once their flows exist) and the general path (a new flow; an IPv4 option), with
+/// the IPv4 header checksum right (the oracle computes it from scratch). What is refused or
+/// passed keeps its TTL, and so does the ICMP error the translator builds.
+#[test]
+fn forwarded_packets_get_their_hop_back() {
+    let mut h = Harness::new(single());
+    for _ in 0..2 {
+        h.expect(&ECHO4_TTL255_OUT, Direction::Outbound, &ECHO4_TTL255_OUT_X, 0.0);
+        h.expect(&UDP4_TTL255_OUT, Direction::Outbound, &UDP4_TTL255_OUT_X, 0.0);
+        h.expect(&UDP6_HOP255_OUT, Direction::Outbound, &UDP6_HOP255_OUT_X, 0.0);
+    }
+    assert_eq!(TCP4_SYN_OUT[8] + 1, TCP4_SYN_OUT_X[8]);
+    assert_eq!(UDP6_OUT[7] + 1, UDP6_OUT_X[7]);
+    // The embedded packet of a translated error keeps its TTL.
+    assert_eq!(FRAGNEEDED4_IN_X[28 + 8], FRAGNEEDED4_IN[28 + 8]);
+    h.expect(&UDP4_OUT, Direction::Outbound, &UDP4_OUT_X, 0.0);
+    h.expect(&FRAGNEEDED4_IN, Direction::Inbound, &FRAGNEEDED4_IN_X, 0.0);
+    // Lan to lan passes untouched.
+    let mut b = Harness::udp("192.0.2.10", "192.0.2.20", 1, 2);
+    let before = b.clone();
+    assert!(matches!(h.t.translate(&mut b, h.at(0.0)), Verdict::Pass));
+    assert_eq!(b, before);
+    // The pool is taken: the refused packet is untouched, the reply keeps its own TTL.
+    let (v, reply) = h.run(&UDP4_OUT_B, 0.0);
+    assert_eq!(v, Err(DropReason::PoolExhausted));
+    assert_eq!(reply, PROHIBITED4_REPLY);
+}
+
 /// Packets of established flows with plain headers, of every kind the oracle has (IPv4 and
 /// IPv6; TCP with options, UDP with and without a checksum, echo; out and in; its IPv6 TCP
 /// packet has a hop-by-hop header, so it is the general path's), take the fast path and come

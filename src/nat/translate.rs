@@ -110,16 +110,19 @@ impl Translator {
         }
     }
 
-    /// Counts a packet's outcome and makes its verdict.
+    /// Counts a packet's outcome and makes its verdict. A forwarded packet gets back the hop
+    /// the kernel takes from it once too often ([`wire::restore_hop`], as the fast path's
+    /// [`patch_plain`] does); others are left as they are.
     #[inline]
     fn conclude<'a>(
         &'a mut self,
-        packet: &[u8],
+        packet: &mut [u8],
         routed: Result<Direction, Stop>,
         now_ms: u64,
     ) -> Verdict<'a> {
         match routed {
             Ok(dir) => {
+                restore_hop(packet);
                 match dir {
                     Direction::Outbound => self.counters.outbound += 1,
                     Direction::Inbound => self.counters.inbound += 1,
@@ -656,8 +659,9 @@ const V4_ADDRESSES: usize = 4;
 
 /// [`patch`] for a packet of the fast path (plain headers, a whole checksum, a `proto` of
 /// TCP, UDP, ICMP or ICMPv6): rewrites its source address (`outbound`) or its destination
-/// address with `new`, then its IPv4 header checksum and its transport checksum if that
-/// covers the addresses, by `delta`. Without a branch on the family, the direction or the
+/// address with `new`, adds 1 to its TTL or hop limit ([`wire::restore_hop`]), then updates
+/// its IPv4 header checksum (by `delta` and the TTL's change) and its transport checksum if
+/// that covers the addresses (by `delta`). Without a branch on the family, the direction or the
 /// protocol (see [`wire::pick`]): the address is written as a 16-byte window, IPv6's address
 /// or the IPv4 header's two, whose other bytes are written back as they were; so are the
 /// checksums that do not change.
@@ -681,12 +685,27 @@ pub(super) fn patch_plain(
         let old = u128::from_le_bytes(w.try_into().unwrap_or_default());
         w.copy_from_slice(&((old & !mask) | (value & mask)).to_le_bytes());
     }
+    // The hop the kernel takes twice is given back (see [`wire::restore_hop`]); the header
+    // checksum takes both changes in one update.
+    let hop = wire::restore_hop(pkt, v4);
     let c = read_u16(pkt, ipv4::CHECKSUM_OFFSET);
-    write_u16(pkt, ipv4::CHECKSUM_OFFSET, pick(v4, delta.apply(c), c));
+    write_u16(pkt, ipv4::CHECKSUM_OFFSET, pick(v4, (delta + hop).apply(c), c));
     let sum_at = wire::plain_l4(v4) + wire::checksum_offset(proto);
     let c = read_u16(pkt, sum_at);
     let updated = pick(proto == protocol::UDP, delta.apply_udp(c), delta.apply(c));
     write_u16(pkt, sum_at, pick(wire::covers_addresses(proto), updated, c));
+}
+
+/// [`wire::restore_hop`] on a packet the general path forwarded (of either family, any
+/// headers), with its IPv4 header checksum updated. The embedded packet of an ICMP error is
+/// not touched: it says what the packet was when the error was raised.
+fn restore_hop(pkt: &mut [u8]) {
+    let v4 = pkt[0] >> 4 == 4;
+    let delta = wire::restore_hop(pkt, v4);
+    if v4 {
+        let c = read_u16(pkt, ipv4::CHECKSUM_OFFSET);
+        write_u16(pkt, ipv4::CHECKSUM_OFFSET, delta.apply(c));
+    }
 }
 
 /// The host's address in `d` (real outbound, virtual inbound) and the partner's.

@@ -81,6 +81,7 @@ impl Delta {
     }
 
     /// The delta of replacing one 16-bit word.
+    #[inline(always)]
     pub fn word(old: u16, new: u16) -> Delta {
         Delta(add(!old, new))
     }

@@ -20,6 +20,8 @@ mod field {
 pub const SRC_OFFSET: usize = field::SRC.start;
 /// Byte offset of the destination address.
 pub const DST_OFFSET: usize = field::DST.start;
+/// Byte offset of the time to live (the high byte of the header's fifth 16-bit word).
+pub const TTL_OFFSET: usize = field::TTL;
 /// Byte offset of the header checksum.
 pub const CHECKSUM_OFFSET: usize = field::CHECKSUM.start;
 /// Length of a header without options.

@@ -17,6 +17,8 @@ mod field {
 pub const SRC_OFFSET: usize = field::SRC.start;
 /// Byte offset of the destination address.
 pub const DST_OFFSET: usize = field::DST.start;
+/// Byte offset of the hop limit.
+pub const HOP_LIMIT_OFFSET: usize = field::HOP_LIMIT;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 40;
 /// The most extension headers we walk before giving up on a packet.

@@ -156,6 +156,25 @@ pub fn addr_offsets(v4: bool) -> (usize, usize) {
     (pick(v4, ipv4::SRC_OFFSET, ipv6::SRC_OFFSET), pick(v4, ipv4::DST_OFFSET, ipv6::DST_OFFSET))
 }
 
+/// Gives a forwarded packet back the hop the kernel took from it once too often: adds 1 to
+/// the TTL of an IPv4 (`v4`) header or the hop limit of an IPv6 one, saturating at 255, and
+/// returns the IPv4 header checksum's delta for it (RFC 1624; IPv6 has no header checksum,
+/// and no transport checksum covers either field), which the caller applies.
+///
+/// A translated packet crosses the kernel's forwarding twice, into the TUN device and out of
+/// it, and each crossing takes 1 off (RFC 791 §3.2, RFC 8200 §3): adding 1 back makes the
+/// gateway one hop, as a kernel NAT is. A packet the box itself sent into the TUN was never
+/// decremented, so it leaves with the TTL it was sent with (as through a kernel NAT), and
+/// 255 stays 255. Without a branch, for the fast path: the field is at the family's offset.
+#[inline(always)]
+pub fn restore_hop(pkt: &mut [u8], v4: bool) -> Delta {
+    let at = pick(v4, ipv4::TTL_OFFSET, ipv6::HOP_LIMIT_OFFSET);
+    let old = pkt[at];
+    let new = old.saturating_add(1);
+    pkt[at] = new;
+    Delta::word(u16::from(old) << 8, u16::from(new) << 8)
+}
+
 /// `a` if `c`, else `b`, chosen without a branch (the hot path's conditions are the packet's
 /// family, protocol and direction, which mixed traffic draws at random: a branch on them is
 /// a misprediction every other packet).

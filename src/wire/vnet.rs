@@ -376,6 +376,10 @@ mod tests {
     #[test]
     fn segments_carry_sequence_ids_lengths_and_flags_like_the_kernel() {
         let mut p = tcp4(250);
+        p[8] = 65;
+        p[10..12].fill(0);
+        let c = checksum(&p[..20], 0);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
         p[4..6].copy_from_slice(&0xfffeu16.to_be_bytes());
         p[24..28].copy_from_slice(&0xffff_ff00u32.to_be_bytes());
         p[33] = 0x80 | 0x18 | 0x01; // CWR PSH ACK FIN
@@ -389,6 +393,8 @@ mod tests {
             assert_eq!(read_u16(s, 2) as usize, s.len());
             assert_eq!(read_u16(s, 4), 0xfffeu16.wrapping_add(i as u16));
             assert_eq!(checksum(&s[..20], 0), 0, "IPv4 header checksum");
+            // The TTL the translator gave the super-packet is every segment's.
+            assert_eq!(s[8], p[8], "TTL of segment {i}");
             let seq = u32::from_be_bytes(s[24..28].try_into().unwrap());
             assert_eq!(seq, 0xffff_ff00u32.wrapping_add(100 * i as u32));
             let pseudo = sum(&s[12..20], 0) + u64::from(protocol::TCP) + (s.len() - 20) as u64;

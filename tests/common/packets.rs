@@ -212,6 +212,45 @@ pub fn ipv4_header_valid(h: &[u8]) -> bool {
     hl >= 20 && h.len() >= hl && naive_sum(&h[..hl], 0) == 0xffff
 }
 
+/// Byte offset of the TTL (IPv4) or hop limit (IPv6) of a packet.
+pub fn ttl_offset(p: &[u8]) -> usize {
+    if p[0] >> 4 == 4 {
+        8
+    } else {
+        7
+    }
+}
+
+/// The TTL (IPv4) or hop limit (IPv6) of a packet.
+pub fn ttl(p: &[u8]) -> u8 {
+    p[ttl_offset(p)]
+}
+
+/// The TTL a packet forwarded by the translator leaves with: one more than it came with, so
+/// that the kernel's two decrements (into the TUN, out of it) make one hop; 255 stays 255.
+pub fn forwarded_ttl(ttl: u8) -> u8 {
+    ttl.saturating_add(1)
+}
+
+/// `p` with its TTL or hop limit set to `ttl`, the IPv4 header checksum computed again from
+/// scratch (an embedded packet is not touched).
+pub fn with_ttl(p: &[u8], ttl: u8) -> Vec<u8> {
+    let mut p = p.to_vec();
+    let at = ttl_offset(&p);
+    p[at] = ttl;
+    if p[0] >> 4 == 4 {
+        let c = recompute(&p[..usize::from(p[0] & 0x0f) * 4], 10, 0);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    p
+}
+
+/// `p` as the translator must forward it apart from its address rewrite: its TTL or hop
+/// limit [`forwarded_ttl`], its IPv4 header checksum right.
+pub fn forwarded(p: &[u8]) -> Vec<u8> {
+    with_ttl(p, forwarded_ttl(ttl(p)))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Packet specifications
 // ---------------------------------------------------------------------------------------------

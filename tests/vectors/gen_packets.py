@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Independent oracle for the translator's byte-literal unit tests (src/nat/tests.rs).
 
-Builds each input packet and the packet the translator must produce, computing every
-checksum from scratch (RFC 1071 over the whole header/segment with the pseudo-header), and
-prints them as Rust `static` arrays. Regenerate with:
+Builds each input packet and the packet the translator must produce (a forwarded packet has
+one more hop left, see `fwd`), computing every checksum from scratch (RFC 1071 over the whole
+header/segment with the pseudo-header), and prints them as Rust `static` arrays. Regenerate with:
     python3 tests/vectors/gen_packets.py > src/nat/vectors.rs
 The pools in those tests hold one address each (198.18.0.1/32, 2001:db8:ff::1/128), so
 the virtual address is known in advance.
@@ -43,8 +43,8 @@ def ip4(src, dst, proto, payload, ident=1, flags_off=0x4000, options=b"", ttl=64
     return h + payload
 
 
-def ip6(src, dst, nh, payload, ext=b""):
-    return struct.pack("!IHBB16s16s", 0x60000000, len(ext) + len(payload), nh, 64, a(src),
+def ip6(src, dst, nh, payload, ext=b"", hop=64):
+    return struct.pack("!IHBB16s16s", 0x60000000, len(ext) + len(payload), nh, hop, a(src),
                        a(dst)) + ext + payload
 
 
@@ -93,6 +93,21 @@ def v4(src, dst, proto, seg, **kw):
     return ip4(src, dst, proto, seg, **kw)
 
 
+def fwd(p):
+    """The packet as the translator forwards it: one more hop left (TTL or hop limit + 1,
+    saturating at 255: the kernel takes one on the way into the TUN and one on the way out),
+    the IPv4 header checksum computed again from scratch. An embedded packet is unchanged."""
+    p = bytearray(p)
+    if p[0] >> 4 == 4:
+        p[8] = min(p[8] + 1, 255)
+        ihl = 4 * (p[0] & 0xF)
+        p[10:12] = b"\0\0"
+        p[10:12] = struct.pack("!H", csum(bytes(p[:ihl])))
+    else:
+        p[7] = min(p[7] + 1, 255)
+    return bytes(p)
+
+
 def emit(name, b, comment):
     print("/// %s" % comment)
     print("pub static %s: [u8; %d] = [" % (name, len(b)))
@@ -109,32 +124,32 @@ print("//! computed from scratch). Do not edit by hand.\n")
 # TCP over IPv4, both ways.
 emit("TCP4_SYN_OUT", v4(HOST4, PARTNER4, 6, tcp(HOST4, PARTNER4, 40000, 443, 0x02, options=MSS)),
      "TCP SYN 192.0.2.10:40000 -> 203.0.113.5:443 (MSS option), as the host sends it.")
-emit("TCP4_SYN_OUT_X", v4(VIRT4, PARTNER4, 6, tcp(VIRT4, PARTNER4, 40000, 443, 0x02, options=MSS)),
+emit("TCP4_SYN_OUT_X", fwd(v4(VIRT4, PARTNER4, 6, tcp(VIRT4, PARTNER4, 40000, 443, 0x02, options=MSS))),
      "The same SYN after translation: source 198.18.0.1.")
 emit("TCP4_SYNACK_IN", v4(PARTNER4, VIRT4, 6, tcp(PARTNER4, VIRT4, 443, 40000, 0x12)),
      "The partner's SYN-ACK to the virtual address.")
-emit("TCP4_SYNACK_IN_X", v4(PARTNER4, HOST4, 6, tcp(PARTNER4, HOST4, 443, 40000, 0x12)),
+emit("TCP4_SYNACK_IN_X", fwd(v4(PARTNER4, HOST4, 6, tcp(PARTNER4, HOST4, 443, 40000, 0x12))),
      "The SYN-ACK after translation: destination 192.0.2.10.")
 
 # UDP over IPv4 with options in the IP header; and with checksum 0.
 opts = bytes([1, 1, 1, 0])
 emit("UDP4_OUT", v4(HOST4, PARTNER4, 17, udp(HOST4, PARTNER4, 5000, 53, b"query!"), options=opts),
      "UDP 192.0.2.10:5000 -> 203.0.113.5:53 with a 4-byte IPv4 option.")
-emit("UDP4_OUT_X", v4(VIRT4, PARTNER4, 17, udp(VIRT4, PARTNER4, 5000, 53, b"query!"), options=opts),
+emit("UDP4_OUT_X", fwd(v4(VIRT4, PARTNER4, 17, udp(VIRT4, PARTNER4, 5000, 53, b"query!"), options=opts)),
      "After translation.")
 emit("UDP4_NOCSUM_OUT", v4(HOST4, PARTNER4, 17, udp(HOST4, PARTNER4, 5001, 53, b"abc", zero=True)),
      "UDP with checksum 0 (none).")
-emit("UDP4_NOCSUM_OUT_X", v4(VIRT4, PARTNER4, 17, udp(VIRT4, PARTNER4, 5001, 53, b"abc", zero=True)),
+emit("UDP4_NOCSUM_OUT_X", fwd(v4(VIRT4, PARTNER4, 17, udp(VIRT4, PARTNER4, 5001, 53, b"abc", zero=True))),
      "After translation: the checksum stays 0.")
 
 # ICMP echo over IPv4.
 emit("ECHO4_OUT", v4(HOST4, PARTNER4, 1, icmp4(8, 0, struct.pack("!HH", 0x1234, 1), b"pingpong")),
      "ICMP echo request id 0x1234.")
-emit("ECHO4_OUT_X", v4(VIRT4, PARTNER4, 1, icmp4(8, 0, struct.pack("!HH", 0x1234, 1), b"pingpong")),
+emit("ECHO4_OUT_X", fwd(v4(VIRT4, PARTNER4, 1, icmp4(8, 0, struct.pack("!HH", 0x1234, 1), b"pingpong"))),
      "After translation (ICMPv4 has no pseudo-header: only the IP checksum changes).")
 emit("ECHO4_REPLY_IN", v4(PARTNER4, VIRT4, 1, icmp4(0, 0, struct.pack("!HH", 0x1234, 1), b"pingpong")),
      "The echo reply to the virtual address.")
-emit("ECHO4_REPLY_IN_X", v4(PARTNER4, HOST4, 1, icmp4(0, 0, struct.pack("!HH", 0x1234, 1), b"pingpong")),
+emit("ECHO4_REPLY_IN_X", fwd(v4(PARTNER4, HOST4, 1, icmp4(0, 0, struct.pack("!HH", 0x1234, 1), b"pingpong"))),
      "After translation.")
 
 # ICMP error inbound: a router says fragmentation needed about UDP4_OUT_X (quoting all of it).
@@ -142,12 +157,12 @@ udp_out_x = v4(VIRT4, PARTNER4, 17, udp(VIRT4, PARTNER4, 5000, 53, b"query!"), o
 udp_out = v4(HOST4, PARTNER4, 17, udp(HOST4, PARTNER4, 5000, 53, b"query!"), options=opts)
 emit("FRAGNEEDED4_IN", v4(ROUTER4, VIRT4, 1, icmp4(3, 4, struct.pack("!HH", 0, 1400), udp_out_x), flags_off=0),
      "A router's 'fragmentation needed' (MTU 1400) about the translated UDP datagram.")
-emit("FRAGNEEDED4_IN_X", v4(ROUTER4, HOST4, 1, icmp4(3, 4, struct.pack("!HH", 0, 1400), udp_out), flags_off=0),
+emit("FRAGNEEDED4_IN_X", fwd(v4(ROUTER4, HOST4, 1, icmp4(3, 4, struct.pack("!HH", 0, 1400), udp_out), flags_off=0)),
      "After translation: outer destination and embedded source are the host again.")
 # Truncated quote (IP header + 8 bytes, RFC 792 minimum).
 emit("PORTUNREACH4_SHORT_IN", v4(PARTNER4, VIRT4, 1, icmp4(3, 3, b"\0" * 4, udp_out_x[:24 + 8]), flags_off=0),
      "Port unreachable from the partner quoting only the header and 8 bytes.")
-emit("PORTUNREACH4_SHORT_IN_X", v4(PARTNER4, HOST4, 1, icmp4(3, 3, b"\0" * 4, udp_out[:24 + 8]), flags_off=0),
+emit("PORTUNREACH4_SHORT_IN_X", fwd(v4(PARTNER4, HOST4, 1, icmp4(3, 3, b"\0" * 4, udp_out[:24 + 8]), flags_off=0)),
      "After translation.")
 
 # ICMP error outbound: the host says port unreachable about the partner's TCP SYN-ACK it got.
@@ -155,7 +170,7 @@ synack_in_x = v4(PARTNER4, HOST4, 6, tcp(PARTNER4, HOST4, 443, 40000, 0x12))
 synack_in = v4(PARTNER4, VIRT4, 6, tcp(PARTNER4, VIRT4, 443, 40000, 0x12))
 emit("UNREACH4_OUT", v4(HOST4, PARTNER4, 1, icmp4(3, 3, b"\0" * 4, synack_in_x), flags_off=0),
      "The host's port unreachable about the SYN-ACK it received (real address inside).")
-emit("UNREACH4_OUT_X", v4(VIRT4, PARTNER4, 1, icmp4(3, 3, b"\0" * 4, synack_in), flags_off=0),
+emit("UNREACH4_OUT_X", fwd(v4(VIRT4, PARTNER4, 1, icmp4(3, 3, b"\0" * 4, synack_in), flags_off=0)),
      "After translation: the partner sees only the virtual address.")
 
 # IPv4 fragments of a UDP datagram (the first carries the header and the whole-datagram checksum).
@@ -164,41 +179,55 @@ seg = with_l4_csum(struct.pack("!HHHH", 6000, 7000, 8 + len(full_payload), 0) + 
 seg_x = with_l4_csum(struct.pack("!HHHH", 6000, 7000, 8 + len(full_payload), 0) + full_payload, 6, VIRT4, PARTNER4, 17, udp=True)
 emit("FRAG4_FIRST_OUT", v4(HOST4, PARTNER4, 17, seg[:24], ident=77, flags_off=0x2000),
      "First fragment (MF, offset 0) of a 56-byte UDP datagram: header plus 16 bytes.")
-emit("FRAG4_FIRST_OUT_X", v4(VIRT4, PARTNER4, 17, seg_x[:24], ident=77, flags_off=0x2000),
+emit("FRAG4_FIRST_OUT_X", fwd(v4(VIRT4, PARTNER4, 17, seg_x[:24], ident=77, flags_off=0x2000)),
      "After translation: the UDP checksum is the whole datagram's, for the new source.")
 emit("FRAG4_LAST_OUT", v4(HOST4, PARTNER4, 17, seg[24:], ident=77, flags_off=3),
      "Last fragment (offset 24): payload only.")
-emit("FRAG4_LAST_OUT_X", v4(VIRT4, PARTNER4, 17, seg[24:], ident=77, flags_off=3),
+emit("FRAG4_LAST_OUT_X", fwd(v4(VIRT4, PARTNER4, 17, seg[24:], ident=77, flags_off=3)),
      "After translation: address and header checksum only.")
 
 # IPv6: TCP with a hop-by-hop header, UDP, ICMPv6 echo, and a packet too big.
 hbh = bytes([6, 0, 1, 4, 0, 0, 0, 0])  # next TCP, PadN
 emit("TCP6_SYN_OUT", ip6(HOST6, PARTNER6, 0, tcp(HOST6, PARTNER6, 40000, 443, 0x02, options=MSS), ext=hbh),
      "TCP SYN over IPv6 behind a hop-by-hop header.")
-emit("TCP6_SYN_OUT_X", ip6(VIRT6, PARTNER6, 0, tcp(VIRT6, PARTNER6, 40000, 443, 0x02, options=MSS), ext=hbh),
+emit("TCP6_SYN_OUT_X", fwd(ip6(VIRT6, PARTNER6, 0, tcp(VIRT6, PARTNER6, 40000, 443, 0x02, options=MSS), ext=hbh)),
      "After translation.")
 u6 = udp(HOST6, PARTNER6, 5000, 53, b"v6 query")
 u6x = udp(VIRT6, PARTNER6, 5000, 53, b"v6 query")
 emit("UDP6_OUT", ip6(HOST6, PARTNER6, 17, u6), "UDP over IPv6.")
-emit("UDP6_OUT_X", ip6(VIRT6, PARTNER6, 17, u6x), "After translation.")
+emit("UDP6_OUT_X", fwd(ip6(VIRT6, PARTNER6, 17, u6x)), "After translation.")
 emit("ECHO6_OUT", ip6(HOST6, PARTNER6, 58, icmp6(HOST6, PARTNER6, 128, 0, struct.pack("!HH", 0x4321, 7), b"six")),
      "ICMPv6 echo request id 0x4321.")
-emit("ECHO6_OUT_X", ip6(VIRT6, PARTNER6, 58, icmp6(VIRT6, PARTNER6, 128, 0, struct.pack("!HH", 0x4321, 7), b"six")),
+emit("ECHO6_OUT_X", fwd(ip6(VIRT6, PARTNER6, 58, icmp6(VIRT6, PARTNER6, 128, 0, struct.pack("!HH", 0x4321, 7), b"six"))),
      "After translation (the ICMPv6 checksum covers the pseudo-header).")
 emit("ECHO6_REPLY_IN", ip6(PARTNER6, VIRT6, 58, icmp6(PARTNER6, VIRT6, 129, 0, struct.pack("!HH", 0x4321, 7), b"six")),
      "The echo reply.")
-emit("ECHO6_REPLY_IN_X", ip6(PARTNER6, HOST6, 58, icmp6(PARTNER6, HOST6, 129, 0, struct.pack("!HH", 0x4321, 7), b"six")),
+emit("ECHO6_REPLY_IN_X", fwd(ip6(PARTNER6, HOST6, 58, icmp6(PARTNER6, HOST6, 129, 0, struct.pack("!HH", 0x4321, 7), b"six"))),
      "After translation.")
 emit("PTB6_IN", ip6(ROUTER6, VIRT6, 58, icmp6(ROUTER6, VIRT6, 2, 0, struct.pack("!I", 1280), ip6(VIRT6, PARTNER6, 17, u6x))),
      "A router's packet too big (MTU 1280) about the translated UDP datagram.")
-emit("PTB6_IN_X", ip6(ROUTER6, HOST6, 58, icmp6(ROUTER6, HOST6, 2, 0, struct.pack("!I", 1280), ip6(HOST6, PARTNER6, 17, u6))),
+emit("PTB6_IN_X", fwd(ip6(ROUTER6, HOST6, 58, icmp6(ROUTER6, HOST6, 2, 0, struct.pack("!I", 1280), ip6(HOST6, PARTNER6, 17, u6)))),
      "After translation.")
 # IPv6 later fragment: fragment header offset 16, no UDP header.
 frag_hdr = lambda off, m: struct.pack("!BBHI", 17, 0, (off << 3) | m, 0xABCD)
 emit("FRAG6_LATER_OUT", ip6(HOST6, PARTNER6, 44, b"0123456789abcdef", ext=frag_hdr(2, 0)),
      "A later IPv6 fragment (offset 16): translated by address only.")
-emit("FRAG6_LATER_OUT_X", ip6(VIRT6, PARTNER6, 44, b"0123456789abcdef", ext=frag_hdr(2, 0)),
+emit("FRAG6_LATER_OUT_X", fwd(ip6(VIRT6, PARTNER6, 44, b"0123456789abcdef", ext=frag_hdr(2, 0))),
      "After translation.")
+
+# TTL and hop limit at 255 (a packet the box itself sent into the TUN): they stay 255.
+emit("ECHO4_TTL255_OUT", v4(HOST4, PARTNER4, 1, icmp4(8, 0, struct.pack("!HH", 0x1255, 1), b"max"), ttl=255),
+     "ICMP echo request with TTL 255 (plain headers: the fast path once its flow exists).")
+emit("ECHO4_TTL255_OUT_X", fwd(v4(VIRT4, PARTNER4, 1, icmp4(8, 0, struct.pack("!HH", 0x1255, 1), b"max"), ttl=255)),
+     "After translation: the TTL stays 255.")
+emit("UDP4_TTL255_OUT", v4(HOST4, PARTNER4, 17, udp(HOST4, PARTNER4, 5255, 53, b"max"), options=opts, ttl=255),
+     "UDP with an IPv4 option (the general path) and TTL 255.")
+emit("UDP4_TTL255_OUT_X", fwd(v4(VIRT4, PARTNER4, 17, udp(VIRT4, PARTNER4, 5255, 53, b"max"), options=opts, ttl=255)),
+     "After translation: the TTL stays 255.")
+emit("UDP6_HOP255_OUT", ip6(HOST6, PARTNER6, 17, udp(HOST6, PARTNER6, 5255, 53, b"max"), hop=255),
+     "UDP over IPv6 with hop limit 255.")
+emit("UDP6_HOP255_OUT_X", fwd(ip6(VIRT6, PARTNER6, 17, udp(VIRT6, PARTNER6, 5255, 53, b"max"), hop=255)),
+     "After translation: the hop limit stays 255.")
 
 # The reply when no address is free: ICMP 3/13 from 192.0.0.8 quoting the refused packet.
 HOST4B = "192.0.2.11"
