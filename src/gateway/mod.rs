@@ -8,6 +8,7 @@
 //! and serves the local control socket and the optional metrics endpoint between batches.
 
 pub mod durable;
+pub mod firewall;
 pub mod queue;
 pub mod rental;
 pub mod routing;
@@ -85,7 +86,9 @@ pub fn run_authority(cfg: GatewayConfig) -> Result<()> {
 
 fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
     if data_plane {
-        routing::preflight(&cfg.nat.lan, &cfg.nat.pools)?;
+        for w in routing::preflight(&cfg)?.warnings {
+            warn!("{w}");
+        }
     }
     std::fs::DirBuilder::new()
         .recursive(true)
