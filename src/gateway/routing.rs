@@ -154,6 +154,12 @@ fn check_band(cfg: &GatewayConfig, found: &mut Preflight) -> Result<()> {
     let last = p + RULE_BAND - 1;
     let table = t.to_string();
     let mut ours = 0;
+    if std::path::Path::new("/sys/class/net").join(tun).exists() {
+        bail!(
+            "the TUN device {tun} exists already: another gateway runs with it; stop that one \
+             or choose another --tun (and --route-table, --rule-priority)"
+        );
+    }
     for fam in ["-4", "-6"] {
         let routes = ip(&[fam, "route", "show", "table", &table]).unwrap_or_default();
         if let Some(r) = routes.lines().next() {
@@ -179,18 +185,13 @@ fn check_band(cfg: &GatewayConfig, found: &mut Preflight) -> Result<()> {
             if !vipgate_kind {
                 bail!(
                     "rule priority {prio} (in the band {p}..{last} of --rule-priority) holds a \
-                     rule vipgate did not install ({r}), which the start would delete: choose \
-                     another --rule-priority"
+                     rule that is not this gateway's (`{}`), which the start would delete: \
+                     choose another --rule-priority",
+                    describe_rule(r)
                 );
             }
             ours += 1;
         }
-    }
-    if std::path::Path::new("/sys/class/net").join(tun).exists() {
-        bail!(
-            "the TUN device {tun} exists already: another gateway runs with it; stop that one \
-             or choose another --tun (and --route-table, --rule-priority)"
-        );
     }
     found.checked.push(if ours == 0 {
         format!("routing: table {t} and rule priorities {p}..{last} are free")
@@ -201,6 +202,35 @@ fn check_band(cfg: &GatewayConfig, found: &mut Preflight) -> Result<()> {
         )
     });
     Ok(())
+}
+
+/// A rule of `ip -j rule show` as `ip rule` shows it, e.g. `from 203.0.113.0/24 lookup 100`.
+fn describe_rule(r: &serde_json::Value) -> String {
+    let mut out = Vec::new();
+    for (key, len) in [("src", "srclen"), ("dst", "dstlen")] {
+        if let Some(a) = r[key].as_str().filter(|a| *a != "all") {
+            let dir = if key == "src" { "from" } else { "to" };
+            match r[len].as_u64() {
+                Some(l) => out.push(format!("{dir} {a}/{l}")),
+                None => out.push(format!("{dir} {a}")),
+            }
+        }
+    }
+    for key in ["iif", "oif", "fwmark", "ipproto"] {
+        if let Some(v) = r.get(key) {
+            out.push(format!("{key} {}", v.as_str().map_or(v.to_string(), str::to_string)));
+        }
+    }
+    match (r["table"].as_str(), r["action"].as_str()) {
+        (Some(t), _) => out.push(format!("lookup {t}")),
+        (None, Some(a)) => out.push(a.to_string()),
+        _ => {}
+    }
+    if out.is_empty() {
+        "from all".into()
+    } else {
+        out.join(" ")
+    }
 }
 
 /// Every address configured on the box's interfaces.
