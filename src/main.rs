@@ -367,6 +367,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     format!("--gateway-pool {n} has host bits set: did you mean {}?", n.trunc()),
                 ));
             }
+            let max = vipgate::rendezvous::MAX_LISTENERS;
+            if settings.listen.len() > max || settings.stun_listen.len() > max {
+                return Err(Failure::new(
+                    EXIT_CONFIG,
+                    format!("at most {max} --listen and {max} --stun-listen addresses"),
+                ));
+            }
             env_logger::Builder::new()
                 .filter_level(log_level)
                 .filter_module("rustls", log_level.min(log::LevelFilter::Warn))
