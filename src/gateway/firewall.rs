@@ -54,6 +54,32 @@ pub struct Gateway<'a> {
     pub lan: &'a [IpNet],
     /// The pool prefixes.
     pub pools: &'a [IpNet],
+    /// The interfaces the LAN is reached on (from the kernel's routes); empty when not known,
+    /// and then any interface name but the TUN's and `lo` may be the LAN's or the WAN's.
+    pub lan_ifaces: &'a [String],
+}
+
+/// The interfaces the kernel routes the served prefixes to (`ip route get` of an address in
+/// each, `lo` and the TUN left out).
+pub fn lan_interfaces(lan: &[IpNet], tun: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for net in lan {
+        let last = net.hosts().last().unwrap_or(net.network());
+        for a in [last, net.hosts().next().unwrap_or(net.network())] {
+            let Ok(json) = super::routing::ip(&["-j", "route", "get", &a.to_string()]) else {
+                continue;
+            };
+            let v: Value = serde_json::from_str(&json).unwrap_or_default();
+            let dev = v[0]["dev"].as_str().unwrap_or("");
+            if !dev.is_empty() && dev != "lo" && dev != tun {
+                if !out.iter().any(|d| d == dev) {
+                    out.push(dev.to_string());
+                }
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// Runs `nft -j list ruleset` (read-only) and analyses it. `Ok(None)` when nft is not
@@ -120,11 +146,13 @@ impl std::fmt::Display for Chain<'_> {
     }
 }
 
-/// An interface of a leg: the TUN, or the LAN's or WAN's (name unknown, not `lo`).
+/// An interface of a leg: the TUN, the LAN's, or a WAN's (never `lo` or the TUN; a WAN
+/// interface is none of the LAN's).
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Iface {
     Tun,
-    Other,
+    Lan,
+    Wan,
 }
 
 /// An address of a leg: somewhere in a prefix, or any partner.
@@ -214,7 +242,7 @@ impl Walk<'_> {
             let p = Packet {
                 v4,
                 iif: Iface::Tun,
-                oif: Iface::Other,
+                oif: Iface::Wan,
                 src: Addr::In(*pool),
                 dst: Addr::Partner,
             };
@@ -254,12 +282,13 @@ impl Walk<'_> {
                 continue;
             }
             for pool in pools.iter().filter(|p| p.addr().is_ipv4() == v4) {
-                let (t, o, lan, pool) = (Iface::Tun, Iface::Other, Addr::In(*l), Addr::In(*pool));
+                let (t, lan_if, wan_if) = (Iface::Tun, Iface::Lan, Iface::Wan);
+                let (lan, pool) = (Addr::In(*l), Addr::In(*pool));
                 let legs = [
-                    ("LAN -> TUN", o, t, lan, Addr::Partner),
-                    ("TUN -> WAN", t, o, pool, Addr::Partner),
-                    ("WAN -> TUN", o, t, Addr::Partner, pool),
-                    ("TUN -> LAN", t, o, Addr::Partner, lan),
+                    ("LAN -> TUN", lan_if, t, lan, Addr::Partner),
+                    ("TUN -> WAN", t, wan_if, pool, Addr::Partner),
+                    ("WAN -> TUN", wan_if, t, Addr::Partner, pool),
+                    ("TUN -> LAN", t, lan_if, Addr::Partner, lan),
                 ];
                 for (name, iif, oif, src, dst) in legs {
                     let p = Packet { v4, iif, oif, src, dst };
@@ -355,8 +384,8 @@ impl Walk<'_> {
         let right = self.elements(&m["right"]);
         let t = if let Some(meta) = left.get("meta") {
             match meta["key"].as_str().unwrap_or("") {
-                "iifname" | "iif" => iface(p.iif, &right, self.gw.tun),
-                "oifname" | "oif" => iface(p.oif, &right, self.gw.tun),
+                "iifname" | "iif" => iface(p.iif, &right, self.gw),
+                "oifname" | "oif" => iface(p.oif, &right, self.gw),
                 "nfproto" | "protocol" => {
                     let names: &[&str] =
                         if p.v4 { &["ipv4", "ip", "2048"] } else { &["ipv6", "ip6", "34525"] };
@@ -440,23 +469,28 @@ fn value_text(v: &Value) -> String {
 }
 
 /// `iifname`/`oifname` `==` one of `names` (`*` at the end is a wildcard).
-fn iface(side: Iface, names: &[&Value], tun: &str) -> Truth {
+fn iface(side: Iface, names: &[&Value], gw: &Gateway) -> Truth {
     let fits = |name: &str, pattern: &str| match pattern.strip_suffix('*') {
         Some(stem) => name.starts_with(stem),
         None => name == pattern,
     };
     let patterns: Vec<String> = names.iter().map(|v| value_text(v)).collect();
+    let any_fits = |name: &str| patterns.iter().any(|p| fits(name, p));
+    let lan = gw.lan_ifaces;
     match side {
-        Iface::Tun => {
-            if patterns.iter().any(|p| fits(tun, p)) {
-                Truth::Yes
-            } else {
-                Truth::No
-            }
-        }
-        // The LAN's or WAN's interface is neither the TUN nor `lo`.
-        Iface::Other => {
-            if patterns.iter().all(|p| p == tun || p == "lo") {
+        Iface::Tun if any_fits(gw.tun) => Truth::Yes,
+        Iface::Tun => Truth::No,
+        Iface::Lan if lan.iter().any(|n| any_fits(n)) => Truth::Yes,
+        // Every pattern names the TUN, `lo`, or (when they are known) a LAN interface only
+        // if it is one of them.
+        Iface::Lan | Iface::Wan => {
+            let known = |p: &String| {
+                p == gw.tun
+                    || p == "lo"
+                    || (side == Iface::Wan && lan.contains(p))
+                    || (side == Iface::Lan && !lan.is_empty())
+            };
+            if patterns.iter().all(known) {
                 Truth::No
             } else {
                 Truth::Maybe
@@ -563,12 +597,26 @@ mod tests {
         let lan = nets(&["192.0.2.0/24", "2001:db8:1::/64"]);
         let pools = nets(&["198.18.0.0/24", "2001:db8:ff::/64"]);
         let v: Value = serde_json::from_str(json).unwrap();
-        analyse(&v, &Gateway { tun, lan: &lan, pools: &pools })
+        let lan_ifaces = ["br0".to_string()];
+        analyse(&v, &Gateway { tun, lan: &lan, pools: &pools, lan_ifaces: &lan_ifaces })
     }
 
     #[test]
     fn the_readme_ruleset_passes() {
         assert_eq!(warnings(GOOD, "vip0"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_readme_ruleset_without_one_leg_drops_that_leg() {
+        let leg = r#"{"rule": {"family": "inet", "table": "filter", "chain": "forward", "handle": 14, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "vip0"}}, {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": {"set": ["wan0", "wan1"]}}}, {"accept": null}]}}, "#;
+        assert!(GOOD.contains(leg));
+        let w = warnings(&GOOD.replace(leg, ""), "vip0");
+        assert_eq!(w.len(), 1, "{w:?}");
+        // `iifname "vip0" oifname "br0" accept` is not for it: br0 is the LAN's.
+        assert!(
+            w[0].contains("policy drop drops the gateway's forwarded legs vip0 -> WAN:"),
+            "{w:?}"
+        );
     }
 
     #[test]
@@ -637,12 +685,22 @@ mod tests {
         assert_eq!(address(Addr::In(pool), &[&b]), Truth::Part);
         assert_eq!(address(Addr::In(pool), &[&c]), Truth::No);
         assert_eq!(address(Addr::Partner, &[&c]), Truth::Part);
-        let names = [v(r#""vip*""#), v(r#""lo""#)];
+        let names = [v(r#""vip*""#), v(r#""lo""#), v(r#""br0""#), v(r#""wan0""#)];
         let names: Vec<&Value> = names.iter().collect();
-        assert_eq!(iface(Iface::Tun, &names, "vip0"), Truth::Yes);
-        assert_eq!(iface(Iface::Tun, &names, "tun0"), Truth::No);
-        assert_eq!(iface(Iface::Other, &names[1..], "vip0"), Truth::No);
-        assert_eq!(iface(Iface::Other, &names[..1], "vip0"), Truth::Maybe);
+        let (lan, pools, ifs) = (nets(&["192.0.2.0/24"]), nets(&["198.18.0.0/24"]), ["br0".into()]);
+        let gw = Gateway { tun: "vip0", lan: &lan, pools: &pools, lan_ifaces: &ifs };
+        assert_eq!(iface(Iface::Tun, &names[..1], &gw), Truth::Yes);
+        assert_eq!(iface(Iface::Tun, &names[..1], &Gateway { tun: "tun0", ..gw }), Truth::No);
+        assert_eq!(iface(Iface::Wan, &names[1..2], &gw), Truth::No);
+        // br0 is the LAN's, so never a WAN interface; wan0 may be one.
+        assert_eq!(iface(Iface::Wan, &names[2..3], &gw), Truth::No);
+        assert_eq!(iface(Iface::Wan, &names[3..], &gw), Truth::Maybe);
+        assert_eq!(iface(Iface::Lan, &names[2..3], &gw), Truth::Yes);
+        assert_eq!(iface(Iface::Lan, &names[3..], &gw), Truth::No);
+        // Not knowing the LAN's interfaces, any other name may be the LAN's.
+        let unknown = Gateway { lan_ifaces: &[], ..gw };
+        assert_eq!(iface(Iface::Lan, &names[3..], &unknown), Truth::Maybe);
+        assert_eq!(iface(Iface::Wan, &names[2..3], &unknown), Truth::Maybe);
     }
 
     #[test]

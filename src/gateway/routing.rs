@@ -80,7 +80,13 @@ pub struct Preflight {
 pub fn preflight(cfg: &GatewayConfig) -> Result<Preflight> {
     let mut found = Preflight::default();
     check_box(cfg, &mut found).map_err(|e| anyhow::Error::new(Refusal(format!("{e:#}"))))?;
-    let gw = firewall::Gateway { tun: &cfg.tun, lan: &cfg.nat.lan, pools: &cfg.nat.pools };
+    let lan_ifaces = firewall::lan_interfaces(&cfg.nat.lan, &cfg.tun);
+    let gw = firewall::Gateway {
+        tun: &cfg.tun,
+        lan: &cfg.nat.lan,
+        pools: &cfg.nat.pools,
+        lan_ifaces: &lan_ifaces,
+    };
     match firewall::inspect(&gw) {
         Ok(None) => found.checked.push("firewall: nft is not installed, not checked".into()),
         Ok(Some(warnings)) => {
