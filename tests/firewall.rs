@@ -194,7 +194,7 @@ fn a_forward_chain_without_the_tun_legs_is_warned_about_and_drops_them() {
     assert_eq!(warnings.len(), 1, "{warnings:#?}");
     let w = &warnings[0];
     assert!(
-        w.contains("chain `inet filter forward` its policy drop drops")
+        w.contains("chain `inet filter forward` drops (policy drop)")
             && w.contains("LAN -> vip0, vip0 -> WAN, WAN -> vip0, vip0 -> LAN")
             && w.contains("accept `iifname \"vip0\"` and `oifname \"vip0\"`"),
         "{w}"

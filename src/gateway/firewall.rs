@@ -308,11 +308,11 @@ impl Walk<'_> {
         }
         let legs = dropped.join(", ").replace("TUN", tun);
         let how = match by_rule {
-            Some(h) => format!("rule {h} drops"),
-            None => "its policy drop drops".to_string(),
+            Some(h) => format!("rule {h}"),
+            None => "policy drop".to_string(),
         };
         Some(format!(
-            "nftables chain `{}` {how} the gateway's forwarded legs {legs}: accept \
+            "nftables chain `{}` drops ({how}) the gateway's forwarded legs {legs}: accept \
              `iifname \"{tun}\"` and `oifname \"{tun}\"` there (see the README, \"Living with \
              the box's firewall\")",
             self.chain
@@ -614,7 +614,7 @@ mod tests {
         assert_eq!(w.len(), 1, "{w:?}");
         // `iifname "vip0" oifname "br0" accept` is not for it: br0 is the LAN's.
         assert!(
-            w[0].contains("policy drop drops the gateway's forwarded legs vip0 -> WAN:"),
+            w[0].contains("drops (policy drop) the gateway's forwarded legs vip0 -> WAN:"),
             "{w:?}"
         );
     }
@@ -624,7 +624,7 @@ mod tests {
         let w = warnings(GOOD, "vg1");
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(
-            w[0].contains("`inet filter forward` its policy drop drops")
+            w[0].contains("`inet filter forward` drops (policy drop)")
                 && w[0].contains("LAN -> vg1, vg1 -> WAN, WAN -> vg1, vg1 -> LAN"),
             "{w:?}"
         );
@@ -647,7 +647,7 @@ mod tests {
         let w = warnings(LAN_TO_WAN_ONLY, "vip0");
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(
-            w[0].contains("chain `inet filter forward` its policy drop drops")
+            w[0].contains("chain `inet filter forward` drops (policy drop)")
                 && w[0].contains("LAN -> vip0, vip0 -> WAN, WAN -> vip0, vip0 -> LAN")
                 && w[0].contains("`iifname \"vip0\"` and `oifname \"vip0\"`"),
             "{w:?}"
@@ -666,7 +666,7 @@ mod tests {
         let w = warnings(&without, "vip0");
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(
-            w[1].contains("`ip filter fw` rule 4 drops")
+            w[1].contains("`ip filter fw` drops (rule 4)")
                 && w[1].contains("LAN -> vip0, WAN -> vip0"),
             "{w:?}"
         );
