@@ -318,7 +318,8 @@ fn daemon_failure(e: anyhow::Error) -> Failure {
 
 /// `vipgate gateway --check`: the start's checks, printed, changing nothing.
 fn check(cfg: &vipgate::config::GatewayConfig) -> Result<(), Failure> {
-    let found = vipgate::gateway::routing::preflight(cfg).map_err(daemon_failure)?;
+    let found = vipgate::gateway::routing::preflight(cfg, vipgate::gateway::routing::Mode::Check)
+        .map_err(daemon_failure)?;
     let show = |v: &[ipnet::IpNet]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
     println!(
         "configuration: serving {} from pool {}; TUN {}, routing table {}, rule priorities {}..{}",

@@ -86,7 +86,7 @@ pub fn run_authority(cfg: GatewayConfig) -> Result<()> {
 
 fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
     if data_plane {
-        for w in routing::preflight(&cfg)?.warnings {
+        for w in routing::preflight(&cfg, routing::Mode::Start)?.warnings {
             warn!("{w}");
         }
     }

@@ -71,15 +71,30 @@ pub struct Preflight {
     pub warnings: Vec<String>,
 }
 
+/// Who runs [`preflight`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The real start: it claims the routing table and rule band itself right after (and
+    /// refuses a band another gateway holds then), so preflight leaves them alone.
+    Start,
+    /// `vipgate gateway --check`: also reads the kernel's rules, routes and links to tell
+    /// whether the table, the band and the TUN name are free.
+    Check,
+}
+
 /// Checks that the box can run the gateway as configured, changing nothing: privileges,
 /// `/dev/net/tun`, forwarding, reverse-path filtering, the pool against the box's addresses,
-/// the routing table and rule band (free, or holding only what a stopped or crashed gateway
-/// left), and the nftables ruleset ([`super::firewall`]). Both the real start and `vipgate
-/// gateway --check` run it. A refusal is a [`Refusal`] (exit status 78) of one sentence
-/// saying what to do.
-pub fn preflight(cfg: &GatewayConfig) -> Result<Preflight> {
+/// in [`Mode::Check`] the routing table, rule band and TUN name (free, or holding only what a
+/// stopped or crashed gateway left), and the nftables ruleset ([`super::firewall`]). Both
+/// the real start and `vipgate gateway --check` run it. A refusal is a [`Refusal`] (exit
+/// status 78) of one sentence saying what to do.
+pub fn preflight(cfg: &GatewayConfig, mode: Mode) -> Result<Preflight> {
     let mut found = Preflight::default();
-    check_box(cfg, &mut found).map_err(|e| anyhow::Error::new(Refusal(format!("{e:#}"))))?;
+    let refused = |e: anyhow::Error| anyhow::Error::new(Refusal(format!("{e:#}")));
+    check_box(cfg, &mut found).map_err(refused)?;
+    if mode == Mode::Check {
+        check_band(cfg, &mut found).map_err(refused)?;
+    }
     let lan_ifaces = firewall::lan_interfaces(&cfg.nat.lan, &cfg.tun);
     let gw = firewall::Gateway {
         tun: &cfg.tun,
@@ -148,7 +163,7 @@ fn check_box(cfg: &GatewayConfig, found: &mut Preflight) -> Result<()> {
         }
     }
     found.checked.push("pool: no address of this box in it".into());
-    check_band(cfg, found)
+    Ok(())
 }
 
 /// The routing table must hold no route and the rule band only rules a stopped or crashed
