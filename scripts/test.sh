@@ -7,10 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use: ip (namespaces, veth, bridges, routes), ping, a packet
-# capture, coturn for its STUN client (turnutils_stunclient; its TURN server is not run), and
-# ethtool (the offload tests turn checksum offload off on veth links).
+# capture, coturn for its STUN client (turnutils_stunclient; its TURN server is not run),
+# ethtool (the offload tests turn checksum offload off on veth links), and nftables (the
+# firewall tests load rulesets into their own gateway namespace).
 . scripts/lib.sh
-need_packages iproute2 iputils-ping tcpdump coturn ethtool
+need_packages iproute2 iputils-ping tcpdump coturn ethtool nftables
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "test.sh: run as root: the gateway tests need network namespaces and /dev/net/tun" >&2

@@ -25,6 +25,13 @@ pub const DEFAULT_ROUTE_TABLE: u32 = 7443;
 /// Default priority of the first of the gateway's policy rules.
 pub const DEFAULT_RULE_PRIORITY: u32 = 7443;
 
+/// A start refused for its configuration or for the box it would run on (`vipgate
+/// gateway` and `authority` exit with status 78, EX_CONFIG, for it: systemd's
+/// `RestartPreventExitStatus=78` then does not retry what cannot work).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
 /// `--mapping` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -177,8 +184,8 @@ pub struct GatewaySettings {
     #[arg(long, value_name = "N")]
     pub route_table: Option<u32>,
 
-    /// Priority of the first of the gateway's policy rules; it uses this and the next 3
-    /// [default: 7443].
+    /// Priority of the first of the gateway's policy rules; it uses this and the next 5
+    /// (six in all) [default: 7443].
     #[arg(long, value_name = "N")]
     pub rule_priority: Option<u32>,
 
@@ -335,6 +342,13 @@ impl GatewaySettings {
                  from, e.g. `vipgate gateway --lan 192.0.2.0/24 --pool 198.18.0.0/24`"
             );
         }
+        for (flag, nets) in
+            [("--lan", &self.lan), ("--pool", &self.pool), ("--exclude", &self.exclude)]
+        {
+            if let Some(n) = nets.iter().find(|n| n.trunc() != **n) {
+                bail!("{flag} {n} has host bits set: did you mean {}?", n.trunc());
+            }
+        }
         let mut nat = nat::Config::new(self.lan.clone(), self.pool.clone());
         nat.exclude = self.exclude.clone();
         nat.mapping = match self.mapping.unwrap_or(MappingArg::PerPartner) {
@@ -370,8 +384,12 @@ impl GatewaySettings {
                 IpNet::V4(_) => None,
             })
         });
-        if let Some(v6) = nat.icmp_source_v6 {
-            // The pool's first address is never handed out; keep it that way if it was given.
+        if let Some(v6) = nat
+            .icmp_source_v6
+            .filter(|a| self.pool.iter().any(|p| p.contains(&std::net::IpAddr::V6(*a))))
+        {
+            // The pool's first address is never handed out; keep it that way if it was given
+            // (an address outside every pool needs no exclusion).
             nat.exclude.push(IpNet::from(std::net::IpAddr::V6(v6)));
         }
         nat.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -487,6 +505,90 @@ mod tests {
         let flags = GatewaySettings { tun: Some("b".into()), ..Default::default() };
         let m = flags.over(f);
         assert_eq!((m.tun.as_deref(), m.lease_idle), (Some("b"), Some(5)));
+    }
+
+    fn settings(lan: &[&str], pool: &[&str], exclude: &[&str]) -> GatewaySettings {
+        let nets = |v: &[&str]| v.iter().map(|n| n.parse().unwrap()).collect();
+        GatewaySettings {
+            lan: nets(lan),
+            pool: nets(pool),
+            exclude: nets(exclude),
+            ..Default::default()
+        }
+    }
+
+    fn refusal(s: GatewaySettings) -> String {
+        format!("{:#}", s.resolve().unwrap_err())
+    }
+
+    #[test]
+    fn host_bits_are_refused_with_the_prefix_meant() {
+        let e = refusal(settings(&["192.0.2.0/24"], &["198.18.1.7/24"], &[]));
+        assert_eq!(e, "--pool 198.18.1.7/24 has host bits set: did you mean 198.18.1.0/24?");
+        let e = refusal(settings(&["192.0.2.9/24"], &["198.18.1.0/24"], &[]));
+        assert_eq!(e, "--lan 192.0.2.9/24 has host bits set: did you mean 192.0.2.0/24?");
+        let e = refusal(settings(&["192.0.2.0/24"], &["198.18.1.0/24"], &["198.18.1.5/30"]));
+        assert_eq!(e, "--exclude 198.18.1.5/30 has host bits set: did you mean 198.18.1.4/30?");
+        let e = refusal(settings(&["2001:db8:1::1/64"], &["2001:db8:ff::/64"], &[]));
+        assert!(e.contains("did you mean 2001:db8:1::/64?"), "{e}");
+        // A host route is a prefix without host bits.
+        assert!(settings(&["192.0.2.0/24"], &["198.18.1.0/24"], &["198.18.1.5/32"])
+            .resolve()
+            .is_ok());
+    }
+
+    #[test]
+    fn a_pool_fully_excluded_is_refused() {
+        let e = refusal(settings(&["192.0.2.0/24"], &["198.18.1.0/24"], &["198.18.0.0/23"]));
+        assert_eq!(
+            e,
+            "--pool 198.18.1.0/24 is entirely covered by --exclude: none of its addresses could \
+             ever be handed out; narrow the exclusions or drop the pool"
+        );
+        // Two halves cover it too.
+        let e = refusal(settings(
+            &["192.0.2.0/24"],
+            &["198.18.1.0/24"],
+            &["198.18.1.0/25", "198.18.1.128/25"],
+        ));
+        assert!(e.starts_with("--pool 198.18.1.0/24 is entirely covered"), "{e}");
+        // A /30 whose two usable addresses are excluded (network and broadcast never are).
+        let e = refusal(settings(
+            &["192.0.2.0/24"],
+            &["198.18.1.0/30"],
+            &["198.18.1.1/32", "198.18.1.2/32"],
+        ));
+        assert!(e.starts_with("--pool 198.18.1.0/30 is entirely covered"), "{e}");
+        // One address left is enough.
+        assert!(settings(&["192.0.2.0/24"], &["198.18.1.0/30"], &["198.18.1.1/32"])
+            .resolve()
+            .is_ok());
+    }
+
+    #[test]
+    fn an_exclude_outside_every_pool_is_refused() {
+        let e = refusal(settings(&["192.0.2.0/24"], &["198.18.1.0/24"], &["198.18.2.0/28"]));
+        assert_eq!(
+            e,
+            "--exclude 198.18.2.0/28 is outside every --pool, so it excludes nothing: fix the \
+             prefix or drop it"
+        );
+        // An --icmp-source-v6 outside the pools needs no exclusion and is not refused.
+        let mut s = settings(&["2001:db8:1::/64"], &["2001:db8:ff::/64"], &[]);
+        s.icmp_source_v6 = Some("2001:db8:2::1".parse().unwrap());
+        assert!(s.resolve().is_ok());
+    }
+
+    #[test]
+    fn a_lan_family_without_a_pool_is_refused() {
+        let e = refusal(settings(&["192.0.2.0/24", "2001:db8:1::/64"], &["198.18.0.0/24"], &[]));
+        assert_eq!(
+            e,
+            "--lan 2001:db8:1::/64 is IPv6 but no --pool is: its hosts could never get a virtual \
+             address; add an IPv6 pool (e.g. --pool 2001:db8:ff::/64) or drop the prefix"
+        );
+        let e = refusal(settings(&["192.0.2.0/24"], &["2001:db8:ff::/64"], &[]));
+        assert!(e.starts_with("--lan 192.0.2.0/24 is IPv4 but no --pool is"), "{e}");
     }
 
     #[test]

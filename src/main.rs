@@ -1,9 +1,14 @@
 //! The `vipgate` command: the gateway daemon and its clients.
 //!
 //! Exit statuses of every subcommand (see [`EXIT_STATUS_HELP`]): 0 success, 1 failure
-//! (unreachable, TLS, timeout, any other refusal), 2 usage (clap's errors and the values
-//! checked while parsing: addresses, times, lifetimes), 3 `not_permitted`, 4 `no_address`.
-//! Every failure is one line on stderr: `vipgate: <one sentence>`.
+//! (unreachable, TLS, timeout, any other refusal, and a daemon's run-time failures), 2 usage
+//! (clap's errors and the values checked while parsing: addresses, times, lifetimes, a
+//! malformed prefix), 3 `not_permitted`, 4 `no_address`, 78 (EX_CONFIG) a daemon
+//! (`gateway`, `authority`, `rendezvous`) refusing to start: a value that parses but cannot
+//! work (a prefix with host bits set, a pool fully excluded, …), a config file that cannot be
+//! read or has a bad line, or a box that cannot run the gateway (privileges, forwarding, the
+//! routing band taken; the checks of `vipgate gateway --check`). Every failure is one line on
+//! stderr: `vipgate: <one sentence>`.
 
 use clap::{Args, Parser, Subcommand};
 use std::io;
@@ -23,6 +28,9 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_NOT_PERMITTED: u8 = 3;
 /// Exit status of a `no_address` refusal.
 const EXIT_NO_ADDRESS: u8 = 4;
+/// Exit status of a daemon that refuses to start for its configuration or the box
+/// (EX_CONFIG of sysexits.h; systemd's `RestartPreventExitStatus=78` stops retrying it).
+const EXIT_CONFIG: u8 = 78;
 
 /// The exit statuses, shown under the help of the authority's clients.
 const EXIT_STATUS_HELP: &str = "\
@@ -47,10 +55,20 @@ enum Command {
     ///
     /// Only --lan and --pool are required; every flag is also a key of the --config TOML file
     /// (same name without the dashes in front), and flags override the file.
+    ///
+    /// Exit status: 78 when it refuses to start (configuration, config file or box; one
+    /// sentence on stderr), 1 when it fails later, 2 for a bad flag, 0 after SIGINT/SIGTERM.
     Gateway {
         /// TOML file with any of the settings below (e.g. `pool = ["198.18.0.0/24"]`).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Check the configuration and the box (privileges, /dev/net/tun, forwarding,
+        /// rp_filter, routing table and rule band free, the nftables ruleset), print what was
+        /// checked and any warnings, and exit: 0 if the gateway can start (warnings
+        /// included), 78 with the reason if not. Changes nothing: no TUN, no route, no state
+        /// directory, no socket.
+        #[arg(long)]
+        check: bool,
         #[command(flatten)]
         settings: Box<GatewaySettings>,
     },
@@ -295,31 +313,87 @@ fn main() -> ExitCode {
     }
 }
 
-/// The settings of a daemon: flags over the --config file, checked; starts the logger.
+/// The settings of a daemon: flags over the --config file, checked; starts the logger. A
+/// config file that cannot be read or parsed, or settings that cannot work, exit 78.
 fn daemon_config(
     config: Option<PathBuf>,
     settings: GatewaySettings,
-) -> anyhow::Result<vipgate::config::GatewayConfig> {
+) -> Result<vipgate::config::GatewayConfig, Failure> {
+    let refused = |e: anyhow::Error| Failure::new(EXIT_CONFIG, format!("{e:#}"));
     let file = match &config {
-        Some(p) => GatewaySettings::from_file(p)?,
+        Some(p) => GatewaySettings::from_file(p).map_err(refused)?,
         None => GatewaySettings::default(),
     };
-    let cfg = settings.over(file).resolve()?;
+    let cfg = settings.over(file).resolve().map_err(refused)?;
     env_logger::Builder::new().filter_level(cfg.log_level).format_target(false).init();
     Ok(cfg)
 }
 
+/// A daemon's failure: 78 when it refused to start ([`vipgate::config::Refusal`]), else 1.
+fn daemon_failure(e: anyhow::Error) -> Failure {
+    let refused = e.chain().any(|c| c.is::<vipgate::config::Refusal>());
+    Failure::new(if refused { EXIT_CONFIG } else { EXIT_FAILURE }, format!("{e:#}"))
+}
+
+/// `vipgate gateway --check`: the start's checks, printed, changing nothing.
+fn check(cfg: &vipgate::config::GatewayConfig) -> Result<(), Failure> {
+    let found = vipgate::gateway::routing::preflight(cfg, vipgate::gateway::routing::Mode::Check)
+        .map_err(daemon_failure)?;
+    let show = |v: &[ipnet::IpNet]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
+    println!(
+        "configuration: serving {} from pool {}; TUN {}, routing table {}, rule priorities {}..{}",
+        show(&cfg.nat.lan),
+        show(&cfg.nat.pools),
+        cfg.tun,
+        cfg.route_table,
+        cfg.rule_priority,
+        cfg.rule_priority + vipgate::gateway::routing::RULE_BAND - 1
+    );
+    for c in &found.checked {
+        println!("ok: {c}");
+    }
+    for w in &found.warnings {
+        println!("warning: {w}");
+    }
+    println!(
+        "vipgate gateway can start ({} warning(s)); nothing was changed",
+        found.warnings.len()
+    );
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Gateway { config, settings } => {
+        Command::Gateway { config, check: true, settings } => {
+            check(&daemon_config(config, *settings)?)
+        }
+        Command::Gateway { config, check: false, settings } => {
             let cfg = daemon_config(config, *settings)?;
-            Ok(vipgate::gateway::run(cfg)?)
+            vipgate::gateway::run(cfg).map_err(daemon_failure)
         }
         Command::Authority { config, settings } => {
             let cfg = daemon_config(config, *settings)?;
-            Ok(vipgate::gateway::run_authority(cfg)?)
+            // Without its TLS port it refuses to start (`--no-authority`): a configuration error.
+            let no_port = cfg.authority.is_none();
+            vipgate::gateway::run_authority(cfg).map_err(|e| match daemon_failure(e) {
+                f if no_port => Failure::new(EXIT_CONFIG, f.sentence),
+                f => f,
+            })
         }
         Command::Rendezvous { settings, log_level } => {
+            if let Some(n) = settings.gateway_pool.iter().find(|n| n.trunc() != **n) {
+                return Err(Failure::new(
+                    EXIT_CONFIG,
+                    format!("--gateway-pool {n} has host bits set: did you mean {}?", n.trunc()),
+                ));
+            }
+            let max = vipgate::rendezvous::MAX_LISTENERS;
+            if settings.listen.len() > max || settings.stun_listen.len() > max {
+                return Err(Failure::new(
+                    EXIT_CONFIG,
+                    format!("at most {max} --listen and {max} --stun-listen addresses"),
+                ));
+            }
             env_logger::Builder::new()
                 .filter_level(log_level)
                 .filter_module("rustls", log_level.min(log::LevelFilter::Warn))

@@ -572,3 +572,113 @@ fn history_refused_by_the_gateway_exits_1() {
     run.fails(1, &["the gateway refused: this gateway keeps no history yet"]);
     server.join().unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Daemons refusing to start: exit status 78 (EX_CONFIG), one sentence naming flag and value
+// ---------------------------------------------------------------------------------------------
+
+/// `vipgate gateway` (and `--check`, and `authority`) with `args`, on a state directory and
+/// control socket in `dir` (neither of which a refused start may create).
+fn daemon(sub: &str, dir: &TempDir, args: &[&str]) -> Run {
+    let state = dir.path().join("state");
+    let socket = dir.path().join("ctl.sock");
+    let mut all = vec![sub, "--state-dir", state.to_str().unwrap()];
+    all.extend(["--control-socket", socket.to_str().unwrap()]);
+    all.extend_from_slice(args);
+    let run = vipgate(&all);
+    assert!(!state.exists() && !socket.exists(), "a refused start created its state");
+    run
+}
+
+#[test]
+fn configuration_errors_exit_78_naming_flag_and_value() {
+    let dir = TempDir::new("refuse");
+    let lan = ["--lan", "192.0.2.0/24"];
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--pool", "198.18.1.7/24"],
+            "--pool 198.18.1.7/24 has host bits set: did you mean 198.18.1.0/24?",
+        ),
+        (
+            &["--pool", "198.18.1.0/24", "--exclude", "198.18.1.9/29"],
+            "--exclude 198.18.1.9/29 has host bits set: did you mean 198.18.1.8/29?",
+        ),
+        (
+            &["--pool", "198.18.1.0/24", "--exclude", "198.18.0.0/23"],
+            "--pool 198.18.1.0/24 is entirely covered by --exclude",
+        ),
+        (
+            &["--pool", "198.18.1.0/24", "--exclude", "203.0.113.0/28"],
+            "--exclude 203.0.113.0/28 is outside every --pool",
+        ),
+        (
+            &["--pool", "198.18.1.0/24", "--lan", "192.0.2.0/24", "--lan", "2001:db8:1::/64"],
+            "--lan 2001:db8:1::/64 is IPv6 but no --pool is",
+        ),
+    ];
+    for (args, sentence) in cases {
+        let mut all = if args.contains(&"--lan") { vec![] } else { lan.to_vec() };
+        all.extend_from_slice(args);
+        for sub in [&["gateway"][..], &["gateway", "--check"], &["authority"]] {
+            let mut a = sub[1..].to_vec();
+            a.extend_from_slice(&all);
+            daemon(sub[0], &dir, &a).fails(78, &[sentence]);
+        }
+    }
+    // A host prefix of one address is no host-bits error: this one is refused for its family.
+    let host_lan = ["--lan", "192.0.2.7/32", "--pool", "2001:db8:ff::/64"];
+    daemon("gateway", &dir, &host_lan).fails(78, &["--lan 192.0.2.7/32 is IPv4 but no --pool"]);
+    daemon("gateway", &dir, &["--pool", "198.18.0.0/24"]).fails(78, &["--lan is required"]);
+    daemon(
+        "gateway",
+        &dir,
+        &["--lan", "192.0.2.0/24", "--pool", "198.18.0.0/24", "--queues", "99"],
+    )
+    .fails(78, &["--queues 99: give 1 to 16"]);
+    // The authority without its port would serve nothing.
+    daemon(
+        "authority",
+        &dir,
+        &["--lan", "192.0.2.0/24", "--pool", "198.18.0.0/24", "--no-authority"],
+    )
+    .fails(78, &["drop --no-authority"]);
+    let r = vipgate(&[
+        "rendezvous",
+        "--gateway-pool",
+        "198.18.0.9/24",
+        "--state-dir",
+        "/nonexistent/x",
+    ]);
+    r.fails(78, &["--gateway-pool 198.18.0.9/24 has host bits set: did you mean 198.18.0.0/24?"]);
+}
+
+#[test]
+fn a_bad_config_file_exits_78_with_its_line_and_a_bad_flag_stays_2() {
+    let dir = TempDir::new("file");
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(&file, "lan = [\"192.0.2.0/24\"]\npool = [\"198.18.0.0/24\"]\nleas-idle = 3\n")
+        .unwrap();
+    let f = file.to_str().unwrap();
+    daemon("gateway", &dir, &["--config", f]).fails(78, &["line 3", "leas-idle"]);
+    daemon("gateway", &dir, &["--check", "--config", f]).fails(78, &["line 3"]);
+    std::fs::write(&file, "lan = [\"192.0.2.0/24\"]\npool = [\"198.18.0.5/24\"]\n").unwrap();
+    daemon("gateway", &dir, &["--config", f])
+        .fails(78, &["--pool 198.18.0.5/24 has host bits set: did you mean 198.18.0.0/24?"]);
+    let missing = dir.path().join("missing.toml");
+    daemon("gateway", &dir, &["--config", missing.to_str().unwrap()])
+        .fails(78, &["cannot read config file", "missing.toml"]);
+    // What clap rejects is a usage error.
+    daemon("gateway", &dir, &["--lan", "192.0.2.0/33", "--pool", "198.18.0.0/24"])
+        .usage_error(&["--lan"]);
+    daemon("gateway", &dir, &["--check", "--rule-priority", "x"]).usage_error(&["--rule-priority"]);
+}
+
+#[test]
+fn gateway_help_tells_the_check_and_the_six_priorities() {
+    let r = vipgate(&["gateway", "--help"]);
+    assert_eq!(r.status, 0);
+    let text = r.stdout.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(text.contains("--check") && text.contains("Changes nothing"), "{text}");
+    assert!(text.contains("78"), "{text}");
+    assert!(text.contains("this and the next 5 (six in all)"), "{text}");
+}

@@ -9,6 +9,7 @@
 
 pub mod claim;
 pub mod durable;
+pub mod firewall;
 pub mod queue;
 pub mod rental;
 pub mod routing;
@@ -103,7 +104,9 @@ pub fn cleanup(table: u32, priority: u32) -> Result<usize> {
 fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
     // Before anything changes: the box can run it, and the routing band is ours alone.
     let claim = if data_plane {
-        routing::preflight(&cfg.nat.lan, &cfg.nat.pools)?;
+        for w in routing::preflight(&cfg, routing::Mode::Start)?.warnings {
+            warn!("{w}");
+        }
         let holder = format!("vipgate gateway pid {}, TUN {}", std::process::id(), cfg.tun);
         Some(claim_band(cfg.route_table, cfg.rule_priority, &holder)?)
     } else {

@@ -41,6 +41,8 @@
 //! It stays set when the gateway stops (it only chooses which of the box's addresses its ICMP
 //! errors come from).
 
+use super::firewall;
+use crate::config::{GatewayConfig, Refusal};
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
 use std::net::IpAddr;
@@ -79,9 +81,62 @@ fn read_sys(path: &str) -> Option<String> {
     std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
 }
 
-/// Refuses to start, with one sentence saying what to do, when the box cannot run the
-/// gateway as configured.
-pub fn preflight(lan: &[IpNet], pools: &[IpNet]) -> Result<()> {
+/// What [`preflight`] found: one line per thing it checked, and the warnings (things that
+/// do not stop the gateway but will hurt it, such as a firewall rule that rewrites the pool).
+#[derive(Debug, Default)]
+pub struct Preflight {
+    /// What was checked and found right, one short line each.
+    pub checked: Vec<String>,
+    /// One sentence each.
+    pub warnings: Vec<String>,
+}
+
+/// Who runs [`preflight`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The real start: it claims the routing table and rule band itself right after (and
+    /// refuses a band another gateway holds then), so preflight leaves them alone.
+    Start,
+    /// `vipgate gateway --check`: also reads the kernel's rules, routes and links to tell
+    /// whether the table, the band and the TUN name are free.
+    Check,
+}
+
+/// Checks that the box can run the gateway as configured, changing nothing: privileges,
+/// `/dev/net/tun`, forwarding, reverse-path filtering, the pool against the box's addresses,
+/// in [`Mode::Check`] the routing table, rule band and TUN name (free, or holding only what a
+/// stopped or crashed gateway left), and the nftables ruleset ([`super::firewall`]). Both
+/// the real start and `vipgate gateway --check` run it. A refusal is a [`Refusal`] (exit
+/// status 78) of one sentence saying what to do.
+pub fn preflight(cfg: &GatewayConfig, mode: Mode) -> Result<Preflight> {
+    let mut found = Preflight::default();
+    let refused = |e: anyhow::Error| anyhow::Error::new(Refusal(format!("{e:#}")));
+    check_box(cfg, &mut found).map_err(refused)?;
+    if mode == Mode::Check {
+        check_band(cfg, &mut found).map_err(refused)?;
+    }
+    let lan_ifaces = firewall::lan_interfaces(&cfg.nat.lan, &cfg.tun);
+    let gw = firewall::Gateway {
+        tun: &cfg.tun,
+        lan: &cfg.nat.lan,
+        pools: &cfg.nat.pools,
+        lan_ifaces: &lan_ifaces,
+    };
+    match firewall::inspect(&gw) {
+        Ok(None) => found.checked.push("firewall: nft is not installed, not checked".into()),
+        Ok(Some(warnings)) => {
+            found
+                .checked
+                .push(format!("firewall: the nftables ruleset, {} warning(s)", warnings.len()));
+            found.warnings.extend(warnings);
+        }
+        Err(e) => found.warnings.push(format!("the firewall was not checked: {e:#}")),
+    }
+    Ok(found)
+}
+
+fn check_box(cfg: &GatewayConfig, found: &mut Preflight) -> Result<()> {
+    let (lan, pools) = (&cfg.nat.lan, &cfg.nat.pools);
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let cap_eff = status
         .lines()
@@ -92,9 +147,11 @@ pub fn preflight(lan: &[IpNet], pools: &[IpNet]) -> Result<()> {
     if cap_eff & CAP_NET_ADMIN == 0 {
         bail!("vipgate gateway needs CAP_NET_ADMIN to create the TUN device and its routes: run it as root");
     }
+    found.checked.push("privileges: CAP_NET_ADMIN".into());
     if !std::path::Path::new("/dev/net/tun").exists() {
         bail!("/dev/net/tun is missing: load the tun module (`modprobe tun`) or give the container the device");
     }
+    found.checked.push("/dev/net/tun is there".into());
     let mut all = lan.to_vec();
     all.extend_from_slice(pools);
     for fam in families(pools) {
@@ -109,21 +166,112 @@ pub fn preflight(lan: &[IpNet], pools: &[IpNet]) -> Result<()> {
                 if fam == "-4" { "IPv4" } else { "IPv6" }
             );
         }
+        found.checked.push(format!("forwarding: {name}=1"));
     }
-    if families(pools).contains(&"-4")
-        && read_sys("/proc/sys/net/ipv4/conf/all/rp_filter").as_deref() == Some("1")
-    {
-        bail!(
-            "strict reverse-path filtering (net.ipv4.conf.all.rp_filter=1) would drop the \
-             translated packets coming back from the TUN: set it to 2 (loose) or 0"
-        );
+    if families(pools).contains(&"-4") {
+        if read_sys("/proc/sys/net/ipv4/conf/all/rp_filter").as_deref() == Some("1") {
+            bail!(
+                "strict reverse-path filtering (net.ipv4.conf.all.rp_filter=1) would drop the \
+                 translated packets coming back from the TUN: set it to 2 (loose) or 0"
+            );
+        }
+        found.checked.push("reverse-path filtering: not strict".into());
     }
     for local in local_addresses()? {
         if let Some(p) = pools.iter().find(|p| p.contains(&local)) {
             bail!("pool {p} contains {local}, an address of this box: choose a pool of addresses nobody uses");
         }
     }
+    found.checked.push("pool: no address of this box in it".into());
     Ok(())
+}
+
+/// The routing table must hold no route and the rule band only rules a stopped or crashed
+/// gateway left (its own kinds: lookups of the table, `lookup main` from an interface, the
+/// guard's `prohibit` and `unreachable`), with its TUN gone; anything else belongs to
+/// someone running, whose routing the start would cut.
+fn check_band(cfg: &GatewayConfig, found: &mut Preflight) -> Result<()> {
+    let (t, p, tun) = (cfg.route_table, cfg.rule_priority, cfg.tun.as_str());
+    let last = p + RULE_BAND - 1;
+    let table = t.to_string();
+    let mut ours = 0;
+    if std::path::Path::new("/sys/class/net").join(tun).exists() {
+        bail!(
+            "the TUN device {tun} exists already: another gateway runs with it; stop that one \
+             or choose another --tun (and --route-table, --rule-priority)"
+        );
+    }
+    for fam in ["-4", "-6"] {
+        let routes = ip(&[fam, "route", "show", "table", &table]).unwrap_or_default();
+        if let Some(r) = routes.lines().next() {
+            bail!(
+                "routing table {t} is in use (`{}`): another gateway runs with it; stop that \
+                 one or choose another --route-table",
+                r.trim()
+            );
+        }
+        let json = ip(&["-j", fam, "rule", "show"])?;
+        let rules: serde_json::Value =
+            serde_json::from_str(&json).context("cannot parse `ip -j rule show`")?;
+        for r in rules.as_array().into_iter().flatten() {
+            let Some(prio) = r["priority"].as_u64().filter(|n| (p..=last).contains(&(*n as u32)))
+            else {
+                continue;
+            };
+            let action = r["action"].as_str().unwrap_or("");
+            let lookup = r["table"].as_str().unwrap_or("");
+            let vipgate_kind = lookup == table
+                || (lookup == "main" && r.get("iif").is_some())
+                || matches!(action, "prohibit" | "unreachable");
+            if !vipgate_kind {
+                bail!(
+                    "rule priority {prio} (in the band {p}..{last} of --rule-priority) holds a \
+                     rule that is not this gateway's (`{}`), which the start would delete: \
+                     choose another --rule-priority",
+                    describe_rule(r)
+                );
+            }
+            ours += 1;
+        }
+    }
+    found.checked.push(if ours == 0 {
+        format!("routing: table {t} and rule priorities {p}..{last} are free")
+    } else {
+        format!(
+            "routing: table {t} is free; rule priorities {p}..{last} hold {ours} rule(s) a \
+             stopped or crashed gateway left, which the start replaces"
+        )
+    });
+    Ok(())
+}
+
+/// A rule of `ip -j rule show` as `ip rule` shows it, e.g. `from 203.0.113.0/24 lookup 100`.
+fn describe_rule(r: &serde_json::Value) -> String {
+    let mut out = Vec::new();
+    for (key, len) in [("src", "srclen"), ("dst", "dstlen")] {
+        if let Some(a) = r[key].as_str().filter(|a| *a != "all") {
+            let dir = if key == "src" { "from" } else { "to" };
+            match r[len].as_u64() {
+                Some(l) => out.push(format!("{dir} {a}/{l}")),
+                None => out.push(format!("{dir} {a}")),
+            }
+        }
+    }
+    for key in ["iif", "oif", "fwmark", "ipproto"] {
+        if let Some(v) = r.get(key) {
+            out.push(format!("{key} {}", v.as_str().map_or(v.to_string(), str::to_string)));
+        }
+    }
+    match (r["table"].as_str(), r["action"].as_str()) {
+        (Some(t), _) => out.push(format!("lookup {t}")),
+        (None, Some(a)) => out.push(a.to_string()),
+        _ => {}
+    }
+    if out.is_empty() {
+        "from all".into()
+    } else {
+        out.join(" ")
+    }
 }
 
 /// Every address configured on the box's interfaces.

@@ -197,6 +197,22 @@ impl Config {
                 }
             }
         }
+        for l in &self.lan {
+            let same = |p: &&IpNet| p.addr().is_ipv4() == l.addr().is_ipv4();
+            if !self.pools.iter().any(|p| same(&p)) {
+                return Err(ConfigError::LanFamilyWithoutPool { lan: *l });
+            }
+        }
+        for e in &self.exclude {
+            if !self.pools.iter().any(|p| p.contains(&e.network()) || e.contains(&p.network())) {
+                return Err(ConfigError::ExcludeOutsidePools { exclude: *e });
+            }
+        }
+        for p in &self.pools {
+            if fully_excluded(p, &self.exclude) {
+                return Err(ConfigError::PoolFullyExcluded { pool: *p });
+            }
+        }
         let t = &self.timeouts;
         let d = Timeouts::default();
         for (name, got, floor) in [
@@ -220,6 +236,34 @@ impl Config {
     }
 }
 
+/// True when no address of `pool` may ever be handed out: the exclusions cover it, or (for a
+/// small pool) they cover every address left once the reserved ones are set aside (the
+/// network and broadcast addresses, the subnet-router anycast address).
+fn fully_excluded(pool: &IpNet, exclude: &[IpNet]) -> bool {
+    let pool = pool.trunc();
+    let inside: Vec<IpNet> = exclude
+        .iter()
+        .filter_map(|e| {
+            if e.contains(&pool) {
+                Some(pool)
+            } else if pool.contains(e) {
+                Some(e.trunc())
+            } else {
+                None
+            }
+        })
+        .collect();
+    if IpNet::aggregate(&inside).iter().any(|n| n.contains(&pool)) {
+        return true;
+    }
+    let host_bits = u32::from(pool.max_prefix_len() - pool.prefix_len());
+    if host_bits > 12 {
+        return false;
+    }
+    let p = pool::Pool::new(&[pool], exclude);
+    !pool.hosts().chain([pool.network(), pool.broadcast()]).any(|a| p.is_allocatable(a))
+}
+
 /// A configuration the translator refuses.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -237,6 +281,36 @@ pub enum ConfigError {
         /// The served prefix.
         lan: IpNet,
     },
+    /// A served prefix of a family (IPv4, IPv6) that no pool has.
+    #[error(
+        "--lan {lan} is {} but no --pool is: its hosts could never get a virtual address; \
+         add an {} pool (e.g. --pool {}) or drop the prefix",
+        family(lan),
+        family(lan),
+        example_pool(lan)
+    )]
+    LanFamilyWithoutPool {
+        /// The served prefix.
+        lan: IpNet,
+    },
+    /// An exclusion that lies in no pool.
+    #[error(
+        "--exclude {exclude} is outside every --pool, so it excludes nothing: fix the prefix \
+         or drop it"
+    )]
+    ExcludeOutsidePools {
+        /// The exclusion.
+        exclude: IpNet,
+    },
+    /// A pool none of whose addresses may be handed out.
+    #[error(
+        "--pool {pool} is entirely covered by --exclude: none of its addresses could ever be \
+         handed out; narrow the exclusions or drop the pool"
+    )]
+    PoolFullyExcluded {
+        /// The pool prefix.
+        pool: IpNet,
+    },
     /// A timer below its RFC floor.
     #[error("{name} timeout below the RFC floor of {floor:?}")]
     TimeoutBelowFloor {
@@ -248,6 +322,22 @@ pub enum ConfigError {
     /// A zero or absurd table capacity.
     #[error("max-leases and max-flows must be between 1 and 2^31")]
     Capacity,
+}
+
+fn family(n: &IpNet) -> &'static str {
+    if n.addr().is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
+}
+
+fn example_pool(n: &IpNet) -> &'static str {
+    if n.addr().is_ipv4() {
+        "198.18.0.0/24"
+    } else {
+        "2001:db8:ff::/64"
+    }
 }
 
 /// Why a packet was dropped: feeds a counter per reason.
