@@ -78,6 +78,20 @@ pub enum OffloadMode {
     Off,
 }
 
+/// Reads a TOML file into `T`; errors name the file and the line.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
+        let msg = e.message().trim_end().to_string();
+        match line {
+            Some(l) => anyhow::anyhow!("{}: line {l}: {msg}", path.display()),
+            None => anyhow::anyhow!("{}: {msg}", path.display()),
+        }
+    })
+}
+
 /// Every setting of `vipgate gateway`, as flags and as TOML keys.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -273,16 +287,7 @@ pub struct AuthorityConfig {
 impl GatewaySettings {
     /// Reads a TOML file of settings; errors name the file and the line.
     pub fn from_file(path: &Path) -> Result<GatewaySettings> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
-            let msg = e.message().trim_end().to_string();
-            match line {
-                Some(l) => anyhow::anyhow!("{}: line {l}: {msg}", path.display()),
-                None => anyhow::anyhow!("{}: {msg}", path.display()),
-            }
-        })
+        read_toml(path)
     }
 
     /// `self` (flags) over `file`: a flag given wins; repeatable flags replace the file's list.

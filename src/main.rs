@@ -95,9 +95,14 @@ enum Command {
     Rendezvous {
         #[command(flatten)]
         settings: Box<vipgate::rendezvous::Settings>,
-        /// Log level: error, warn, info, debug or trace.
-        #[arg(long, value_name = "LEVEL", default_value = "info")]
-        log_level: log::LevelFilter,
+        /// Log level: error, warn, info, debug or trace [default: the --config file's
+        /// `log-level`, else info].
+        #[arg(long, value_name = "LEVEL")]
+        log_level: Option<log::LevelFilter>,
+        /// TOML file with `log-level = "debug"` (say), the setting a SIGHUP reads again
+        /// (`systemctl reload`); --log-level, when given, wins over it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// A client of the rendezvous server: register, manage buddies, show presence, and open
     /// a direct UDP path to a buddy (same network: LAN addresses; otherwise global ones from
@@ -320,13 +325,32 @@ fn daemon_config(
     settings: GatewaySettings,
 ) -> Result<vipgate::config::GatewayConfig, Failure> {
     let refused = |e: anyhow::Error| Failure::new(EXIT_CONFIG, format!("{e:#}"));
-    let file = match &config {
-        Some(p) => GatewaySettings::from_file(p).map_err(refused)?,
+    let cfg = read_config(config.as_deref(), &settings).map_err(refused)?;
+    // Every level passes the logger; the global maximum filters, so a reload can change it.
+    env_logger::Builder::new().filter_level(log::LevelFilter::Trace).format_target(false).init();
+    log::set_max_level(cfg.log_level);
+    Ok(cfg)
+}
+
+/// The configuration: `settings` (the flags) over the `--config` file, checked.
+fn read_config(
+    config: Option<&Path>,
+    settings: &GatewaySettings,
+) -> anyhow::Result<vipgate::config::GatewayConfig> {
+    let file = match config {
+        Some(p) => GatewaySettings::from_file(p)?,
         None => GatewaySettings::default(),
     };
-    let cfg = settings.over(file).resolve().map_err(refused)?;
-    env_logger::Builder::new().filter_level(cfg.log_level).format_target(false).init();
-    Ok(cfg)
+    settings.clone().over(file).resolve()
+}
+
+/// What a SIGHUP reads again: the `--config` file under the same flags (none without one).
+fn reload_source(
+    config: Option<PathBuf>,
+    settings: GatewaySettings,
+) -> Option<vipgate::gateway::reload::Source> {
+    let path = config?;
+    Some(Box::new(move || read_config(Some(&path), &settings)))
 }
 
 /// A daemon's failure: 78 when it refused to start ([`vipgate::config::Refusal`]), else 1.
@@ -368,19 +392,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
             check(&daemon_config(config, *settings)?)
         }
         Command::Gateway { config, check: false, settings } => {
-            let cfg = daemon_config(config, *settings)?;
-            vipgate::gateway::run(cfg).map_err(daemon_failure)
+            let cfg = daemon_config(config.clone(), (*settings).clone())?;
+            let reload = reload_source(config, *settings);
+            vipgate::gateway::run(cfg, reload).map_err(daemon_failure)
         }
         Command::Authority { config, settings } => {
-            let cfg = daemon_config(config, *settings)?;
+            let cfg = daemon_config(config.clone(), (*settings).clone())?;
+            let reload = reload_source(config, *settings);
             // Without its TLS port it refuses to start (`--no-authority`): a configuration error.
             let no_port = cfg.authority.is_none();
-            vipgate::gateway::run_authority(cfg).map_err(|e| match daemon_failure(e) {
+            vipgate::gateway::run_authority(cfg, reload).map_err(|e| match daemon_failure(e) {
                 f if no_port => Failure::new(EXIT_CONFIG, f.sentence),
                 f => f,
             })
         }
-        Command::Rendezvous { settings, log_level } => {
+        Command::Rendezvous { settings, log_level, config } => {
             if let Some(n) = settings.gateway_pool.iter().find(|n| n.trunc() != **n) {
                 return Err(Failure::new(
                     EXIT_CONFIG,
@@ -394,12 +420,22 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     format!("at most {max} --listen and {max} --stun-listen addresses"),
                 ));
             }
+            let level = move || -> anyhow::Result<log::LevelFilter> {
+                match (log_level, &config) {
+                    (Some(l), _) => Ok(l),
+                    (None, Some(p)) => vipgate::rendezvous::read_log_level(p),
+                    (None, None) => Ok(log::LevelFilter::Info),
+                }
+            };
+            let start = level().map_err(|e| Failure::new(EXIT_CONFIG, format!("{e:#}")))?;
+            // Every level passes the logger; the global maximum filters (a SIGHUP changes it).
             env_logger::Builder::new()
-                .filter_level(log_level)
-                .filter_module("rustls", log_level.min(log::LevelFilter::Warn))
+                .filter_level(log::LevelFilter::Trace)
+                .filter_module("rustls", log::LevelFilter::Warn)
                 .format_target(false)
                 .init();
-            Ok(vipgate::rendezvous::run(*settings)?)
+            log::set_max_level(start);
+            Ok(vipgate::rendezvous::run(*settings, Box::new(level))?)
         }
         Command::Peer { args } => {
             env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))

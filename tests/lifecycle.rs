@@ -234,3 +234,102 @@ fn a_restart_after_a_closed_stop_has_no_leak_window() {
     assert_eq!(leaked, 0, "a LAN source left on the WAN around a restart; ping said:\n{said}");
     drop(gw);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 3. Signals: SIGHUP reloads, never kills
+// ---------------------------------------------------------------------------------------------
+
+/// Waits (at most 5 s) until the daemon's log has `needle` at least `n` times.
+fn wait_log(d: &Daemon, needle: &str, n: usize) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = d.log_text();
+        if log.matches(needle).count() >= n {
+            return log;
+        }
+        assert!(std::time::Instant::now() < deadline, "no {needle:?} (x{n}) in the log:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `GET /metrics` from namespace `ns`; the status line, or the connection error.
+fn metrics_status(ns: &str, addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    in_ns(ns, move || match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Ok(mut s) => {
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let _ = write!(s, "GET /metrics HTTP/1.0\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out.lines().next().unwrap_or("").to_string()
+        }
+        Err(e) => format!("error: {e}"),
+    })
+}
+
+#[test]
+fn sighup_reloads_what_can_change_keeps_the_rest_and_never_kills() {
+    let mut t = Topo::new(2);
+    let file = t.lab.dir().join("gateway.toml");
+    let base = format!("lan = [\"{LAN4}\"]\npool = [\"{POOL4}\"]\n");
+    std::fs::write(&file, &base).unwrap();
+    let path = file.to_str().unwrap().to_string();
+    let gw = t.gateway_with(&["--config", &path]);
+    let stream = ping_stream(t.clients[0].clone(), SRV4.into(), 100);
+    std::thread::sleep(Duration::from_millis(300));
+    let metrics: std::net::SocketAddr = "198.51.100.1:9477".parse().unwrap();
+    assert!(metrics_status(&t.srv, metrics).starts_with("error"), "metrics on before the reload");
+
+    // Quieter log, new timers and metrics address, and a key that takes a restart.
+    std::fs::write(
+        &file,
+        format!(
+            "{base}log-level = \"warn\"\nudp-timeout = 600\nmetrics-listen = \"{metrics}\"\n\
+             inquiry-rate = 3\nmapping = \"per-host\"\n"
+        ),
+    )
+    .unwrap();
+    gw.signal(libc::SIGHUP);
+    let log = wait_log(&gw, "SIGHUP: configuration read again", 1);
+    for said in [
+        "log-level INFO -> WARN",
+        "udp-timeout 300s -> 600s",
+        "metrics-listen off -> 198.51.100.1:9477",
+        "inquiry-rate 20 -> 3",
+        "needs a restart (kept as running): mapping",
+    ] {
+        assert!(log.contains(said), "the reload line lacks {said:?}:\n{log}");
+    }
+    assert!(metrics_status(&t.srv, metrics).contains("200 OK"), "the new metrics address");
+    // In force: a new lease (client 1) is no longer logged at info; per-partner mapping kept.
+    let l = listen(&t.srv, sa(SRV4.into(), 5000));
+    tcp_roundtrip(&t.clients[1], &l, sa(SRV4.into(), 5000));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(gw.log_text().matches("lease created").count(), 1, "{}", gw.log_text());
+    let c1 = client_addr(1, false);
+    let v = gw.virtual_of(c1, SRV4.into());
+    assert!(in_pool(v));
+
+    // A file that no longer parses: refused with its line, the running configuration stays.
+    std::fs::write(&file, format!("{base}log-level = \"info\"\nudp-timeout = \"soon\"\n")).unwrap();
+    gw.signal(libc::SIGHUP);
+    let log = wait_log(&gw, "configuration refused", 1);
+    assert!(log.contains("line 4"), "the refusal names no line:\n{log}");
+    assert!(metrics_status(&t.srv, metrics).contains("200 OK"), "metrics moved by a bad file");
+    // Back to info: new leases (client 1 to the third party) are logged again.
+    std::fs::write(&file, format!("{base}metrics-listen = \"{metrics}\"\n")).unwrap();
+    gw.signal(libc::SIGHUP);
+    wait_log(&gw, "SIGHUP: configuration read again", 2);
+    let l = listen(&t.tp, sa(TP4.into(), 5001));
+    tcp_roundtrip(&t.clients[1], &l, sa(TP4.into(), 5001));
+    wait_log(&gw, "lease created", 2);
+
+    let said = stream.join().unwrap();
+    assert!(
+        said.contains("100 packets transmitted, 100 received"),
+        "the LAN lost packets across the reloads:\n{said}"
+    );
+    let mut gw = gw;
+    assert!(gw.wait_exit(Duration::from_millis(200)).is_none(), "a SIGHUP ended the gateway");
+    assert!(gw.stop().success());
+}

@@ -639,3 +639,45 @@ fn a_quiet_session_stays_online_past_the_login_timeout() {
     let list = w.peer_ok(&w.a, "alice", &["buddy", "list"]);
     assert!(list.contains("carol mutual online"), "{list}");
 }
+
+#[test]
+fn sighup_changes_the_log_level_and_never_kills_the_server() {
+    let mut lab = Lab::new();
+    let ns = lab.netns("rdv");
+    let state = lab.dir().join("rdv-state");
+    let file = lab.dir().join("rendezvous.toml");
+    fs::write(&file, "log-level = \"info\"\n").unwrap();
+    let (state_s, file_s) =
+        (state.to_string_lossy().to_string(), file.to_string_lossy().to_string());
+    let args = [
+        BIN,
+        "rendezvous",
+        "--state-dir",
+        &state_s,
+        "--config",
+        &file_s,
+        "--listen",
+        "127.0.0.1:7444",
+        "--stun-listen",
+        "127.0.0.1:3478",
+    ];
+    let mut server = Bg::spawn(&ns, &args, lab.dir().join("rdv.log"), "rendezvous");
+    server.wait_for(" ready");
+    let hup = |s: &Bg| {
+        // SAFETY: kill(2) of our own child, still running.
+        assert_eq!(unsafe { libc::kill(s.child.id() as i32, libc::SIGHUP) }, 0);
+    };
+    fs::write(&file, "log-level = \"debug\"\n").unwrap();
+    hup(&server);
+    server.wait_for("SIGHUP: log level INFO -> DEBUG");
+    // A file that no longer parses: refused, naming its line; the server goes on.
+    fs::write(&file, "\nlog-level = 3\n").unwrap();
+    hup(&server);
+    server.wait_for("configuration refused");
+    assert!(server.text().contains("line 2"), "{}", server.text());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(server.child.try_wait().unwrap().is_none(), "a SIGHUP ended the server");
+    let up = in_ns(&ns, || std::net::TcpStream::connect("127.0.0.1:7444").is_ok());
+    assert!(up, "the TLS port no longer accepts after the SIGHUPs:\n{}", server.text());
+    server.stop();
+}

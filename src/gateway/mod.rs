@@ -11,6 +11,7 @@ pub mod claim;
 pub mod durable;
 pub mod firewall;
 pub mod queue;
+pub mod reload;
 pub mod rental;
 pub mod routing;
 #[allow(unsafe_code)] // the ioctls and writev of the TUN device, nowhere else
@@ -68,21 +69,22 @@ const MAX_CONN_INPUT: usize = 8192;
 /// How often dropped-packet counts are summarised in the log (bounds log volume).
 const REPORT_EVERY: Duration = Duration::from_secs(10);
 
-/// Runs the gateway until SIGINT or SIGTERM; removes what it installed on the way out.
-pub fn run(cfg: GatewayConfig) -> Result<()> {
-    run_with(cfg, true)
+/// Runs the gateway until SIGINT or SIGTERM; on the way out closes what it installed (or
+/// removes it, as `--on-stop` says). SIGHUP reads the configuration again from `reload`.
+pub fn run(cfg: GatewayConfig, reload: Option<reload::Source>) -> Result<()> {
+    run_with(cfg, reload, true)
 }
 
 /// Runs the rental authority alone (`vipgate authority`): the lease table, its store, the
 /// TLS port and the control socket, with no TUN device and no routing, for gateways that
 /// will share it. Leases rented here are durable and inquirable like the gateway's.
-pub fn run_authority(cfg: GatewayConfig) -> Result<()> {
+pub fn run_authority(cfg: GatewayConfig, reload: Option<reload::Source>) -> Result<()> {
     if cfg.authority.is_none() {
         anyhow::bail!(
             "`vipgate authority` without its TLS port would serve nothing: drop --no-authority"
         );
     }
-    run_with(cfg, false)
+    run_with(cfg, reload, false)
 }
 
 /// The claim on the routing table and rule band of `table` and `priority`, for `holder`.
@@ -101,7 +103,7 @@ pub fn cleanup(table: u32, priority: u32) -> Result<usize> {
     routing.remove()
 }
 
-fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
+fn run_with(cfg: GatewayConfig, reload: Option<reload::Source>, data_plane: bool) -> Result<()> {
     // Before anything changes: the box can run it, and the routing band is ours alone.
     let claim = if data_plane {
         for w in routing::preflight(&cfg, routing::Mode::Start)?.warnings {
@@ -245,6 +247,8 @@ fn run_with(cfg: GatewayConfig, data_plane: bool) -> Result<()> {
         durable: Some(durable),
         rental,
         retention: cfg.history_retention,
+        cfg: cfg.clone(),
+        reload,
     };
     let result = gw.run(poll, control, metrics);
     if let Some(q) = gw.queues.take() {
@@ -291,6 +295,29 @@ impl Drop for Cleanup {
         }
         let _ = std::fs::remove_file(&self.socket);
     }
+}
+
+/// Moves the metrics endpoint to `to` (off when `None`): the new listener first, so a
+/// failure leaves the running one.
+fn rebind_metrics(
+    poll: &Poll,
+    metrics: &mut Option<TcpListener>,
+    to: Option<std::net::SocketAddr>,
+) -> Result<()> {
+    let mut new = match to {
+        Some(a) => Some(
+            TcpListener::bind(a).with_context(|| format!("cannot listen for metrics on {a}"))?,
+        ),
+        None => None,
+    };
+    if let Some(l) = new.as_mut() {
+        poll.registry().register(l, METRICS, Interest::READABLE)?;
+    }
+    if let Some(mut old) = metrics.take() {
+        let _ = poll.registry().deregister(&mut old);
+    }
+    *metrics = new;
+    Ok(())
 }
 
 fn bind_control(path: &Path) -> Result<UnixListener> {
@@ -379,6 +406,10 @@ struct Gateway {
     durable: Option<Durable>,
     rental: Option<Rental>,
     retention: Duration,
+    /// The configuration in force.
+    cfg: GatewayConfig,
+    /// Where a SIGHUP reads the configuration again.
+    reload: Option<reload::Source>,
 }
 
 impl Gateway {
@@ -403,6 +434,7 @@ impl Gateway {
         let mut signals = signal_hook_mio::v1_0::Signals::new([
             signal_hook::consts::SIGINT,
             signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGHUP,
         ])?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
         info!("ready");
@@ -454,8 +486,12 @@ impl Gateway {
                     }
                     SIGNALS => {
                         for sig in signals.pending() {
-                            info!("signal {sig}: shutting down");
-                            stop = true;
+                            if sig == signal_hook::consts::SIGHUP {
+                                self.reload(&poll, &mut metrics);
+                            } else {
+                                info!("signal {sig}: shutting down");
+                                stop = true;
+                            }
                         }
                     }
                     WAKER => self.store_results(&poll, Instant::now()),
@@ -502,6 +538,62 @@ impl Gateway {
                 return Ok(());
             }
         }
+    }
+
+    /// SIGHUP: reads the configuration again and applies what can change at run time
+    /// ([`reload`]); a configuration that is refused changes nothing.
+    fn reload(&mut self, poll: &Poll, metrics: &mut Option<TcpListener>) {
+        let Some(source) = &self.reload else {
+            info!("SIGHUP: started without --config, so there is nothing to read again");
+            return;
+        };
+        let new = match source() {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("SIGHUP: configuration refused, the running one stays: {e:#}");
+                return;
+            }
+        };
+        let mut run = reload::running(&self.cfg, &new);
+        if run.metrics_listen != self.cfg.metrics_listen {
+            if let Err(e) = rebind_metrics(poll, metrics, run.metrics_listen) {
+                log::error!("SIGHUP: {e:#}; metrics stay on the running address");
+                run.metrics_listen = self.cfg.metrics_listen;
+            }
+        }
+        let now = Instant::now();
+        if run.nat.timeouts != self.cfg.nat.timeouts {
+            if let Err(e) = lock(&self.nat).set_timeouts(run.nat.timeouts, now) {
+                log::error!("SIGHUP: timers refused ({e}); the running ones stay");
+                run.nat.timeouts = self.cfg.nat.timeouts;
+            }
+        }
+        if run.nat.exclude != self.cfg.nat.exclude {
+            if let Err(e) = lock(&self.nat).set_exclude(run.nat.exclude.clone()) {
+                log::error!("SIGHUP: exclude refused ({e}); the running one stays");
+                run.nat.exclude = self.cfg.nat.exclude.clone();
+            }
+        }
+        if let (Some(r), Some(a)) = (self.rental.as_mut(), run.authority.as_ref()) {
+            r.set_inquiry_rate(a.inquiry_rate);
+        }
+        self.retention = run.history_retention;
+        let d = reload::diff(&self.cfg, &new);
+        let kept = reload::diff(&run, &new);
+        let level = run.log_level;
+        self.cfg = run;
+        // The line is seen at the old level or the new one, whichever says more.
+        log::set_max_level(level.max(log::max_level()));
+        if kept.applied.is_empty() {
+            info!("SIGHUP: configuration read again: {}", d.describe());
+        } else {
+            info!(
+                "SIGHUP: configuration read again: {} (not applied: {})",
+                d.describe(),
+                kept.applied.join(", ")
+            );
+        }
+        log::set_max_level(level);
     }
 
     /// Reads, translates and writes back up to [`BATCH`] packets. True when packets may be

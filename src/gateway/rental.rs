@@ -92,6 +92,11 @@ pub struct Rental {
     pub stats: RentalStats,
 }
 
+/// The per-source limiter of `rate` inquiries per second (burst: twice that).
+fn inquiry_limiter(rate: u32) -> RateLimiter {
+    RateLimiter::new(rate, rate.saturating_mul(2), 65_536)
+}
+
 impl Rental {
     /// Binds the listen addresses. `[::]:PORT` serves IPv4 too (dual stack); on a box without
     /// IPv6 it falls back to `0.0.0.0:PORT`.
@@ -118,10 +123,16 @@ impl Rental {
             listeners,
             config,
             conns: Vec::new(),
-            limiter: RateLimiter::new(inquiry_rate, inquiry_rate.saturating_mul(2), 65_536),
+            limiter: inquiry_limiter(inquiry_rate),
             served,
             stats: RentalStats::default(),
         })
+    }
+
+    /// Answers at most `rate` inquiries per second per source from now on (burst: twice
+    /// that); sources start afresh.
+    pub fn set_inquiry_rate(&mut self, rate: u32) {
+        self.limiter = inquiry_limiter(rate);
     }
 
     /// The addresses actually bound.

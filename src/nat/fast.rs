@@ -73,6 +73,9 @@ impl Translator {
             k.host_port,
             k.partner_port,
         )?;
+        if now < self.slow_until {
+            return None;
+        }
         let life = self.life_shift();
         let (real, virt, delta) =
             self.flows.touch_if(fi, k.flags, f.outbound, now, &self.flow_timeouts, life)?;

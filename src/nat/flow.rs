@@ -341,6 +341,25 @@ impl FlowTable {
         Some(out)
     }
 
+    /// Gives every flow the timeout of `new` for its state, counted from its last packet as
+    /// before (the flow's deadline under `old` less the timeout `old` gave it).
+    pub fn retime(&mut self, old: &FlowTimeouts, new: &FlowTimeouts) {
+        let live: Vec<u32> = self.store.lines.iter().map(|(i, _)| i).collect();
+        for i in live {
+            let Some(f) = self.store.lines.get_mut(i) else { continue };
+            if f.expires == super::NEVER {
+                continue;
+            }
+            let last = f.expires.wrapping_sub(f.timeout_in(f.tcp, old));
+            let expires = last.saturating_add(f.timeout_in(f.tcp, new));
+            let earlier = expires < f.expires;
+            f.expires = expires;
+            if earlier {
+                self.wheel.advance(&mut self.store, i, expires);
+            }
+        }
+    }
+
     /// Flow `i`'s last packet time, idle deadline and current timeout, in ms.
     pub fn timing(&self, i: u32, t: &FlowTimeouts) -> Option<(u64, u64, u64)> {
         let f = self.store.lines.get(i)?;

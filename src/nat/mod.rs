@@ -671,6 +671,9 @@ pub struct Translator {
     last_seq: u64,
     /// Every event up to this one is durable.
     durable: u64,
+    /// Until then (ms) the fast path refreshes nothing: timeouts changed, and every flow's
+    /// next packet must take the general path once ([`life`]).
+    slow_until: u64,
 }
 
 impl Translator {
@@ -700,8 +703,39 @@ impl Translator {
             hairpin_scratch: vec![0u8; 65536].into_boxed_slice(),
             last_seq: 0,
             durable: if config.hold_until_durable { 0 } else { u64::MAX },
+            slow_until: 0,
             config,
         })
+    }
+
+    /// Changes the idle timers at run time (a reload): every flow keeps its last packet time
+    /// and gets the new timeout of its state from there; the new lease idle time and
+    /// quarantine apply to what ends from now on. Refuses timers below the RFC floors.
+    pub fn set_timeouts(&mut self, timeouts: Timeouts, now: Instant) -> Result<(), ConfigError> {
+        let mut config = self.config.clone();
+        config.timeouts = timeouts;
+        config.validate()?;
+        let new = FlowTimeouts::from(&timeouts);
+        self.flows.retime(&self.flow_timeouts, &new);
+        self.flow_timeouts = new;
+        self.lease_idle_ms = timeouts.lease_idle.as_millis() as u64;
+        self.quarantine_ms = timeouts.quarantine.as_millis() as u64;
+        self.config = config;
+        // The lives handed out so far were worked out with the old timers.
+        let now_ms = self.ms(now);
+        self.slow_until = ((now_ms >> life::PERIOD_SHIFT) + 1) << life::PERIOD_SHIFT;
+        Ok(())
+    }
+
+    /// Changes the pool addresses never handed out (a reload): new leases avoid `exclude`,
+    /// leases that hold such an address keep it.
+    pub fn set_exclude(&mut self, exclude: Vec<IpNet>) -> Result<(), ConfigError> {
+        let mut config = self.config.clone();
+        config.exclude = exclude;
+        config.validate()?;
+        self.pool.set_exclude(&config.exclude);
+        self.config = config;
+        Ok(())
     }
 
     /// The configuration in force.

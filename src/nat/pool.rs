@@ -145,6 +145,11 @@ impl Pool {
         &self.prefixes
     }
 
+    /// From now on, never hands out addresses in `exclude` (leases that have one keep it).
+    pub fn set_exclude(&mut self, exclude: &[IpNet]) {
+        self.exclude = PrefixSet::new(exclude);
+    }
+
     /// True when `a` may be rented out: in a prefix, not excluded, and not the network or
     /// broadcast address of an IPv4 prefix shorter than /31, nor the subnet-router anycast
     /// address of an IPv6 prefix shorter than /127 (RFC 4291 §2.6.1).

@@ -1024,3 +1024,21 @@ fn established_plain_packets_take_the_fast_path() {
         }
     }
 }
+
+#[test]
+fn new_timers_count_from_each_flows_last_packet() {
+    let mut h = Harness::new(single());
+    h.ok(&UDP4_OUT, 10.0);
+    let longer = Timeouts { udp: Duration::from_secs(600), ..Timeouts::default() };
+    h.t.set_timeouts(longer, h.at(100.0)).unwrap();
+    h.tick(400.0);
+    assert_eq!(h.t.table_sizes().1, 1, "the flow ended by the old 300 s");
+    let shorter = Timeouts { udp: Duration::from_secs(400), ..Timeouts::default() };
+    h.t.set_timeouts(shorter, h.at(405.0)).unwrap();
+    h.tick(409.0);
+    assert_eq!(h.t.table_sizes().1, 1, "the flow ended before 10 s + 400 s");
+    h.tick(411.0);
+    assert_eq!(h.t.table_sizes().1, 0, "the flow outlived 10 s + 400 s");
+    let below = Timeouts { udp: Duration::from_secs(60), ..Timeouts::default() };
+    assert!(h.t.set_timeouts(below, h.at(420.0)).is_err(), "a timer below the RFC floor");
+}

@@ -105,10 +105,33 @@ pub struct Settings {
     pub login_rate: u32,
 }
 
-/// Runs the server until SIGINT or SIGTERM.
-pub fn run(settings: Settings) -> Result<()> {
+/// Where a SIGHUP reads the log level again.
+pub type LevelSource = Box<dyn Fn() -> Result<log::LevelFilter>>;
+
+/// Runs the server until SIGINT or SIGTERM; a SIGHUP sets the log level `level` says.
+pub fn run(settings: Settings, level: LevelSource) -> Result<()> {
     let server = Server::bind(settings)?;
-    server.run()
+    server.run(level)
+}
+
+/// The `log-level` of a rendezvous `--config` file (info when it has none); errors name the
+/// file and the line.
+pub fn read_log_level(path: &std::path::Path) -> Result<log::LevelFilter> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "kebab-case", deny_unknown_fields)]
+    struct File {
+        log_level: Option<String>,
+    }
+    let f: File = crate::config::read_toml(path)?;
+    match f.log_level {
+        None => Ok(log::LevelFilter::Info),
+        Some(l) => l.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "{}: log-level {l:?} is not one of error, warn, info, debug, trace",
+                path.display()
+            )
+        }),
+    }
 }
 
 struct TlsConn {
@@ -254,11 +277,12 @@ impl Server {
         })
     }
 
-    /// Serves until SIGINT or SIGTERM.
-    pub fn run(mut self) -> Result<()> {
+    /// Serves until SIGINT or SIGTERM; a SIGHUP sets the log level `level` says.
+    pub fn run(mut self, level: LevelSource) -> Result<()> {
         let mut signals = signal_hook_mio::v1_0::Signals::new([
             signal_hook::consts::SIGINT,
             signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGHUP,
         ])?;
         self.poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
         info!("ready");
@@ -277,9 +301,27 @@ impl Server {
             for ev in events.iter() {
                 match ev.token() {
                     SIGNALS => {
-                        if let Some(sig) = signals.pending().next() {
-                            info!("signal {sig}: shutting down");
-                            return Ok(());
+                        for sig in signals.pending() {
+                            if sig != signal_hook::consts::SIGHUP {
+                                info!("signal {sig}: shutting down");
+                                return Ok(());
+                            }
+                            match level() {
+                                Ok(l) => {
+                                    let old = log::max_level();
+                                    // Seen at the old level or the new one, whichever says more.
+                                    log::set_max_level(l.max(old));
+                                    info!(
+                                        "SIGHUP: log level {} -> {l}; the other settings are flags \
+                                         and need a restart",
+                                        old
+                                    );
+                                    log::set_max_level(l);
+                                }
+                                Err(e) => log::error!(
+                                    "SIGHUP: configuration refused, the running one stays: {e:#}"
+                                ),
+                            }
                         }
                     }
                     WAKER => self.finished_jobs(),
