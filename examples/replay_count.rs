@@ -4,8 +4,10 @@
 //! ```text
 //! cargo build --release --example replay_count
 //! valgrind --tool=callgrind --toggle-collect='replay_count::trace::replay*' \
-//!     target/release/examples/replay_count [PACKETS] [PASSES] [batched]
+//!     target/release/examples/replay_count [PACKETS] [PASSES] [batched|single] [durable]
 //! ```
+//!
+//! `durable`: leases are durable as in the gateway (their stored life is kept covered).
 //!
 //! Instructions per packet = the collected count / (PACKETS × PASSES). The defaults, the
 //! first 1,000 packets 100 times, are the bench's cache-resident replay.
@@ -22,10 +24,15 @@ fn main() {
     let packets: usize = args.next().map_or(1000, |a| a.parse().expect("PACKETS"));
     let passes: usize = args.next().map_or(100, |a| a.parse().expect("PASSES"));
     let batched = args.next().as_deref() == Some("batched");
+    let durable = args.next().as_deref() == Some("durable");
     let now = Instant::now();
     let tr = Trace::generate(Params::STANDARD);
     let open_all = trace::opening_packets(&tr, 0..tr.pairs.len());
-    let mut t = trace::translator(32_768, 131_072, now);
+    let mut t = if durable {
+        trace::durable_translator(32_768, 131_072, now)
+    } else {
+        trace::translator(32_768, 131_072, now)
+    };
     trace::open_pairs(&mut t, &open_all, now);
     let all = trace::materialize(&tr, &mut t, now);
     let hot = all.prefix(packets);

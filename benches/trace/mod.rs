@@ -403,6 +403,17 @@ pub fn translator(max_leases: usize, max_flows: usize, now: Instant) -> Translat
     Translator::new(config(max_leases, max_flows), SEED, now).expect("valid configuration")
 }
 
+/// A translator for the trace as the gateway runs it, with durable leases (the fast path
+/// keeps every lease's stored life covered, see `nat::life`), whose store commits at once:
+/// every event is durable as soon as it is made.
+pub fn durable_translator(max_leases: usize, max_flows: usize, now: Instant) -> Translator {
+    let mut c = config(max_leases, max_flows);
+    c.hold_until_durable = true;
+    let mut t = Translator::new(c, SEED, now).expect("valid configuration");
+    t.set_durable(u64::MAX / 2);
+    t
+}
+
 /// Translates `packet` (in a copy) and panics unless it is forwarded in direction `want`.
 fn expect_forward(t: &mut Translator, packet: &[u8], now: Instant, want: Direction, what: &str) {
     let mut copy = [0u8; 2048];

@@ -131,15 +131,14 @@ impl Entries for Store {
 }
 
 impl FlowEntry {
-    /// The TCP state after a segment with `flags` going `outbound` (else in), the idle
-    /// timeout that then applies and the one that applied before, in ms, without changing
-    /// the flow.
+    /// The TCP state after a segment with `flags` going `outbound` (else in) and the idle
+    /// timeout that then applies, in ms, without changing the flow.
     ///
     /// Without a branch on the protocol or the direction (mixed traffic draws both at random):
     /// the TCP state is worked out for every flow and kept only for a TCP one, and the
     /// timeout is picked among the protocols'.
     #[inline]
-    pub fn next(&self, flags: u8, outbound: bool, t: &FlowTimeouts) -> (u8, u64, u64) {
+    pub fn next(&self, flags: u8, outbound: bool, t: &FlowTimeouts) -> (u8, u64) {
         use tcp_state::*;
         let s = self.tcp;
         let closed = (s & RST != 0) | (s & (OUT_FIN | IN_FIN) == OUT_FIN | IN_FIN);
@@ -150,12 +149,12 @@ impl FlowEntry {
         s |= pick(flags & tcp_flags::RST != 0, RST, 0);
         let tcp = self.proto == protocol::TCP;
         let s = pick(tcp, s, self.tcp);
-        (s, self.timeout_in(s, t), self.timeout_in(self.tcp, t))
+        (s, self.timeout_in(s, t))
     }
 
     /// The idle timeout of this flow in TCP state `s`, in ms.
     #[inline(always)]
-    fn timeout_in(&self, s: u8, t: &FlowTimeouts) -> u64 {
+    pub fn timeout_in(&self, s: u8, t: &FlowTimeouts) -> u64 {
         use tcp_state::*;
         let established = (s & (OUT_SEEN | IN_SEEN) == OUT_SEEN | IN_SEEN)
             & (s & RST == 0)
@@ -169,7 +168,7 @@ impl FlowEntry {
     /// applies, in ms.
     #[cfg(test)]
     pub fn touch(&mut self, flags: u8, outbound: bool, t: &FlowTimeouts) -> u64 {
-        let (s, timeout, _) = self.next(flags, outbound, t);
+        let (s, timeout) = self.next(flags, outbound, t);
         self.tcp = s;
         timeout
     }
@@ -322,9 +321,10 @@ impl FlowTable {
     ) -> Option<(Wide, Wide, Delta)> {
         // No occupancy check: the indexes only name occupied slots.
         let f = self.store.lines.peek_mut(i)?;
-        let (s, timeout, before) = f.next(flags, outbound, t);
+        let (s, timeout) = f.next(flags, outbound, t);
         if let Some(shift) = life_shift {
             // When the last packet came: the deadline it set less the timeout it set.
+            let before = f.timeout_in(f.tcp, t);
             let last = f.expires.wrapping_sub(before);
             if (last >> shift != now >> shift) | (timeout != before) {
                 return None;
@@ -376,8 +376,8 @@ impl FlowTable {
         outbound: bool,
         t: &FlowTimeouts,
     ) -> Option<(u64, u64)> {
-        let (_, after, before) = self.store.lines.get(i)?.next(flags, outbound, t);
-        Some((after, before))
+        let f = self.store.lines.get(i)?;
+        Some((f.next(flags, outbound, t).1, f.timeout_in(f.tcp, t)))
     }
 
     /// Flow `i`'s lease and idle deadline.

@@ -139,8 +139,10 @@ impl Translator {
         let (real, partner) = (l.real, l.partner);
         let at = self.epoch + Duration::from_millis(until);
         let seq = self.push_event(LeaseEvent::Lives { real, partner, until: at });
+        let durable = self.durable;
         if let Some(l) = self.leases.get_mut(li) {
             l.life_pending = (until, seq);
+            settle(l, durable);
         }
     }
 }
