@@ -13,6 +13,8 @@
 //! Bench groups (throughput in packets):
 //! - `translate/established`: every pair leased and every flow open before the replay; the
 //!   same translator replays the trace again and again (the headline figure);
+//! - `translate/established_durable`: the same, on a translator with durable leases as the
+//!   gateway runs one (each flow's lease life is checked, see `nat::life`);
 //! - `translate/established_batched` (and `..._cache_resident_batched`): the same replay in
 //!   batches of [`BATCH`] packets through `Translator::translate_batch`, each packet copied
 //!   into its own buffer of the batch;
@@ -184,6 +186,9 @@ struct Fixture {
     now: Instant,
     /// Translator holding every pair of the trace, and the trace addressed to it.
     established: (Translator, Packets),
+    /// A translator with durable leases holding the same pairs (the trace fits it too: the
+    /// same allocations from the same seed).
+    durable: Translator,
     /// Opening packets of every pair of the trace.
     open_all: Packets,
     /// Opening packets of the pairs the trace does not open itself.
@@ -230,7 +235,11 @@ impl Fixture {
         let with_new_pairs = trace::materialize(&trace, &mut probe, now);
         drop(probe);
 
-        Fixture { now, established: (t, packets), open_all, open_old, with_new_pairs }
+        // The same, with durable leases as the gateway runs them (the life test active).
+        let mut durable = trace::durable_translator(BENCH_LEASES, BENCH_FLOWS, now);
+        trace::open_pairs(&mut durable, &open_all, now);
+
+        Fixture { now, established: (t, packets), durable, open_all, open_old, with_new_pairs }
     }
 
     /// The checks the benchmarks rely on: replays translate every packet, the established
@@ -348,6 +357,8 @@ fn benches(c: &mut Criterion, fx: &mut Fixture) {
     g.bench_function("established_batched", |b| {
         b.iter(|| replay_batched(t, packets, now, &mut ring))
     });
+    let d = &mut fx.durable;
+    g.bench_function("established_durable", |b| b.iter(|| replay(d, packets, now, &mut scratch)));
     let hot = packets.prefix(1000);
     g.throughput(Throughput::Elements(hot.len() as u64));
     g.bench_function("established_first_1000_cache_resident", |b| {
@@ -395,4 +406,8 @@ fn main() {
         "after the benchmarks: established translator forwarded {} packets, dropped none",
         counters.outbound + counters.inbound
     );
+    // The durable one forwarded the whole trace too: none dropped, none held.
+    let d = fx.durable.counters();
+    assert_eq!((d.dropped_total(), d.held), (0, 0), "the durable translator dropped or held");
+    assert!(d.outbound + d.inbound >= counters.outbound.min(1), "the durable replay never ran");
 }
