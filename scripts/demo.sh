@@ -186,9 +186,17 @@ fi
 [ "$status" -eq 3 ] || { echo "demo: expected exit status 3, got $status: $out" >&2; exit 1; }
 echo "   carol | exit status $status: ${out#vipgate: }"
 
-say "13. Stop the gateway (SIGTERM): its TUN, routes and rules go away"
+say "13. Stop the gateway (SIGTERM): it fails closed, its guard keeps the LAN's hosts in"
 kill "$GWPID"; wait "$GWPID" || true; GWPID=
 grep -E 'lease (created|ended)|signal|stopped' "$TMP/gateway.log" | sed 's/^/   gateway| /'
+ip -n $GW rule show | grep -E 'prohibit|unreachable' | sed 's/^/   guard  | /'
+if ip netns exec $CLI ping -n -c 1 -W 1 198.51.100.2 >/dev/null 2>&1; then
+    echo "demo: the client got out with the gateway stopped" >&2; exit 1
+fi
+echo "   client | ping 198.51.100.2: refused while the gateway is stopped"
+
+say "14. vipgate cleanup: the box routes as before vipgate ran"
+ip netns exec $GW "$VIPGATE" cleanup | sed 's/^/   cleanup| /'
 if ip -n $GW rule show | grep -q 7443; then echo "demo: rules left behind" >&2; exit 1; fi
 echo "   gateway namespace rules: $(ip -n $GW rule show | wc -l) (kernel defaults only)"
 say "Done."
