@@ -237,4 +237,5 @@ fn after_kill_9_an_ended_lease_stays_ended_and_a_live_one_ends_on_time() {
         ended - p0
     );
     assert!(ended <= latest, "client 0's lease ended {:?} after its ping", ended - p0);
+    eprintln!("client 0's restored lease ended {:?} after its ping", ended - p0);
 }
