@@ -28,7 +28,7 @@ const ICMP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a test asks the daemon for its leases while it waits for one to end.
 const POLL: Duration = Duration::from_millis(200);
 /// How late a poll may see a lease's end (the poll interval and the query itself).
-const POLL_TOLERANCE: Duration = Duration::from_secs(2);
+const POLL_TOLERANCE: Duration = Duration::from_secs(3);
 
 fn server(v6: bool) -> IpAddr {
     if v6 {
@@ -215,7 +215,7 @@ fn after_kill_9_an_ended_lease_stays_ended_and_a_live_one_ends_on_time() {
     // Without a crash, client 1's lease ends 60 s after its ping.
     let limit = p1_done + ICMP_TIMEOUT + POLL_TOLERANCE;
     let ended = wait_lease_gone(&gw, me1, srv, limit)
-        .unwrap_or_else(|| panic!("client 1's lease still there 62 s after its ping"));
+        .unwrap_or_else(|| panic!("client 1's lease still there 63 s after its ping"));
     assert!(ended >= p1 + ICMP_TIMEOUT, "client 1's lease ended {:?} after its ping", ended - p1);
     assert_eq!(lease_of(&gw, me0, srv), Some(v0), "client 0's lease ended early");
 
