@@ -647,16 +647,6 @@ fn sigterm_with_on_stop_open_removes_everything_and_a_restart_clears_a_crashed_r
 // Start-up refusals
 // ---------------------------------------------------------------------------------------------
 
-/// Starts the daemon expecting it to refuse: a non-zero exit within 5 s. Returns its output.
-fn refusal(lab: &mut Lab, ns: &str, args: &[&str]) -> String {
-    let mut d = Daemon::spawn(lab, ns, args);
-    let status = d
-        .wait_exit(Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("vipgate gateway {args:?} did not refuse:\n{}", d.log_text()));
-    assert!(!status.success(), "vipgate gateway {args:?} exited 0:\n{}", d.log_text());
-    d.log_text()
-}
-
 #[test]
 fn refuses_to_start_with_one_clear_sentence() {
     let mut lab = Lab::new();
@@ -665,16 +655,16 @@ fn refuses_to_start_with_one_clear_sentence() {
     let on = lab.gateway_netns("on");
     ip(&on, &["addr", "add", "198.18.0.1/32", "dev", "lo"]);
 
-    let m = refusal(&mut lab, &off, &["--lan", LAN4, "--pool", POOL4]);
+    let m = Daemon::refused(&mut lab, &off, &["--lan", LAN4, "--pool", POOL4]);
     assert!(m.contains("forwarding") && m.contains("IPv4"), "{m}");
     sysctl(&off, &["net.ipv4.ip_forward=1"]);
-    let m = refusal(&mut lab, &off, &["--lan", LAN6, "--pool", POOL6]);
+    let m = Daemon::refused(&mut lab, &off, &["--lan", LAN6, "--pool", POOL6]);
     assert!(m.contains("forwarding") && m.contains("IPv6"), "{m}");
 
-    let m = refusal(&mut lab, &on, &["--lan", LAN4, "--pool", POOL4]);
+    let m = Daemon::refused(&mut lab, &on, &["--lan", LAN4, "--pool", POOL4]);
     assert!(m.contains("pool") && m.contains(POOL4) && m.contains("198.18.0.1"), "{m}");
 
-    let m = refusal(&mut lab, &on, &["--lan", LAN4]);
+    let m = Daemon::refused(&mut lab, &on, &["--lan", LAN4]);
     assert!(m.contains("--pool is required") && m.contains("e.g."), "{m}");
 
     for ns in [&off, &on] {
@@ -689,7 +679,7 @@ fn unknown_key_in_the_config_file_is_refused_naming_its_line() {
     let file = lab.dir().join("bad.toml");
     // `pools` (a typo of `pool`) is on line 3.
     std::fs::write(&file, "lan = [\"192.0.2.0/24\"]\n\npools = [\"198.18.0.0/24\"]\n").unwrap();
-    let m = refusal(&mut lab, &ns, &["--config", file.to_str().unwrap()]);
+    let m = Daemon::refused(&mut lab, &ns, &["--config", file.to_str().unwrap()]);
     assert!(m.contains("pools") && m.contains("unknown"), "{m}");
     assert!(m.contains("line 3"), "the unknown key `pools` is on line 3: {m}");
     assert_clean(&ns);

@@ -39,16 +39,6 @@ fn vipgate(ns: &str, args: &[&str]) -> std::process::Output {
     )
 }
 
-/// Starts a second gateway expecting a refusal: a non-zero exit within 5 s; returns its log.
-fn refused(lab: &mut Lab, ns: &str, args: &[&str]) -> String {
-    let mut d = Daemon::spawn(lab, ns, args);
-    let status = d
-        .wait_exit(Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("vipgate gateway {args:?} did not refuse:\n{}", d.log_text()));
-    assert!(!status.success(), "vipgate gateway {args:?} exited 0:\n{}", d.log_text());
-    d.log_text()
-}
-
 fn ping_stream(ns: String, dst: IpAddr, count: u32) -> std::thread::JoinHandle<String> {
     std::thread::spawn(move || {
         let out = exec_in(
@@ -76,7 +66,7 @@ fn a_second_gateway_on_the_same_band_is_refused_and_the_first_loses_nothing() {
 
     let gw = t.gw.clone();
     let args = ["--lan", LAN4, "--pool", POOL4, "--no-authority"];
-    let log = refused(&mut t.lab, &gw, &args);
+    let log = Daemon::refused(&mut t.lab, &gw, &args);
     assert!(
         log.contains("belongs to another gateway")
             && log.contains(&format!("pid {}", first.pid()))
@@ -85,10 +75,10 @@ fn a_second_gateway_on_the_same_band_is_refused_and_the_first_loses_nothing() {
     );
     assert!(!log.contains("removed"), "the refused gateway removed something:\n{log}");
     assert_eq!(band(&t.gw, 7443), rules, "the refused gateway changed the band");
-    let log = refused(&mut t.lab, &gw, &[&args[..], &["--tun", "vip1"]].concat());
+    let log = Daemon::refused(&mut t.lab, &gw, &[&args[..], &["--tun", "vip1"]].concat());
     assert!(log.contains("belongs to another gateway"), "{log}");
     // Only the table is shared: refused as well.
-    let log = refused(
+    let log = Daemon::refused(
         &mut t.lab,
         &gw,
         &[&args[..], &["--tun", "vip1", "--rule-priority", "8000"]].concat(),

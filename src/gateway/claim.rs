@@ -13,9 +13,9 @@
 //! path, so a file removed meanwhile is never held by two.
 
 use anyhow::{bail, Context, Result};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// Where the lock files live.
@@ -108,13 +108,7 @@ impl Drop for Claim {
 /// Locks the file at `path` (created if missing): `None` when another holds it.
 fn lock(path: &Path) -> Result<Option<File>> {
     loop {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
+        let file = crate::store::open_lock_file(path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}

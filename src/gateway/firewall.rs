@@ -59,29 +59,6 @@ pub struct Gateway<'a> {
     pub lan_ifaces: &'a [String],
 }
 
-/// The interfaces the kernel routes the served prefixes to (`ip route get` of an address in
-/// each, `lo` and the TUN left out).
-pub fn lan_interfaces(lan: &[IpNet], tun: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for net in lan {
-        let last = net.hosts().last().unwrap_or(net.network());
-        for a in [last, net.hosts().next().unwrap_or(net.network())] {
-            let Ok(json) = super::routing::ip(&["-j", "route", "get", &a.to_string()]) else {
-                continue;
-            };
-            let v: Value = serde_json::from_str(&json).unwrap_or_default();
-            let dev = v[0]["dev"].as_str().unwrap_or("");
-            if !dev.is_empty() && dev != "lo" && dev != tun {
-                if !out.iter().any(|d| d == dev) {
-                    out.push(dev.to_string());
-                }
-                break;
-            }
-        }
-    }
-    out
-}
-
 /// Runs `nft -j list ruleset` (read-only) and analyses it. `Ok(None)` when nft is not
 /// installed; an error when it is but cannot be read (e.g. without CAP_NET_ADMIN).
 pub fn inspect(gw: &Gateway) -> Result<Option<Vec<String>>> {

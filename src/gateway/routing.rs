@@ -115,7 +115,7 @@ pub fn preflight(cfg: &GatewayConfig, mode: Mode) -> Result<Preflight> {
     if mode == Mode::Check {
         check_band(cfg, &mut found).map_err(refused)?;
     }
-    let lan_ifaces = firewall::lan_interfaces(&cfg.nat.lan, &cfg.tun);
+    let lan_ifaces = lan_interfaces(&cfg.nat.lan, &cfg.tun);
     let gw = firewall::Gateway {
         tun: &cfg.tun,
         lan: &cfg.nat.lan,
@@ -272,6 +272,29 @@ fn describe_rule(r: &serde_json::Value) -> String {
     } else {
         out.join(" ")
     }
+}
+
+/// The interfaces the kernel routes the served prefixes to (`ip route get` of an address in
+/// each, `lo` and the TUN left out).
+pub fn lan_interfaces(lan: &[IpNet], tun: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for net in lan {
+        let last = net.hosts().last().unwrap_or(net.network());
+        for a in [last, net.hosts().next().unwrap_or(net.network())] {
+            let Ok(json) = ip(&["-j", "route", "get", &a.to_string()]) else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+            let dev = v[0]["dev"].as_str().unwrap_or("");
+            if !dev.is_empty() && dev != "lo" && dev != tun {
+                if !out.iter().any(|d| d == dev) {
+                    out.push(dev.to_string());
+                }
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// Every address configured on the box's interfaces.

@@ -655,14 +655,7 @@ pub(crate) fn open_database(
 /// is close-on-exec), and a restart right behind a stopping daemon.
 fn lock(path: &Path) -> Result<File, StoreError> {
     let lock_path = sidecar(path, ".lock");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(|e| StoreError::Io(lock_path.clone(), e))?;
+    let file = open_lock_file(&lock_path).map_err(|e| StoreError::Io(lock_path.clone(), e))?;
     let started = Instant::now();
     loop {
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
@@ -676,6 +669,11 @@ fn lock(path: &Path) -> Result<File, StoreError> {
             Err(e) => return Err(StoreError::Io(lock_path, e.into())),
         }
     }
+}
+
+/// Opens (creating it, mode 0600, never truncating) a file that is only ever `flock`ed.
+pub(crate) fn open_lock_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)
 }
 
 /// Writes a fresh database to `<path>.new` and renames it to `path`.

@@ -546,6 +546,17 @@ impl Daemon {
         d
     }
 
+    /// Starts `vipgate gateway ARGS` in `ns` expecting it to refuse: a non-zero exit within
+    /// 5 s. Returns its output.
+    pub fn refused(lab: &mut Lab, ns: &str, args: &[&str]) -> String {
+        let mut d = Daemon::spawn(lab, ns, args);
+        let status = d.wait_exit(Duration::from_secs(5)).unwrap_or_else(|| {
+            panic!("vipgate gateway {args:?} did not refuse:\n{}", d.log_text())
+        });
+        assert!(!status.success(), "vipgate gateway {args:?} exited 0:\n{}", d.log_text());
+        d.log_text()
+    }
+
     /// Starts the daemon and waits until it is ready (its log says `ready` and its control
     /// socket answers); panics with its log if it exits or is not ready within 10 s.
     pub fn start(lab: &mut Lab, ns: &str, args: &[&str]) -> Daemon {
