@@ -171,6 +171,15 @@ pub struct GatewaySettings {
     #[arg(long, value_name = "N")]
     pub max_flows: Option<usize>,
 
+    /// Most leases one host holds at once (RFC 6888 REQ-4): more are refused with ICMP 3/13
+    /// and counted, so one host cannot take what all need [default: 4096].
+    #[arg(long, value_name = "N")]
+    pub max_leases_per_host: Option<usize>,
+
+    /// Most flows one host holds at once [default: 65536].
+    #[arg(long, value_name = "N")]
+    pub max_flows_per_host: Option<usize>,
+
     /// Source address of the ICMP errors the gateway sends [default: 192.0.0.8, RFC 7600].
     #[arg(long, value_name = "ADDR")]
     pub icmp_source_v4: Option<Ipv4Addr>,
@@ -316,6 +325,8 @@ impl GatewaySettings {
             icmp_timeout: self.icmp_timeout.or(file.icmp_timeout),
             max_leases: self.max_leases.or(file.max_leases),
             max_flows: self.max_flows.or(file.max_flows),
+            max_leases_per_host: self.max_leases_per_host.or(file.max_leases_per_host),
+            max_flows_per_host: self.max_flows_per_host.or(file.max_flows_per_host),
             icmp_source_v4: self.icmp_source_v4.or(file.icmp_source_v4),
             icmp_source_v6: self.icmp_source_v6.or(file.icmp_source_v6),
             state_dir: self.state_dir.or(file.state_dir),
@@ -379,6 +390,12 @@ impl GatewaySettings {
         }
         if let Some(n) = self.max_flows {
             nat.max_flows = n;
+        }
+        if let Some(n) = self.max_leases_per_host {
+            nat.max_leases_per_host = n;
+        }
+        if let Some(n) = self.max_flows_per_host {
+            nat.max_flows_per_host = n;
         }
         if let Some(a) = self.icmp_source_v4 {
             nat.icmp_source_v4 = a;

@@ -78,6 +78,8 @@ pub fn diff(old: &GatewayConfig, new: &GatewayConfig) -> Diff {
         ("filtering", a.filtering != b.filtering),
         ("max-leases", a.max_leases != b.max_leases),
         ("max-flows", a.max_flows != b.max_flows),
+        ("max-leases-per-host", a.max_leases_per_host != b.max_leases_per_host),
+        ("max-flows-per-host", a.max_flows_per_host != b.max_flows_per_host),
         ("icmp-source-v4", a.icmp_source_v4 != b.icmp_source_v4),
         ("icmp-source-v6", a.icmp_source_v6 != b.icmp_source_v6),
         ("tun", old.tun != new.tun),

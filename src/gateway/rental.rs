@@ -351,9 +351,9 @@ impl Rental {
                         debug!("rent: real={peer} partner={partner} virtual={}", l.virtual_addr);
                         Waiting::Commit(seq, Reply::leased(id, l.virtual_addr, expires))
                     }
-                    Err(LeaseError::PoolExhausted | LeaseError::TableFull) => {
-                        Waiting::Ready(Reply::no_address(id))
-                    }
+                    Err(
+                        LeaseError::PoolExhausted | LeaseError::TableFull | LeaseError::HostLimit,
+                    ) => Waiting::Ready(Reply::no_address(id)),
                     Err(LeaseError::NotServed) => Waiting::Ready(Reply::not_served(id, peer)),
                     Err(e) => Waiting::Ready(Reply::bad_request(id, e.to_string())),
                 }

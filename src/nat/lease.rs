@@ -171,7 +171,7 @@ impl LeaseTable {
             by_virtual: HashTable::with_capacity(2 * cap),
             hasher: FixedState::with_seed(hash_seed),
             wheel: Wheel::new(),
-            quarantine: Quarantine::new(cap, hash_seed ^ 0x9e37_79b9_7f4a_7c15),
+            quarantine: Quarantine::new(2 * cap, hash_seed ^ 0x9e37_79b9_7f4a_7c15),
         }
     }
 
@@ -505,8 +505,10 @@ pub struct Quarantine {
 }
 
 impl Quarantine {
-    /// A quarantine of at most `cap` entries. Its memory grows with use (entries are added
-    /// when leases end, never on the packet path), so an idle quarantine costs little.
+    /// A quarantine of at most `cap` entries (twice the lease table's: the translator makes
+    /// no lease while live leases and quarantined addresses together fill it, so an entry is
+    /// never let go before its time). Its memory grows with use (entries are added when
+    /// leases end, never on the packet path), so an idle quarantine costs little.
     fn new(cap: usize, seed: u64) -> Quarantine {
         let cap = cap.max(16);
         let initial = cap.min(1024);
@@ -522,12 +524,20 @@ impl Quarantine {
     /// Holds `virt` away from hosts other than `real` (for `partner`, or for everyone when
     /// `None`) until `until`.
     pub fn add(&mut self, virt: IpAddr, partner: Option<IpAddr>, real: IpAddr, until: u64) {
-        if self.fifo.len() >= self.cap {
-            if let Some((u, v, p)) = self.fifo.front().copied() {
-                self.expire_entry(u, v, p);
-                self.fifo.pop_front();
+        // Entries superseded by a later one on the same key stay in the queue until their
+        // time; past twice the room, drop them at once (they hold nothing back).
+        if self.fifo.len() >= 2 * self.cap {
+            let live = &self.by_virtual;
+            self.fifo.retain(|&(u, v, p)| live.get(&(v, p)).is_some_and(|&(_, w)| w == u));
+        }
+        // Only when the translator's room check was bypassed (restored entries): the oldest
+        // goes, counted.
+        while self.by_virtual.len() >= self.cap {
+            let Some((u, v, p)) = self.fifo.pop_front() else { break };
+            if self.by_virtual.get(&(v, p)).is_some_and(|&(_, w)| w == u) {
                 self.evicted += 1;
             }
+            self.expire_entry(u, v, p);
         }
         self.by_virtual.insert((virt, partner), (real, until));
         self.by_host.insert((real, partner), virt);
@@ -589,5 +599,10 @@ impl Quarantine {
     /// Number of quarantined entries.
     pub fn len(&self) -> usize {
         self.by_virtual.len()
+    }
+
+    /// The most entries it holds.
+    pub fn capacity(&self) -> usize {
+        self.cap
     }
 }

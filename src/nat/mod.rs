@@ -34,6 +34,7 @@
 
 mod fast;
 mod flow;
+mod host;
 mod index;
 mod lease;
 mod life;
@@ -148,6 +149,10 @@ pub struct Config {
     pub max_leases: usize,
     /// Most flows held at once.
     pub max_flows: usize,
+    /// Most leases one host holds at once (RFC 6888 REQ-4); more are refused and counted.
+    pub max_leases_per_host: usize,
+    /// Most flows one host holds at once.
+    pub max_flows_per_host: usize,
     /// Source of the ICMP errors the translator originates for IPv4 (RFC 7600's dummy
     /// address 192.0.0.8 by default).
     pub icmp_source_v4: Ipv4Addr,
@@ -174,6 +179,8 @@ impl Config {
             timeouts: Timeouts::default(),
             max_leases: 65_536,
             max_flows: 1 << 20,
+            max_leases_per_host: 4096,
+            max_flows_per_host: 65_536,
             icmp_source_v4: Ipv4Addr::new(192, 0, 0, 8),
             icmp_source_v6: None,
             icmp_rate: 100,
@@ -227,8 +234,10 @@ impl Config {
         }
         if self.max_leases == 0
             || self.max_flows == 0
-            || self.max_leases > u32::MAX as usize / 2
+            || self.max_leases > u32::MAX as usize / 4
             || self.max_flows > u32::MAX as usize / 2
+            || self.max_leases_per_host == 0
+            || self.max_flows_per_host == 0
         {
             return Err(ConfigError::Capacity);
         }
@@ -320,7 +329,10 @@ pub enum ConfigError {
         floor: Duration,
     },
     /// A zero or absurd table capacity.
-    #[error("max-leases and max-flows must be between 1 and 2^31")]
+    #[error(
+        "max-leases must be between 1 and 2^30, max-flows between 1 and 2^31, and the \
+         per-host limits at least 1"
+    )]
     Capacity,
 }
 
@@ -378,13 +390,17 @@ pub enum DropReason {
     LeaseTableFull,
     /// The flow table is full.
     FlowTableFull,
+    /// The host holds as many leases as one host may (`max-leases-per-host`).
+    HostLeaseLimit,
+    /// The host holds as many flows as one host may (`max-flows-per-host`).
+    HostFlowLimit,
     /// A partial (offloaded) checksum that is not the TCP or UDP checksum of the packet.
     BadOffload,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 20;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Truncated,
@@ -404,6 +420,8 @@ impl DropReason {
         DropReason::PoolExhausted,
         DropReason::LeaseTableFull,
         DropReason::FlowTableFull,
+        DropReason::HostLeaseLimit,
+        DropReason::HostFlowLimit,
         DropReason::BadOffload,
     ];
 
@@ -427,6 +445,8 @@ impl DropReason {
             DropReason::PoolExhausted => "pool_exhausted",
             DropReason::LeaseTableFull => "lease_table_full",
             DropReason::FlowTableFull => "flow_table_full",
+            DropReason::HostLeaseLimit => "host_lease_limit",
+            DropReason::HostFlowLimit => "host_flow_limit",
             DropReason::BadOffload => "bad_offload",
         }
     }
@@ -435,7 +455,11 @@ impl DropReason {
     pub fn wants_reply(self) -> bool {
         matches!(
             self,
-            DropReason::PoolExhausted | DropReason::LeaseTableFull | DropReason::FlowTableFull
+            DropReason::PoolExhausted
+                | DropReason::LeaseTableFull
+                | DropReason::FlowTableFull
+                | DropReason::HostLeaseLimit
+                | DropReason::HostFlowLimit
         )
     }
 }
@@ -637,6 +661,9 @@ pub enum LeaseError {
     /// The lease table is full.
     #[error("lease table full")]
     TableFull,
+    /// The host holds as many leases as one host may.
+    #[error("this host holds as many leases as one host may")]
+    HostLimit,
     /// No such lease.
     #[error("no such lease")]
     NoSuchLease,
@@ -652,6 +679,8 @@ pub struct Translator {
     pool: Pool,
     leases: LeaseTable,
     flows: FlowTable,
+    /// Each host's leases and flows.
+    hosts: host::HostShares,
     /// Scratch list of due flows / leases for `handle_timeout`.
     due: Vec<u32>,
     events: VecDeque<(u64, LeaseEvent)>,
@@ -688,6 +717,11 @@ impl Translator {
             pool: Pool::new(&config.pools, &config.exclude),
             leases: LeaseTable::new(config.max_leases, h1),
             flows: FlowTable::new(config.max_flows, h2),
+            hosts: host::HostShares::new(
+                config.max_leases_per_host,
+                config.max_flows_per_host,
+                h1 ^ h2,
+            ),
             due: Vec::with_capacity(1024),
             events: VecDeque::with_capacity(config.event_capacity),
             counters: Counters::default(),
@@ -874,6 +908,7 @@ impl Translator {
         let i = self.create_lease(real, partner, None, Origin::Explicit, now_ms, until).map_err(
             |r| match r {
                 DropReason::LeaseTableFull => LeaseError::TableFull,
+                DropReason::HostLeaseLimit => LeaseError::HostLimit,
                 _ => LeaseError::PoolExhausted,
             },
         )?;
@@ -1012,6 +1047,7 @@ impl Translator {
             let Some((li, ended)) = self.flows.owner(fi) else { continue };
             let Some(lease) = self.leases.get_mut(li) else { continue };
             self.flows.remove(fi, lease);
+            self.hosts.add(lease.real, 0, -1);
             self.counters.flows_ended += 1;
             // The idle time counts from when the last flow ended, not from when we noticed.
             self.idle_lease(li, ended);
@@ -1066,9 +1102,14 @@ impl Translator {
         now: u64,
         expires: u64,
     ) -> Result<u32, DropReason> {
-        if self.leases.len() >= self.config.max_leases {
+        // Live leases and quarantined addresses together stay within the quarantine's room,
+        // so the quarantine never has to let an address go before its time (RFC 6888 REQ-8).
+        if self.leases.len() >= self.config.max_leases
+            || self.leases.len() + self.leases.quarantine.len() >= self.leases.quarantine.capacity()
+        {
             return Err(DropReason::LeaseTableFull);
         }
+        self.hosts.may_lease(real)?;
         let virt = match virt {
             Some(v) => v,
             None => {
@@ -1077,6 +1118,7 @@ impl Translator {
             }
         };
         let i = self.leases.insert(real, virt, partner, origin, now, expires)?;
+        self.hosts.add(real, 1, 0);
         self.counters.leases_created += 1;
         if let Some(mut view) = self.lease_view(i) {
             let seq = self.last_seq + 1;
@@ -1093,14 +1135,17 @@ impl Translator {
         let view = self.lease_view(i)?;
         // End the lease's flows.
         let mut f = self.leases.get(i)?.flow_head;
+        let mut ended = 0;
         while f != lease::NIL {
             let next = self.flows.next_of(f);
             if let Some(l) = self.leases.get_mut(i) {
                 self.flows.remove(f, l);
                 self.counters.flows_ended += 1;
+                ended += 1;
             }
             f = next;
         }
+        self.hosts.add(view.real, -1, -ended);
         let held_back = self.leases.remove(i, now, self.quarantine_ms, self.config.mapping);
         self.counters.leases_ended += 1;
         self.push_event(LeaseEvent::Ended(view.clone(), reason));

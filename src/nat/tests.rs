@@ -1042,3 +1042,65 @@ fn new_timers_count_from_each_flows_last_packet() {
     let below = Timeouts { udp: Duration::from_secs(60), ..Timeouts::default() };
     assert!(h.t.set_timeouts(below, h.at(420.0)).is_err(), "a timer below the RFC floor");
 }
+
+// ---- fair shares ----
+
+#[test]
+fn one_host_at_its_lease_share_is_refused_and_another_still_gets_out() {
+    let mut c = wide();
+    c.max_leases_per_host = 2;
+    let mut h = Harness::new(c);
+    for k in 1..=2u8 {
+        h.ok(&Harness::udp("192.0.2.10", &format!("203.0.113.{k}"), 1000, 53), 0.0);
+    }
+    let (v, _) = h.run(&Harness::udp("192.0.2.10", "203.0.113.3", 1000, 53), 0.0);
+    assert_eq!(v, Err(DropReason::HostLeaseLimit), "a third lease for the same host");
+    assert_eq!(h.t.counters().dropped(DropReason::HostLeaseLimit), 1);
+    let r = h.t.rent(ip("192.0.2.10"), ip("203.0.113.4"), Duration::from_secs(60), h.at(0.0));
+    assert_eq!(r.map(|_| ()), Err(LeaseError::HostLimit));
+    h.ok(&Harness::udp("192.0.2.11", "203.0.113.3", 1000, 53), 0.0);
+    // When one of its leases ends (its flow idle), the host may have another.
+    h.tick(301.0);
+    h.ok(&Harness::udp("192.0.2.10", "203.0.113.3", 1000, 53), 302.0);
+}
+
+#[test]
+fn one_host_at_its_flow_share_is_refused_and_another_still_gets_out() {
+    let mut c = wide();
+    c.max_flows_per_host = 2;
+    let mut h = Harness::new(c);
+    h.ok(&Harness::udp("192.0.2.10", "203.0.113.1", 1000, 53), 0.0);
+    h.ok(&Harness::udp("192.0.2.10", "203.0.113.2", 1001, 53), 0.0);
+    let (v, _) = h.run(&Harness::udp("192.0.2.10", "203.0.113.1", 1002, 53), 0.0);
+    assert_eq!(v, Err(DropReason::HostFlowLimit));
+    h.ok(&Harness::udp("192.0.2.11", "203.0.113.1", 1002, 53), 0.0);
+    // Its existing flows go on.
+    h.ok(&Harness::udp("192.0.2.10", "203.0.113.1", 1000, 53), 1.0);
+}
+
+#[test]
+fn rent_and_release_churn_never_lets_an_address_out_of_quarantine_early() {
+    let mut c = wide();
+    c.max_leases = 4;
+    let mut h = Harness::new(c);
+    let ttl = Duration::from_secs(60);
+    let mut refused = 0;
+    for k in 1..=40u8 {
+        let partner = IpAddr::from([203, 0, 113, k]);
+        match h.t.rent(ip("192.0.2.10"), partner, ttl, h.at(0.0)) {
+            Ok(l) => {
+                h.t.release(l.id, h.at(0.0)).unwrap();
+            }
+            Err(e) => {
+                assert_eq!(e, LeaseError::TableFull);
+                refused += 1;
+            }
+        }
+    }
+    h.tick(1.0);
+    assert_eq!(h.t.counters().quarantine_evicted, 0, "an address left quarantine early");
+    assert!(refused > 0, "the churn never filled the room");
+    // Once the quarantine is over, there is room again.
+    h.tick(121.0);
+    assert!(h.t.rent(ip("192.0.2.10"), ip("203.0.113.99"), ttl, h.at(121.0)).is_ok());
+}
