@@ -710,6 +710,31 @@ fn metric(text: &str, line_start: &str) -> u64 {
 }
 
 #[test]
+fn idle_connections_to_the_metrics_port_never_starve_the_control_socket() {
+    let mut topo = Topo::new(1);
+    let gw = topo.gateway(&["--metrics-listen", "192.0.2.1:9477"]);
+    let cli = topo.clients[0].clone();
+    let at: SocketAddr = "192.0.2.1:9477".parse().unwrap();
+    // 80 idle connections, more than both tables hold, kept open while `vipgate stats` runs.
+    let idle: Vec<std::net::TcpStream> = in_ns(&cli, || {
+        (0..80).filter_map(|_| std::net::TcpStream::connect_timeout(&at, IO_TIMEOUT).ok()).collect()
+    });
+    assert!(idle.len() >= 32, "only {} connections to the metrics port", idle.len());
+    let mut ok = 0;
+    for _ in 0..10 {
+        let o = run_within(
+            std::process::Command::new(BIN)
+                .args(["stats", "--json", "--control-socket"])
+                .arg(&gw.control),
+            Duration::from_secs(10),
+        );
+        ok += usize::from(o.status.success());
+    }
+    assert_eq!(ok, 10, "`vipgate stats` failed {} of 10 times:\n{}", 10 - ok, gw.log_text());
+    drop(idle);
+}
+
+#[test]
 fn metrics_are_served_in_prometheus_text_format() {
     let mut topo = Topo::new(1);
     let _gw = topo.gateway(&["--metrics-listen", "192.0.2.1:9477"]);

@@ -63,7 +63,11 @@ const WAKER: Token = Token(4);
 /// How often ended history past its retention is deleted.
 const PURGE_EVERY: Duration = Duration::from_secs(3600);
 const FIRST_CONN: usize = 16;
+/// Connections of the control socket at once.
 const MAX_CONNS: usize = 64;
+/// Connections of the metrics port at once (slots apart from the control socket's).
+const MAX_METRICS_CONNS: usize = 32;
+const _: () = assert!(FIRST_CONN + MAX_CONNS + MAX_METRICS_CONNS <= rental::LISTENER_TOKENS);
 const CONN_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONN_INPUT: usize = 8192;
 /// How often dropped-packet counts are summarised in the log (bounds log volume).
@@ -114,6 +118,7 @@ fn run_with(cfg: GatewayConfig, reload: Option<reload::Source>, data_plane: bool
     } else {
         None
     };
+    crate::limits::raise_descriptors(rental::MAX_CONNS + MAX_CONNS + MAX_METRICS_CONNS).log();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -763,8 +768,17 @@ impl Gateway {
                     return;
                 }
             };
-            let Some(slot) = free_slot(&mut self.conns, MAX_CONNS) else {
-                debug!("too many control connections; closing a new one");
+            // The control socket and the metrics port have slots of their own: the network
+            // can never take the local socket's.
+            let metrics = matches!(stream, ConnStream::Tcp(_));
+            let slots =
+                if metrics { MAX_CONNS..MAX_CONNS + MAX_METRICS_CONNS } else { 0..MAX_CONNS };
+            if self.conns.len() < slots.end {
+                self.conns.resize_with(slots.end, || None);
+            }
+            let Some(slot) = slots.clone().find(|&i| self.conns[i].is_none()) else {
+                let what = if metrics { "metrics" } else { "control" };
+                debug!("too many {what} connections; closing a new one");
                 continue;
             };
             let token = Token(FIRST_CONN + slot);

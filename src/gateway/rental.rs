@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// First token of the authority's listeners.
-pub const LISTENER_TOKENS: usize = 100;
+pub const LISTENER_TOKENS: usize = 200;
 /// Most listen addresses.
 pub const MAX_LISTENERS: usize = 16;
 /// First token of its connections.

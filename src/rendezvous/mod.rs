@@ -110,6 +110,7 @@ pub type LevelSource = Box<dyn Fn() -> Result<log::LevelFilter>>;
 
 /// Runs the server until SIGINT or SIGTERM; a SIGHUP sets the log level `level` says.
 pub fn run(settings: Settings, level: LevelSource) -> Result<()> {
+    crate::limits::raise_descriptors(MAX_CONNS + MAX_STUN_CONNS).log();
     let server = Server::bind(settings)?;
     server.run(level)
 }
