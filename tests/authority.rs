@@ -1248,3 +1248,60 @@ fn a_client_that_never_reads_does_not_hold_up_the_others() {
     let s = udp(&topo.srv, sa(srv4(), 7300));
     assert_eq!(udp_roundtrip(&c, &s).ip(), v, "forwarding beside the flood");
 }
+
+#[test]
+fn one_source_flooding_the_authority_never_keeps_a_host_of_the_lan_from_renting() {
+    let mut topo = Topo::new(1);
+    let gw = topo.gateway(&[]);
+    // The flood's sockets live in this process: room for them.
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let room = lim.maximum.unwrap_or(65_536).min(65_536);
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit { current: Some(room), maximum: lim.maximum },
+    )
+    .unwrap();
+    let at = sa(GW_WAN4, PORT);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let (srv, stop) = (topo.srv.clone(), stop.clone());
+        std::thread::spawn(move || {
+            enter(&srv);
+            let (mut held, mut opened) = (Vec::new(), 0u32);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            // 5,000 idle connections from one source, kept open, bounded in count and time.
+            while opened < 5_000 && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                if let Ok(s) = TcpStream::connect_timeout(&at, Duration::from_millis(300)) {
+                    held.push(s);
+                    opened += 1;
+                }
+            }
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            opened
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let cli = topo.clients[0].clone();
+    let mut failed = Vec::new();
+    for k in 0..8u8 {
+        let partner = IpAddr::from([203, 0, 113, 10 + k]);
+        let ca = ca(&gw);
+        let r = in_ns(&cli, || {
+            let mut c = AuthorityClient::connect(sa(GW_LAN4, PORT), &ca, IO_TIMEOUT)?;
+            c.call(&Command::Rent { partner, ttl: Some(Duration::from_secs(60)) })
+        });
+        match r {
+            Ok(r) if matches!(r.outcome, Outcome::Leased { .. }) => {}
+            Ok(r) => failed.push(r.to_string()),
+            Err(e) => failed.push(format!("{e:#}")),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let opened = flood.join().unwrap();
+    assert!(opened >= 1_000, "the flood opened only {opened} connections");
+    assert!(failed.is_empty(), "{} of 8 rents failed under the flood: {failed:?}", failed.len());
+    assert!(gw.counter("authority_refused_connections") > 0, "{}", gw.stats());
+}

@@ -31,6 +31,9 @@ pub const MAX_LISTENERS: usize = 16;
 pub const CONN_TOKENS: usize = 10_000;
 /// Most connections at once; more are closed as they arrive.
 pub const MAX_CONNS: usize = 4096;
+/// Connections one source holds at once (a LAN host, an outside IPv4 address or IPv6 /64):
+/// one source flooding the port never takes the slots a host of the LAN needs to rent.
+pub const MAX_CONNS_PER_SOURCE: usize = 64;
 /// Time to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a connection may stay silent between requests.
@@ -160,6 +163,20 @@ impl Rental {
         }
     }
 
+    /// How many connections the source of `peer` holds: a host of the LAN is its own
+    /// source; outside, an IPv4 address or an IPv6 /64 is one.
+    fn held_by(&self, peer: IpAddr) -> usize {
+        let key = |a: IpAddr| {
+            if self.served.iter().any(|n| n.contains(&a)) {
+                a
+            } else {
+                RateLimiter::source_key(a)
+            }
+        };
+        let k = key(peer);
+        self.conns.iter().flatten().filter(|c| key(c.peer) == k).count()
+    }
+
     fn accept(&mut self, k: usize, registry: &Registry) {
         let Some(listener) = self.listeners.get(k) else { return };
         loop {
@@ -173,9 +190,14 @@ impl Rental {
                     return;
                 }
             };
-            let Some(slot) = super::free_slot(&mut self.conns, MAX_CONNS) else {
+            let peer_ip = authority::peer_ip(peer);
+            if self.held_by(peer_ip) >= MAX_CONNS_PER_SOURCE {
                 self.stats.refused_connections += 1;
                 continue; // dropping `sock` closes it
+            }
+            let Some(slot) = super::free_slot(&mut self.conns, MAX_CONNS) else {
+                self.stats.refused_connections += 1;
+                continue;
             };
             let Ok(tls) = ServerConnection::new(self.config.clone()) else { continue };
             if registry.register(&mut sock, Token(CONN_TOKENS + slot), Interest::READABLE).is_err()
@@ -186,7 +208,7 @@ impl Rental {
             self.conns[slot] = Some(Conn {
                 sock,
                 tls,
-                peer: authority::peer_ip(peer),
+                peer: peer_ip,
                 framer: LineFramer::new(),
                 waiting: VecDeque::new(),
                 deadline: Instant::now() + HANDSHAKE_TIMEOUT,
