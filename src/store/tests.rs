@@ -426,6 +426,47 @@ fn damaged_pages_fail_the_integrity_check() {
     assert_eq!(fs::read(dir.db()).expect("read"), bytes, "the file was modified");
 }
 
+/// A damaged database with a WAL beside it (a crash left commits in the WAL) is refused
+/// without a byte of either changing: the check must not checkpoint the WAL into it.
+#[test]
+fn a_damaged_database_and_its_wal_are_left_byte_identical() {
+    let dir = TempDir::new("tornwal");
+    {
+        let mut store = Store::open(&dir.db()).expect("open");
+        let changes: Vec<Change> = (0..3_000u32)
+            .map(|i| {
+                let real = IpAddr::V4(Ipv4Addr::from(0xc000_0200 + (i % 256)));
+                let partner = IpAddr::V4(Ipv4Addr::from(0xcb00_7100 + i / 256));
+                let v = IpAddr::V4(Ipv4Addr::from(0xc612_0000 + i));
+                Change::Upsert(lease(real, v, partner, u64::from(i)))
+            })
+            .collect();
+        store.apply(&changes).expect("apply");
+    }
+    let mut store = Store::open(&dir.db()).expect("reopen");
+    store.apply(&[Change::Upsert(lease(host(1), virt(1), partner(9), 1))]).expect("apply");
+    let crashed = dir.0.join("crashed.db");
+    fs::copy(dir.db(), &crashed).expect("copy db");
+    fs::copy(sidecar(&dir.db(), "-wal"), sidecar(&crashed, "-wal")).expect("copy wal");
+    drop(store);
+    let mut bytes = fs::read(&crashed).expect("read");
+    let pages = bytes.len() / 4096;
+    assert!(pages > 30, "only {pages} pages");
+    for k in [pages / 3, pages / 2] {
+        for (j, b) in bytes[k * 4096..(k + 1) * 4096].iter_mut().enumerate() {
+            *b = (j as u32).wrapping_mul(2_654_435_761).rotate_right(7) as u8;
+        }
+    }
+    fs::write(&crashed, &bytes).expect("write");
+    let wal = fs::read(sidecar(&crashed, "-wal")).expect("read wal");
+    assert!(!wal.is_empty(), "the last commit is in the WAL");
+    let err = Store::open(&crashed).expect_err("damaged database must not open");
+    assert!(matches!(err, StoreError::Corrupt(..)), "{err:?}");
+    assert_eq!(fs::read(&crashed).expect("read"), bytes, "the database was modified");
+    let after = fs::read(sidecar(&crashed, "-wal")).expect("the WAL was deleted");
+    assert!(after == wal, "the WAL was modified");
+}
+
 #[test]
 fn second_open_is_locked_until_the_first_is_dropped() {
     let dir = TempDir::new("locked");
