@@ -41,6 +41,18 @@ impl Durable {
         let store = Store::open(&path)?;
         let (wall, now) = (SystemTime::now(), Instant::now());
         let (leases, quarantine) = store.load(wall).context("cannot read the lease database")?;
+        let max = nat.config().max_leases;
+        if leases.len() > max {
+            // Dropping the surplus would hand their addresses to other hosts while their
+            // history says they are still leased (and a later start would bring them back).
+            return Err(anyhow::Error::new(crate::config::Refusal(format!(
+                "the lease database {} holds {} current leases, more than --max-leases {max}: \
+                 start with --max-leases {} or more",
+                path.display(),
+                leases.len(),
+                leases.len()
+            ))));
+        }
         let worker =
             StoreWorker::try_spawn(store, waker).context("cannot start the store writer")?;
         let mut d = Durable {
