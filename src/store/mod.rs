@@ -38,7 +38,7 @@
 //! while let Some(done) = worker.try_done() {
 //!     match done {
 //!         Done::Committed { seq } => { /* everything submitted up to `seq` is on disk */ let _ = seq; }
-//!         Done::Failed { seq, error } => { /* not stored: log loudly, resubmit or stop */ let _ = (seq, error); }
+//!         Done::Failed { seq, error } => { /* not stored yet: the worker retries it */ let _ = (seq, error); }
 //!         _ => { /* answers to WhoWas / History queries, by token */ }
 //!     }
 //! }
@@ -46,8 +46,10 @@
 //! # Ok(()) }
 //! ```
 //! The worker groups every `Apply` job queued while it was busy into one transaction (group
-//! commit): one `fsync` for many rents. All changes are idempotent, so resubmitting the
-//! changes of a `Failed` job (after, say, disk space was freed) is safe.
+//! commit): one `fsync` for many rents. A group that fails (say, the disk is full) is kept
+//! and retried with a backoff, later jobs queued behind it, so `Committed` never covers a
+//! change that is not on disk and the worker recovers by itself once the disk can be
+//! written again (all changes are idempotent, so a retry is safe).
 //!
 //! # Times and addresses
 //! Times are stored as integer Unix milliseconds (sub-millisecond parts are dropped),

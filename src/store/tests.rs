@@ -638,6 +638,53 @@ fn worker_reports_failures_per_job() {
     assert!(store.load(t(0)).expect("load").0.is_empty(), "the failed job left nothing behind");
 }
 
+/// A failing group is kept and retried, later jobs wait behind it (no `Committed` passes
+/// it, even for a job that alone would be stored), and once the store can write again
+/// everything is stored by itself.
+#[test]
+fn worker_retries_a_failed_group_and_never_commits_past_it() {
+    let dir = TempDir::new("workerretry");
+    let (mut poll, waker) = waker();
+    let store = Store::open(&dir.db()).expect("open");
+    // Sabotage what a full disk does: host 1's rows fail while table `stop` has a row.
+    store
+        .conn
+        .execute_batch(&format!(
+            "CREATE TABLE main.stop (x); INSERT INTO main.stop VALUES (1);
+             CREATE TEMP TRIGGER refuse BEFORE INSERT ON main.lease
+             WHEN NEW.real_addr = '{}' AND EXISTS (SELECT 1 FROM main.stop)
+             BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+            host(1)
+        ))
+        .expect("trigger");
+    let worker = StoreWorker::spawn(store, waker);
+    worker.submit(Job::Apply {
+        seq: 1,
+        changes: vec![Change::Upsert(lease(host(1), virt(1), partner(1), 1))],
+    });
+    let done = collect_until(&mut poll, &worker, |d| {
+        d.iter().filter(|d| matches!(d, Done::Failed { .. })).count() >= 2
+    });
+    assert!(done.iter().all(|d| matches!(d, Done::Failed { seq: 1, .. })), "{done:?}");
+    // A job that alone would be stored waits behind the failing one.
+    worker.submit(Job::Apply {
+        seq: 2,
+        changes: vec![Change::Upsert(lease(host(2), virt(2), partner(1), 2))],
+    });
+    let done = collect_until(&mut poll, &worker, |d| {
+        d.iter().filter(|d| matches!(d, Done::Failed { .. })).count() >= 2
+    });
+    assert!(!done.iter().any(|d| matches!(d, Done::Committed { .. })), "{done:?}");
+    // The disk is writable again: both are stored, and one Committed covers them.
+    Connection::open(dir.db()).and_then(|c| c.execute("DELETE FROM stop", [])).expect("free");
+    let done =
+        collect_until(&mut poll, &worker, |d| d.iter().any(|d| matches!(d, Done::Committed { .. })));
+    assert!(done.contains(&Done::Committed { seq: 2 }), "{done:?}");
+    worker.shutdown();
+    let store = Store::open(&dir.db()).expect("reopen");
+    assert_eq!(store.load(t(0)).expect("load").0.len(), 2);
+}
+
 #[test]
 fn times_round_trip_in_milliseconds() {
     for ms in [0i64, 1, -1, 1_700_000_000_123, -86_400_000] {
