@@ -136,7 +136,9 @@ fn a_full_disk_refuses_rents_and_loses_no_acknowledged_one() {
     let filled = fill(&filler);
     let started = Instant::now();
     let (mut ok_full, mut refused_full) = (0, 0);
-    while refused_full < 20 && ok_full + refused_full < 400 && started.elapsed() < Duration::from_secs(60)
+    while refused_full < 20
+        && ok_full + refused_full < 400
+        && started.elapsed() < Duration::from_secs(60)
     {
         match next(&mut c, &gw, &mut answers) {
             Answer::Ok(_) => ok_full += 1,
@@ -184,7 +186,8 @@ fn a_full_disk_refuses_rents_and_loses_no_acknowledged_one() {
     }
     let (mut acked, mut unacked) = (0, 0);
     for (p, a) in &last {
-        let of_pair: Vec<_> = have.iter().filter(|(r, _, q)| *r == real.to_string() && *q == p.to_string()).collect();
+        let of_pair: Vec<_> =
+            have.iter().filter(|(r, _, q)| *r == real.to_string() && *q == p.to_string()).collect();
         match a {
             Answer::Ok(v) => {
                 acked += 1;

@@ -1005,13 +1005,8 @@ impl Translator {
     /// Walks the whole lease table: only for that rare moment.
     pub fn abandon_undurable(&mut self, now: Instant) -> usize {
         let now_ms = self.ms(now);
-        let undone: Vec<u32> = self
-            .leases
-            .slab
-            .iter()
-            .filter(|(_, l)| l.seq > self.durable)
-            .map(|(i, _)| i)
-            .collect();
+        let undone: Vec<u32> =
+            self.leases.slab.iter().filter(|(_, l)| l.seq > self.durable).map(|(i, _)| i).collect();
         let quarantine = std::mem::replace(&mut self.quarantine_ms, 0);
         for &i in &undone {
             self.end_lease(i, now_ms, EndReason::Unstored);

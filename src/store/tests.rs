@@ -677,8 +677,9 @@ fn worker_retries_a_failed_group_and_never_commits_past_it() {
     assert!(!done.iter().any(|d| matches!(d, Done::Committed { .. })), "{done:?}");
     // The disk is writable again: both are stored, and one Committed covers them.
     Connection::open(dir.db()).and_then(|c| c.execute("DELETE FROM stop", [])).expect("free");
-    let done =
-        collect_until(&mut poll, &worker, |d| d.iter().any(|d| matches!(d, Done::Committed { .. })));
+    let done = collect_until(&mut poll, &worker, |d| {
+        d.iter().any(|d| matches!(d, Done::Committed { .. }))
+    });
     assert!(done.contains(&Done::Committed { seq: 2 }), "{done:?}");
     worker.shutdown();
     let store = Store::open(&dir.db()).expect("reopen");

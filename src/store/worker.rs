@@ -10,8 +10,8 @@
 
 use super::{Change, HistoryRow, Store};
 use log::{error, info, warn};
-use std::net::IpAddr;
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
