@@ -157,8 +157,14 @@ pub struct Stats {
     pub translator: crate::nat::Counters,
     /// Held packets dropped because too many were waiting.
     pub held_dropped: u64,
-    /// Lease-store commits that failed.
+    /// Lease-store commits that failed (each attempt; the store retries).
     pub store_failures: u64,
+    /// Held packets dropped because the store could not write their lease.
+    #[serde(default)]
+    pub held_unstored: u64,
+    /// Rents, renews and releases answered `internal` because the store could not write.
+    #[serde(default)]
+    pub store_refused: u64,
     /// Authority connections accepted.
     pub authority_connections: u64,
     /// Authority connections closed on arrival (too many open).
@@ -309,6 +315,18 @@ impl Stats {
             "counter",
             "Lease-store commits that failed.",
             &[("", self.store_failures)],
+        );
+        metric(
+            "packets_held_unstored_total",
+            "counter",
+            "Held packets dropped because the store could not write their lease.",
+            &[("", self.held_unstored)],
+        );
+        metric(
+            "store_refused_total",
+            "counter",
+            "Rents, renews and releases answered internal because the store could not write.",
+            &[("", self.store_refused)],
         );
         let conns = [
             ("{outcome=\"accepted\"}", self.authority_connections),

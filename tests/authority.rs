@@ -872,9 +872,26 @@ fn a_locked_or_damaged_lease_database_stops_the_daemon_with_a_clear_error() {
     if let Some(w) = wal_bytes {
         std::fs::write(&wal, w).unwrap();
     }
-    let gw2 = gw.restart(&mut topo.lab);
+    let mut gw2 = gw.restart(&mut topo.lab);
     assert!(gw2.log_text().contains("10 lease(s)"), "log:\n{}", gw2.log_text());
     assert_eq!(lease_set(&gw2), leases);
+
+    // Fewer --max-leases than stored leases: refused in one sentence (exit 78), nothing
+    // dropped; the database is untouched and the next start with room has every lease.
+    assert!(gw2.stop().success(), "log:\n{}", gw2.log_text());
+    let before = std::fs::read(&db).unwrap();
+    let mut small = gw2.spawn_again_with(&mut topo.lab, &["--max-leases", "5"]);
+    let status = small.wait_exit(Duration::from_secs(5)).expect("a small --max-leases started");
+    let log = small.log_text();
+    assert_eq!(status.code(), Some(78), "log:\n{log}");
+    assert!(
+        log.contains("10 current leases, more than --max-leases 5"),
+        "the refusal names the flag, the count and the value:\n{log}"
+    );
+    assert!(!log.contains("not restored") && !log.contains(" ready"), "log:\n{log}");
+    assert!(std::fs::read(&db).unwrap() == before, "the refusing daemon modified leases.db");
+    let gw3 = gw2.restart(&mut topo.lab);
+    assert_eq!(lease_set(&gw3), leases);
 }
 
 // ---------------------------------------------------------------------------------------------

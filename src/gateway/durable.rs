@@ -5,6 +5,27 @@
 //! Every lease event of a turn of the loop becomes one `Job::Apply` (group commit); when the
 //! worker reports `Committed { seq }`, the translator learns that everything up to `seq` is
 //! durable and the held packets are translated again.
+//!
+//! # When the store cannot write (a full disk, an I/O error)
+//! Nothing is acknowledged that is not on disk, and the daemon recovers by itself:
+//! - The writer keeps the failed group and retries it (50 ms, doubling to 1 s), every later
+//!   group queued behind it ([`crate::store::StoreWorker`]). `Committed { seq }` is the
+//!   durable watermark and never passes a change that was not written, so the replies and
+//!   held packets waiting for it keep waiting.
+//! - After [`STORE_PATIENCE`] of failing, the loop gives up on what waits
+//!   ([`Durable::give_up_due`]): every rent, renew and release waiting for a commit is
+//!   answered `internal`; the leases not durable yet are ended in the translator, without
+//!   quarantine ([`crate::nat::Translator::abandon_undurable`]; their `Ended` events queue
+//!   behind the failed group, so the store writes them as ends once it can); the held
+//!   packets are dropped and counted (`held_unstored`). While it stays stuck, new rents,
+//!   renews and releases are answered `internal` at once (counted, `store_refused`), no
+//!   new lease is made (packets that need one are dropped as `store_failing`) and no packet
+//!   is held.
+//! - The first `Committed` after that ends it: everything is back to normal, no restart.
+//!
+//! What is held stays bounded meanwhile: at most [`MAX_HELD`] packets and [`MAX_HELD_BYTES`]
+//! bytes; and the changes queued behind the failed group grow only by what the leases that
+//! already exist produce (their ends and lives), since no lease is made while stuck.
 
 use crate::nat::{EndReason, LeaseEvent, Origin, Translator};
 use crate::store::{Change, Done, HistoryRow, Job, LeaseRow, QuarantineRow, Store, StoreWorker};
@@ -14,12 +35,16 @@ use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// File name of the lease database in the state directory.
 pub const DB_FILE: &str = "leases.db";
 /// Most packets held at once while their leases become durable; more are dropped.
 pub const MAX_HELD: usize = 4096;
+/// Most bytes of held packets at once; more are dropped.
+pub const MAX_HELD_BYTES: usize = 8 * 1024 * 1024;
+/// How long the store may fail to write before what waits for it is given up.
+pub const STORE_PATIENCE: Duration = Duration::from_secs(3);
 
 /// The store, the clock anchor and the held packets.
 pub struct Durable {
@@ -28,8 +53,17 @@ pub struct Durable {
     batch: Vec<Change>,
     batch_seq: u64,
     held: VecDeque<Vec<u8>>,
+    held_bytes: usize,
     /// Commits that failed.
     pub commit_failures: u64,
+    /// Held packets dropped because the store could not write their lease.
+    pub held_unstored: u64,
+    /// Requests answered `internal` because the store could not write.
+    pub store_refused: u64,
+    /// Since when the store fails (the first failed attempt since the last commit).
+    failing_since: Option<Instant>,
+    /// The loop gave up waiting for the store: see the module docs.
+    stuck: bool,
     next_token: u64,
 }
 
@@ -41,6 +75,18 @@ impl Durable {
         let store = Store::open(&path)?;
         let (wall, now) = (SystemTime::now(), Instant::now());
         let (leases, quarantine) = store.load(wall).context("cannot read the lease database")?;
+        let max = nat.config().max_leases;
+        if leases.len() > max {
+            // Dropping the surplus would hand their addresses to other hosts while their
+            // history says they are still leased (and a later start would bring them back).
+            return Err(anyhow::Error::new(crate::config::Refusal(format!(
+                "the lease database {} holds {} current leases, more than --max-leases {max}: \
+                 start with --max-leases {} or more",
+                path.display(),
+                leases.len(),
+                leases.len()
+            ))));
+        }
         let worker =
             StoreWorker::try_spawn(store, waker).context("cannot start the store writer")?;
         let mut d = Durable {
@@ -49,7 +95,12 @@ impl Durable {
             batch: Vec::new(),
             batch_seq: 0,
             held: VecDeque::new(),
+            held_bytes: 0,
             commit_failures: 0,
+            held_unstored: 0,
+            store_refused: 0,
+            failing_since: None,
+            stuck: false,
             next_token: 1,
         };
         let mut restored = 0;
@@ -120,6 +171,7 @@ impl Durable {
                     EndReason::Expired => "expired",
                     EndReason::Idle => "idle",
                     EndReason::Released => "released",
+                    EndReason::Unstored => "unstored",
                 }
                 .to_string(),
             },
@@ -148,17 +200,65 @@ impl Durable {
 
     /// Keeps a packet until its lease is durable; false when too many are held (the caller
     /// counts the drop).
+    /// While the store is stuck the packet is dropped at once (counted as unstored).
     pub fn hold(&mut self, packet: &[u8]) -> bool {
-        if self.held.len() >= MAX_HELD {
+        if self.stuck {
+            self.held_unstored += 1;
+            return true;
+        }
+        if self.held.len() >= MAX_HELD || self.held_bytes + packet.len() > MAX_HELD_BYTES {
             return false;
         }
+        self.held_bytes += packet.len();
         self.held.push_back(packet.to_vec());
         true
     }
 
     /// Takes every held packet, oldest first.
     pub fn take_held(&mut self) -> VecDeque<Vec<u8>> {
+        self.held_bytes = 0;
         std::mem::take(&mut self.held)
+    }
+
+    /// An attempt to write failed.
+    pub fn failed(&mut self, now: Instant) {
+        self.commit_failures += 1;
+        self.failing_since.get_or_insert(now);
+    }
+
+    /// A commit went through; true when that ends a time of being stuck.
+    pub fn committed(&mut self) -> bool {
+        self.failing_since = None;
+        std::mem::replace(&mut self.stuck, false)
+    }
+
+    /// True while the loop has given up waiting for the store (requests that need a commit
+    /// are answered `internal` at once).
+    pub fn stuck(&self) -> bool {
+        self.stuck
+    }
+
+    /// When the loop must give up waiting, while the store fails and it has not yet.
+    pub fn give_up_at(&self) -> Option<Instant> {
+        self.failing_since.filter(|_| !self.stuck).map(|t| t + STORE_PATIENCE)
+    }
+
+    /// True (once) when the store has failed for [`STORE_PATIENCE`]: the caller then answers
+    /// what waits `internal`, abandons the leases that are not durable and calls
+    /// [`Durable::drop_held`]. From then on the store counts as stuck until the next commit.
+    pub fn give_up_due(&mut self, now: Instant) -> bool {
+        if self.give_up_at().is_some_and(|t| t <= now) {
+            self.stuck = true;
+            return true;
+        }
+        false
+    }
+
+    /// Drops every held packet (counted as unstored); returns how many.
+    pub fn drop_held(&mut self) -> usize {
+        let n = self.take_held().len();
+        self.held_unstored += n as u64;
+        n
     }
 
     /// Asks the store who was behind `virtual_addr` for `partner` at `at`; the answer comes

@@ -466,6 +466,9 @@ impl Gateway {
                 if let Some(t) = rental_deadline {
                     next = next.min(t);
                 }
+                if let Some(t) = self.durable.as_ref().and_then(|d| d.give_up_at()) {
+                    next = next.min(t);
+                }
                 Some(next.saturating_duration_since(now))
             };
             match poll.poll(&mut events, timeout) {
@@ -524,6 +527,7 @@ impl Gateway {
                 r.resume(poll.registry(), &mut lock(&self.nat), d);
                 rental_deadline = r.expire(now, poll.registry());
             }
+            self.give_up_on_store(&poll, now);
             self.log_lease_events(now);
             self.expire_conns(&mut poll, now);
             if let Some(d) = self.durable.as_mut() {
@@ -643,6 +647,10 @@ impl Gateway {
             let Some(done) = self.durable.as_ref().and_then(|d| d.try_done()) else { return };
             match done {
                 Done::Committed { seq } => {
+                    if self.durable.as_mut().is_some_and(|d| d.committed()) {
+                        lock(&self.nat).set_refuse_leases(false);
+                        info!("the lease store writes again: leases are made and stored as before");
+                    }
                     lock(&self.nat).set_durable(seq);
                     self.release_held(now);
                     if let Some(r) = self.rental.as_mut() {
@@ -650,12 +658,18 @@ impl Gateway {
                     }
                 }
                 Done::Failed { seq, error } => {
-                    if let Some(d) = self.durable.as_mut() {
-                        d.commit_failures += 1;
+                    let first = self.durable.as_mut().is_some_and(|d| {
+                        let first = d.give_up_at().is_none() && !d.stuck();
+                        d.failed(now);
+                        first
+                    });
+                    if first {
+                        log::error!(
+                            "lease changes from #{seq} on could not be stored ({error}); the store \
+                             retries them, their replies and packets wait (at most {} s)",
+                            durable::STORE_PATIENCE.as_secs()
+                        );
                     }
-                    log::error!(
-                        "lease changes up to #{seq} could not be stored ({error}); their packets stay held"
-                    );
                 }
                 Done::WhoWas { token, real } => {
                     if let Some(r) = self.rental.as_mut() {
@@ -681,6 +695,31 @@ impl Gateway {
                 }
             }
         }
+    }
+
+    /// The store has failed for [`durable::STORE_PATIENCE`]: what waits for it is answered
+    /// `internal`, the leases not durable are undone, their packets dropped (module docs of
+    /// [`durable`]).
+    fn give_up_on_store(&mut self, poll: &Poll, now: Instant) {
+        let Some(d) = self.durable.as_mut() else { return };
+        if !d.give_up_due(now) {
+            return;
+        }
+        let dropped = d.drop_held();
+        let mut nat = lock(&self.nat);
+        nat.set_refuse_leases(true);
+        let undone = nat.abandon_undurable(now);
+        drop(nat);
+        let answered = self.rental.as_mut().map_or(0, |r| r.store_failed(poll.registry()));
+        if let Some(d) = self.durable.as_mut() {
+            d.store_refused += answered as u64;
+        }
+        log::error!(
+            "the lease store has not written for {} s: {answered} request(s) answered internal, \
+             {undone} lease(s) not stored undone, {dropped} held packet(s) dropped; until it \
+             writes again, rents are answered internal and no lease is made",
+            durable::STORE_PATIENCE.as_secs()
+        );
     }
 
     /// Translates again the packets held until their leases were durable.
@@ -932,6 +971,9 @@ impl Gateway {
             uptime_secs: now.saturating_duration_since(self.start).as_secs(),
             tun_rx_per_queue: vec![self.stats.tun_rx],
             store_failures: self.durable.as_ref().map_or(0, |d| d.commit_failures),
+            held_unstored: self.durable.as_ref().map_or(0, |d| d.held_unstored),
+            store_refused: self.durable.as_ref().map_or(0, |d| d.store_refused)
+                + self.rental.as_ref().map_or(0, |r| r.stats.store_refused),
             authority_connections: self.rental.as_ref().map_or(0, |r| r.stats.connections),
             authority_refused_connections: self
                 .rental

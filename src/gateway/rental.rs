@@ -82,6 +82,8 @@ pub struct RentalStats {
     pub inquiries_refused: u64,
     /// Inquiries over the rate limit.
     pub rate_limited: u64,
+    /// Rents, renews and releases answered `internal` at once while the store was stuck.
+    pub store_refused: u64,
 }
 
 /// The authority's listeners and connections.
@@ -361,6 +363,15 @@ impl Rental {
         let now = Instant::now();
         let id = req.id;
         let ttl = |t: Option<Duration>| t.unwrap_or(authority::DEFAULT_TTL).min(authority::MAX_TTL);
+        let changes = matches!(
+            req.command,
+            Command::Rent { .. } | Command::Renew { .. } | Command::Release { .. }
+        );
+        if changes && store.stuck() {
+            // Nothing would be stored: refuse before anything changes.
+            self.stats.store_refused += 1;
+            return Waiting::Ready(Reply::internal(id));
+        }
         match req.command {
             Command::Rent { partner, ttl: t } => {
                 if !authority::may_rent(peer, &self.served) {
@@ -377,6 +388,10 @@ impl Rental {
                         LeaseError::PoolExhausted | LeaseError::TableFull | LeaseError::HostLimit,
                     ) => Waiting::Ready(Reply::no_address(id)),
                     Err(LeaseError::NotServed) => Waiting::Ready(Reply::not_served(id, peer)),
+                    Err(LeaseError::StoreFailing) => {
+                        self.stats.store_refused += 1;
+                        Waiting::Ready(Reply::internal(id))
+                    }
                     Err(e) => Waiting::Ready(Reply::bad_request(id, e.to_string())),
                 }
             }
@@ -440,6 +455,21 @@ impl Rental {
                 }
             }
         });
+    }
+
+    /// The store could not write for too long: every reply waiting for a commit becomes
+    /// `internal` (its change was not stored). Returns how many.
+    pub fn store_failed(&mut self, registry: &Registry) -> usize {
+        let mut n = 0;
+        self.each_conn(registry, |c| {
+            for w in c.waiting.iter_mut() {
+                if let Waiting::Commit(_, r) = w {
+                    *w = Waiting::Ready(Reply::internal(r.id.clone()));
+                    n += 1;
+                }
+            }
+        });
+        n
     }
 
     /// The store answered an inquiry about the past.

@@ -396,11 +396,14 @@ pub enum DropReason {
     HostFlowLimit,
     /// A partial (offloaded) checksum that is not the TCP or UDP checksum of the packet.
     BadOffload,
+    /// A new lease was needed while the lease store cannot write
+    /// ([`Translator::set_refuse_leases`]).
+    StoreFailing,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 20;
+    pub const COUNT: usize = 21;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Truncated,
@@ -423,6 +426,7 @@ impl DropReason {
         DropReason::HostLeaseLimit,
         DropReason::HostFlowLimit,
         DropReason::BadOffload,
+        DropReason::StoreFailing,
     ];
 
     /// A snake_case name for metrics and logs.
@@ -448,6 +452,7 @@ impl DropReason {
             DropReason::HostLeaseLimit => "host_lease_limit",
             DropReason::HostFlowLimit => "host_flow_limit",
             DropReason::BadOffload => "bad_offload",
+            DropReason::StoreFailing => "store_failing",
         }
     }
 
@@ -608,6 +613,8 @@ pub enum EndReason {
     Idle,
     /// Released by its host or removed by the operator.
     Released,
+    /// Undone because the store could not write it ([`Translator::abandon_undurable`]).
+    Unstored,
 }
 
 /// A change in the lease table, for the mapping log and for durable storage.
@@ -670,6 +677,9 @@ pub enum LeaseError {
     /// A restored lease conflicts with one already held.
     #[error("lease conflicts with an existing one")]
     Conflict,
+    /// No new lease while the lease store cannot write ([`Translator::set_refuse_leases`]).
+    #[error("the lease store cannot write")]
+    StoreFailing,
 }
 
 /// The translator: owns the pools, the lease table and the flow table.
@@ -700,6 +710,8 @@ pub struct Translator {
     last_seq: u64,
     /// Every event up to this one is durable.
     durable: u64,
+    /// No new lease is made (the store cannot write; [`Translator::set_refuse_leases`]).
+    refuse_leases: bool,
     /// Until then (ms) the fast path refreshes nothing: timeouts changed, and every flow's
     /// next packet must take the general path once ([`life`]).
     slow_until: u64,
@@ -737,6 +749,7 @@ impl Translator {
             hairpin_scratch: vec![0u8; 65536].into_boxed_slice(),
             last_seq: 0,
             durable: if config.hold_until_durable { 0 } else { u64::MAX },
+            refuse_leases: false,
             slow_until: 0,
             config,
         })
@@ -909,6 +922,7 @@ impl Translator {
             |r| match r {
                 DropReason::LeaseTableFull => LeaseError::TableFull,
                 DropReason::HostLeaseLimit => LeaseError::HostLimit,
+                DropReason::StoreFailing => LeaseError::StoreFailing,
                 _ => LeaseError::PoolExhausted,
             },
         )?;
@@ -1012,6 +1026,30 @@ impl Translator {
         }
     }
 
+    /// While `refuse` is true, no new lease is made (rents get [`LeaseError::StoreFailing`],
+    /// packets that would need one are dropped as [`DropReason::StoreFailing`]): the driver
+    /// says so while its store cannot write, so what waits for the store stays bounded.
+    pub fn set_refuse_leases(&mut self, refuse: bool) {
+        self.refuse_leases = refuse;
+    }
+
+    /// Ends every lease that is not durable yet (its creation's event is past the durable
+    /// watermark), without quarantine (no partner ever saw its address under it), with
+    /// [`EndReason::Unstored`]: the driver gave up waiting for its store. The `Ended` events
+    /// queue like any other (the store writes them once it can). Returns how many ended.
+    /// Walks the whole lease table: only for that rare moment.
+    pub fn abandon_undurable(&mut self, now: Instant) -> usize {
+        let now_ms = self.ms(now);
+        let undone: Vec<u32> =
+            self.leases.slab.iter().filter(|(_, l)| l.seq > self.durable).map(|(i, _)| i).collect();
+        let quarantine = std::mem::replace(&mut self.quarantine_ms, 0);
+        for &i in &undone {
+            self.end_lease(i, now_ms, EndReason::Unstored);
+        }
+        self.quarantine_ms = quarantine;
+        undone.len()
+    }
+
     /// The sequence number held packets wait for (the last event's), when any lease is not
     /// durable yet.
     pub fn durable_needed(&self) -> Option<u64> {
@@ -1102,6 +1140,9 @@ impl Translator {
         now: u64,
         expires: u64,
     ) -> Result<u32, DropReason> {
+        if self.refuse_leases {
+            return Err(DropReason::StoreFailing);
+        }
         // Live leases and quarantined addresses together stay within the quarantine's room,
         // so the quarantine never has to let an address go before its time (RFC 6888 REQ-8).
         if self.leases.len() >= self.config.max_leases

@@ -38,7 +38,7 @@
 //! while let Some(done) = worker.try_done() {
 //!     match done {
 //!         Done::Committed { seq } => { /* everything submitted up to `seq` is on disk */ let _ = seq; }
-//!         Done::Failed { seq, error } => { /* not stored: log loudly, resubmit or stop */ let _ = (seq, error); }
+//!         Done::Failed { seq, error } => { /* not stored yet: the worker retries it */ let _ = (seq, error); }
 //!         _ => { /* answers to WhoWas / History queries, by token */ }
 //!     }
 //! }
@@ -46,8 +46,10 @@
 //! # Ok(()) }
 //! ```
 //! The worker groups every `Apply` job queued while it was busy into one transaction (group
-//! commit): one `fsync` for many rents. All changes are idempotent, so resubmitting the
-//! changes of a `Failed` job (after, say, disk space was freed) is safe.
+//! commit): one `fsync` for many rents. A group that fails (say, the disk is full) is kept
+//! and retried with a backoff, later jobs queued behind it, so `Committed` never covers a
+//! change that is not on disk and the worker recovers by itself once the disk can be
+//! written again (all changes are idempotent, so a retry is safe).
 //!
 //! # Times and addresses
 //! Times are stored as integer Unix milliseconds (sub-millisecond parts are dropped),
@@ -638,12 +640,24 @@ pub(crate) fn open_database(
         Err(e) if e.kind() == io::ErrorKind::NotFound => create(&path, schema)?,
         Err(e) => return Err(StoreError::Io(path, e)),
     }
+    // The checks run on a read-only connection: a refused file must stay byte-identical,
+    // and the last read-write connection's close would checkpoint a WAL into it (and delete
+    // the WAL). Only a file that passed is opened for writing.
+    {
+        let ro = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| sql_error(&path, e))?;
+        check(&ro, &path, schema)?;
+        ro.close().map_err(|(_, e)| sql_error(&path, e))?;
+    }
     let conn = Connection::open_with_flags(
         &path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| sql_error(&path, e))?;
-    check_and_configure(&conn, &path, schema)?;
+    configure(&conn, &path)?;
     Ok((conn, path, lock))
 }
 
@@ -720,9 +734,9 @@ fn create(path: &Path, schema: &Schema) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Integrity check, version check, then the durable settings. Reads before it writes,
-/// so a file that is not ours is never modified.
-fn check_and_configure(conn: &Connection, path: &Path, schema: &Schema) -> Result<(), StoreError> {
+/// Integrity check and version check, on a read-only connection: a file that is not ours
+/// (or not sound) is refused without a byte of it, or of its WAL, changing.
+fn check(conn: &Connection, path: &Path, schema: &Schema) -> Result<(), StoreError> {
     let err = |e| sql_error(path, e);
     conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
     let problems: Vec<String> = {
@@ -764,7 +778,15 @@ fn check_and_configure(conn: &Connection, path: &Path, schema: &Schema) -> Resul
             supported: schema.version,
         });
     }
-    // Migrations from older versions go here (none yet: version 1 is the first).
+    // Migrations from older versions would run in `configure`, on the read-write
+    // connection (none yet: version 1 is the first).
+    Ok(())
+}
+
+/// The durable settings, on the read-write connection of a file [`check`] passed.
+fn configure(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let err = |e| sql_error(path, e);
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
     let mode: String =
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).map_err(err)?;
     if !mode.eq_ignore_ascii_case("wal") {

@@ -426,6 +426,47 @@ fn damaged_pages_fail_the_integrity_check() {
     assert_eq!(fs::read(dir.db()).expect("read"), bytes, "the file was modified");
 }
 
+/// A damaged database with a WAL beside it (a crash left commits in the WAL) is refused
+/// without a byte of either changing: the check must not checkpoint the WAL into it.
+#[test]
+fn a_damaged_database_and_its_wal_are_left_byte_identical() {
+    let dir = TempDir::new("tornwal");
+    {
+        let mut store = Store::open(&dir.db()).expect("open");
+        let changes: Vec<Change> = (0..3_000u32)
+            .map(|i| {
+                let real = IpAddr::V4(Ipv4Addr::from(0xc000_0200 + (i % 256)));
+                let partner = IpAddr::V4(Ipv4Addr::from(0xcb00_7100 + i / 256));
+                let v = IpAddr::V4(Ipv4Addr::from(0xc612_0000 + i));
+                Change::Upsert(lease(real, v, partner, u64::from(i)))
+            })
+            .collect();
+        store.apply(&changes).expect("apply");
+    }
+    let mut store = Store::open(&dir.db()).expect("reopen");
+    store.apply(&[Change::Upsert(lease(host(1), virt(1), partner(9), 1))]).expect("apply");
+    let crashed = dir.0.join("crashed.db");
+    fs::copy(dir.db(), &crashed).expect("copy db");
+    fs::copy(sidecar(&dir.db(), "-wal"), sidecar(&crashed, "-wal")).expect("copy wal");
+    drop(store);
+    let mut bytes = fs::read(&crashed).expect("read");
+    let pages = bytes.len() / 4096;
+    assert!(pages > 30, "only {pages} pages");
+    for k in [pages / 3, pages / 2] {
+        for (j, b) in bytes[k * 4096..(k + 1) * 4096].iter_mut().enumerate() {
+            *b = (j as u32).wrapping_mul(2_654_435_761).rotate_right(7) as u8;
+        }
+    }
+    fs::write(&crashed, &bytes).expect("write");
+    let wal = fs::read(sidecar(&crashed, "-wal")).expect("read wal");
+    assert!(!wal.is_empty(), "the last commit is in the WAL");
+    let err = Store::open(&crashed).expect_err("damaged database must not open");
+    assert!(matches!(err, StoreError::Corrupt(..)), "{err:?}");
+    assert_eq!(fs::read(&crashed).expect("read"), bytes, "the database was modified");
+    let after = fs::read(sidecar(&crashed, "-wal")).expect("the WAL was deleted");
+    assert!(after == wal, "the WAL was modified");
+}
+
 #[test]
 fn second_open_is_locked_until_the_first_is_dropped() {
     let dir = TempDir::new("locked");
@@ -595,6 +636,54 @@ fn worker_reports_failures_per_job() {
     worker.shutdown();
     let store = Store::open(&dir.db()).expect("reopen");
     assert!(store.load(t(0)).expect("load").0.is_empty(), "the failed job left nothing behind");
+}
+
+/// A failing group is kept and retried, later jobs wait behind it (no `Committed` passes
+/// it, even for a job that alone would be stored), and once the store can write again
+/// everything is stored by itself.
+#[test]
+fn worker_retries_a_failed_group_and_never_commits_past_it() {
+    let dir = TempDir::new("workerretry");
+    let (mut poll, waker) = waker();
+    let store = Store::open(&dir.db()).expect("open");
+    // Sabotage what a full disk does: host 1's rows fail while table `stop` has a row.
+    store
+        .conn
+        .execute_batch(&format!(
+            "CREATE TABLE main.stop (x); INSERT INTO main.stop VALUES (1);
+             CREATE TEMP TRIGGER refuse BEFORE INSERT ON main.lease
+             WHEN NEW.real_addr = '{}' AND EXISTS (SELECT 1 FROM main.stop)
+             BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+            host(1)
+        ))
+        .expect("trigger");
+    let worker = StoreWorker::spawn(store, waker);
+    worker.submit(Job::Apply {
+        seq: 1,
+        changes: vec![Change::Upsert(lease(host(1), virt(1), partner(1), 1))],
+    });
+    let done = collect_until(&mut poll, &worker, |d| {
+        d.iter().filter(|d| matches!(d, Done::Failed { .. })).count() >= 2
+    });
+    assert!(done.iter().all(|d| matches!(d, Done::Failed { seq: 1, .. })), "{done:?}");
+    // A job that alone would be stored waits behind the failing one.
+    worker.submit(Job::Apply {
+        seq: 2,
+        changes: vec![Change::Upsert(lease(host(2), virt(2), partner(1), 2))],
+    });
+    let done = collect_until(&mut poll, &worker, |d| {
+        d.iter().filter(|d| matches!(d, Done::Failed { .. })).count() >= 2
+    });
+    assert!(!done.iter().any(|d| matches!(d, Done::Committed { .. })), "{done:?}");
+    // The disk is writable again: both are stored, and one Committed covers them.
+    Connection::open(dir.db()).and_then(|c| c.execute("DELETE FROM stop", [])).expect("free");
+    let done = collect_until(&mut poll, &worker, |d| {
+        d.iter().any(|d| matches!(d, Done::Committed { .. }))
+    });
+    assert!(done.contains(&Done::Committed { seq: 2 }), "{done:?}");
+    worker.shutdown();
+    let store = Store::open(&dir.db()).expect("reopen");
+    assert_eq!(store.load(t(0)).expect("load").0.len(), 2);
 }
 
 #[test]

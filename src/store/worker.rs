@@ -1,13 +1,21 @@
 //! The store's writer thread: the event loop submits jobs without blocking and is woken
 //! through its `mio::Waker` when results are ready.
+//!
+//! A group that fails (a full disk, an I/O error) is not dropped: the thread keeps it and
+//! tries it again with a backoff (50 ms doubling to [`MAX_BACKOFF`]), and every job that
+//! comes later waits behind it. So `Committed { seq }`, the durable watermark, never passes
+//! a change that is not on disk, and when the disk can be written again everything is
+//! stored by itself, in order. Each failed attempt is reported (`Failed`); what to tell the
+//! clients meanwhile is the event loop's business (see `gateway::durable`).
 
 use super::{Change, HistoryRow, Store};
 use log::{error, info, warn};
+use std::collections::VecDeque;
 use std::net::IpAddr;
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 /// At most this many changes go into one transaction; a longer queue is committed in several
 /// (bounds the latency of the first job and the memory of one transaction).
@@ -56,17 +64,19 @@ pub enum Job {
 /// A result from the store thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Done {
-    /// Every `Apply` job up to and including `seq` is durable (except those answered
-    /// `Failed`, which always arrive before the `Committed` that follows them).
+    /// Every `Apply` job up to and including `seq` is durable.
     Committed {
         /// The highest `seq` of the committed group.
         seq: u64,
     },
-    /// This job's changes were NOT stored (the whole group's transaction was rolled back;
-    /// every job of the group gets its own `Failed`). Changes are idempotent: resubmitting
-    /// them is safe.
+    /// An attempt to store a group failed (its transaction was rolled back): the worker
+    /// keeps the group and retries it, first after 50 ms, then doubling up to
+    /// [`MAX_BACKOFF`], with every later job queued behind it, so no `Committed` covers
+    /// `seq` before its changes are on disk. Sent once per failed attempt. Only when the
+    /// event loop hung up (shutdown) and a few more attempts failed are the changes given
+    /// up: then every job of the group gets a last `Failed` of its own.
     Failed {
-        /// The failed job's `seq`.
+        /// The first `seq` of the failing group.
         seq: u64,
         /// What went wrong, for the log.
         error: String,
@@ -179,6 +189,15 @@ impl Drop for StoreWorker {
     }
 }
 
+/// Retries of a failing group start this far apart and double up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// The longest wait between two attempts at a failing group: how soon after the disk can be
+/// written again the changes are stored.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Attempts at a failing group after the event loop hung up (shutdown), before its changes
+/// are given up (and reported `Failed` one last time).
+const ATTEMPTS_AT_SHUTDOWN: u32 = 3;
+
 fn run(mut store: Store, jobs: Receiver<Job>, done: Sender<Done>, waker: Arc<mio::Waker>) {
     let wake = || {
         if let Err(e) = waker.wake() {
@@ -189,12 +208,50 @@ fn run(mut store: Store, jobs: Receiver<Job>, done: Sender<Done>, waker: Arc<mio
     let send = |d: Done| {
         let _ = done.send(d);
     };
+    // The group being written: kept across failed attempts, so nothing after it can be
+    // reported durable before it is.
     let mut applies: Vec<(u64, Vec<Change>)> = Vec::new();
+    let mut changes = 0;
     let mut queries: Vec<Job> = Vec::new();
-    while let Ok(first) = jobs.recv() {
-        let mut changes = 0;
-        let mut next = Some(first);
-        while let Some(job) = next.take() {
+    // Jobs received while waiting to retry, in order; they join the next groups.
+    let mut behind: VecDeque<Job> = VecDeque::new();
+    let mut backoff: Option<Duration> = None;
+    let mut failing_since: Option<Instant> = None;
+    let mut hung_up = false;
+    let mut attempts_after_hang_up = 0;
+    loop {
+        if let Some(wait) = backoff {
+            let until = Instant::now() + wait;
+            if hung_up {
+                std::thread::sleep(wait);
+            }
+            while !hung_up {
+                let left = until.saturating_duration_since(Instant::now());
+                match jobs.recv_timeout(left) {
+                    Ok(job) => behind.push_back(job),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => hung_up = true,
+                }
+            }
+        } else if behind.is_empty() && !hung_up {
+            match jobs.recv() {
+                Ok(job) => behind.push_back(job),
+                Err(_) => hung_up = true,
+            }
+        }
+        while changes < MAX_BATCH_CHANGES {
+            let job = match behind.pop_front() {
+                Some(job) => job,
+                None if hung_up => break,
+                None => match jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        hung_up = true;
+                        break;
+                    }
+                },
+            };
             match job {
                 Job::Apply { seq, changes: c } => {
                     changes += c.len();
@@ -202,28 +259,52 @@ fn run(mut store: Store, jobs: Receiver<Job>, done: Sender<Done>, waker: Arc<mio
                 }
                 query => queries.push(query),
             }
-            if changes < MAX_BATCH_CHANGES {
-                match jobs.try_recv() {
-                    Ok(job) => next = Some(job),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => {}
-                }
-            }
         }
         if !applies.is_empty() {
             match store.apply_all(applies.iter().flat_map(|(_, c)| c.iter())) {
                 Ok(()) => {
                     let seq = applies.iter().map(|(s, _)| *s).max().unwrap_or_default();
+                    if let Some(t) = failing_since.take() {
+                        info!(
+                            "lease store: writing again; the {changes} change(s) held since the \
+                             first failure {:.1} s ago are stored",
+                            t.elapsed().as_secs_f64()
+                        );
+                    }
                     send(Done::Committed { seq });
+                    applies.clear();
+                    changes = 0;
+                    backoff = None;
                 }
                 Err(e) => {
                     let error = e.to_string();
-                    error!("lease store: {} change(s) not stored: {error}", changes);
-                    for (seq, _) in &applies {
-                        send(Done::Failed { seq: *seq, error: error.clone() });
+                    if failing_since.is_none() {
+                        failing_since = Some(Instant::now());
+                        error!(
+                            "lease store: {changes} change(s) not stored: {error}; retrying \
+                             (later changes wait behind them)"
+                        );
+                    }
+                    let first = applies.first().map_or(0, |(s, _)| *s);
+                    send(Done::Failed { seq: first, error: error.clone() });
+                    backoff = Some(backoff.map_or(FIRST_BACKOFF, |b| (b * 2).min(MAX_BACKOFF)));
+                    if hung_up {
+                        attempts_after_hang_up += 1;
+                        if attempts_after_hang_up >= ATTEMPTS_AT_SHUTDOWN {
+                            error!(
+                                "lease store: shutting down with {changes} change(s) not \
+                                 stored: {error}"
+                            );
+                            for (seq, _) in &applies {
+                                send(Done::Failed { seq: *seq, error: error.clone() });
+                            }
+                            applies.clear();
+                            changes = 0;
+                            backoff = None;
+                        }
                     }
                 }
             }
-            applies.clear();
             wake();
         }
         if !queries.is_empty() {
@@ -231,6 +312,9 @@ fn run(mut store: Store, jobs: Receiver<Job>, done: Sender<Done>, waker: Arc<mio
                 answer(&mut store, query, &send);
             }
             wake();
+        }
+        if hung_up && applies.is_empty() && behind.is_empty() {
+            break;
         }
     }
 }
