@@ -208,7 +208,7 @@ impl Server {
         }
         let accounts = store::Accounts::open(&s.state_dir.join(store::DB_FILE))?;
         let (config, cert) = crate::tls::server_config_for(
-            crate::tls::RENDEZVOUS_ALPN,
+            &crate::tls::RENDEZVOUS,
             &s.state_dir,
             s.cert.as_deref(),
             s.key.as_deref(),
