@@ -846,7 +846,7 @@ impl Gateway {
                     }
                     None => return None,
                 };
-                let reply = match serde_json::from_slice::<Request>(line) {
+                let reply = match control::parse_request(line) {
                     Ok(Request::Leases) => {
                         let v: Vec<LeaseRecord> =
                             lock(&self.nat).leases().map(|l| LeaseRecord::of(&l, now)).collect();
