@@ -1369,7 +1369,10 @@ mod tests {
         let r = bad(br#"{"id":1,"cmd":"bogus","cmd":"inquire","virtual":"198.18.0.7"}"#, "twice");
         assert_eq!(r.id, Id::Null);
         bad(br#"{"id":1,"cmd":"inquire","virtual":"198.18.0.7","id":2}"#, "duplicate key `id`");
-        bad(br#"{"id":1,"cmd":"rent","partner":"198.51.100.2","partner":"198.51.100.3"}"#, "`partner`");
+        bad(
+            br#"{"id":1,"cmd":"rent","partner":"198.51.100.2","partner":"198.51.100.3"}"#,
+            "`partner`",
+        );
         bad(br#"{"cmd":"rent","partner":"198.51.100.2"}"#, "missing field `id`");
         bad(br#"{"id":null,"cmd":"rent"}"#, "`id` must be a number or a string");
         bad(br#"{"id":[1],"cmd":"rent"}"#, "not an array");

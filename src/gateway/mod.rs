@@ -33,7 +33,6 @@ use rental::Rental;
 use routing::Routing;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -114,12 +113,9 @@ fn run_with(cfg: GatewayConfig, reload: Option<reload::Source>, data_plane: bool
     } else {
         None
     };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&cfg.state_dir)
+    crate::store::private_dir(&cfg.state_dir, "state directory", true)
         .with_context(|| format!("cannot create state directory {}", cfg.state_dir.display()))?;
-    let control = bind_control(&cfg.control_socket)?;
+    let control = bind_control(&cfg.control_socket, &cfg.state_dir)?;
     let metrics = match cfg.metrics_listen {
         Some(a) => Some(
             TcpListener::bind(a).with_context(|| format!("cannot listen for metrics on {a}"))?,
@@ -320,27 +316,25 @@ fn rebind_metrics(
     Ok(())
 }
 
-fn bind_control(path: &Path) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
+fn bind_control(path: &Path, state_dir: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Narrowed only when it is vipgate's own: the state directory, or one named after
+        // vipgate (the default /run/vipgate); never a shared one such as /run or /tmp.
+        let ours = dir == state_dir
+            || dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vipgate"));
+        crate::store::private_dir(dir, "control socket directory", ours)
             .with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "another gateway answers on {}: stop it or give this one another --control-socket",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale {}", path.display()))?;
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!(
+            "another gateway answers on {}: stop it or give this one another --control-socket",
+            path.display()
+        );
     }
-    let l = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    // Bound with mode 0600 from the start; a stale socket is replaced.
+    let l = control::bind_private(path)?;
+    l.set_nonblocking(true)?;
+    Ok(UnixListener::from_std(l))
 }
 
 enum ConnStream {
