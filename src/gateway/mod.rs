@@ -382,6 +382,8 @@ struct Conn {
     done: bool,
     /// A history query this connection waits for.
     waiting: Option<u64>,
+    /// The client closed its sending side: nothing more to read, the reply is still owed.
+    eof: bool,
 }
 
 struct Gateway {
@@ -697,7 +699,11 @@ impl Gateway {
                 c.waiting = None;
                 c.output = line;
                 let t = Token(FIRST_CONN + slot);
-                let _ = poll.registry().reregister(c.stream.source(), t, Interest::WRITABLE);
+                let r = poll.registry();
+                if r.reregister(c.stream.source(), t, Interest::WRITABLE).is_err() {
+                    let _ = r.register(c.stream.source(), t, Interest::WRITABLE);
+                    // half-closed
+                }
                 return;
             }
         }
@@ -773,6 +779,7 @@ impl Gateway {
                 deadline: Instant::now() + CONN_TIMEOUT,
                 done: false,
                 waiting: None,
+                eof: false,
             });
         }
     }
@@ -783,8 +790,14 @@ impl Gateway {
         if keep {
             let interest =
                 if c.output.is_empty() { Interest::READABLE } else { Interest::WRITABLE };
-            let _ =
-                poll.registry().reregister(c.stream.source(), Token(FIRST_CONN + slot), interest);
+            if c.eof && c.output.is_empty() {
+                // Half-closed and waiting for the store: a closed side is always readable, so
+                // no events until answer_control registers it again for the reply.
+                let _ = poll.registry().deregister(c.stream.source());
+            } else {
+                let token = Token(FIRST_CONN + slot);
+                let _ = poll.registry().reregister(c.stream.source(), token, interest);
+            }
             self.conns[slot] = Some(c);
         } else {
             let _ = poll.registry().deregister(c.stream.source());
@@ -795,9 +808,10 @@ impl Gateway {
     fn progress(&mut self, c: &mut Conn) -> bool {
         if c.output.is_empty() {
             let mut chunk = [0u8; 1024];
-            loop {
+            while !c.eof {
                 match c.stream.read(&mut chunk) {
-                    Ok(0) => return false,
+                    // A client may half-close after its request: it is still answered.
+                    Ok(0) => c.eof = true,
                     Ok(n) => c.input.extend_from_slice(&chunk[..n]),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -812,7 +826,7 @@ impl Gateway {
             }
             match self.respond(c) {
                 Some(out) => c.output = out,
-                None => return c.input.len() <= MAX_CONN_INPUT,
+                None => return c.waiting.is_some() || (!c.eof && c.input.len() <= MAX_CONN_INPUT),
             }
         }
         while c.written < c.output.len() {
