@@ -1040,6 +1040,24 @@ mod tests {
         assert_ne!(AUTHORITY.dns_name, RENDEZVOUS.dns_name);
     }
 
+    /// A WebPKI verifier given the generated certificate as its trust anchor accepts it under
+    /// its DNS name (what the docs promise to tools that do not pin), and no other name.
+    #[test]
+    fn generated_certificate_is_its_own_webpki_trust_anchor() {
+        let state = TempDir::new("webpki");
+        let (_, cert) = server_config(state.path(), None, None).expect("generate");
+        let certs = read_certs(&cert).expect("read");
+        let mut roots = RootCertStore::empty();
+        roots.add(certs[0].clone()).expect("a usable trust anchor");
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .expect("verifier");
+        let name = ServerName::try_from(CERT_DNS_NAME).expect("name");
+        webpki.verify_server_cert(&certs[0], &[], &name, &[], UnixTime::now()).expect("accepted");
+        let other = ServerName::try_from("vipgate-rendezvous").expect("name");
+        assert!(webpki.verify_server_cert(&certs[0], &[], &other, &[], UnixTime::now()).is_err());
+    }
+
     /// A generated certificate is kept until it is within RENEW_BEFORE of its end; then a
     /// start replaces it (and its key).
     #[test]
