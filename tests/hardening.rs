@@ -17,7 +17,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -203,6 +203,104 @@ impl Drop for Own {
     }
 }
 
+/// Starts `vipgate authority --state-dir STATE --control-socket CONTROL EXTRA..` in `ns`,
+/// logging to `log`; returns it and its log once it is ready.
+fn start_own(ns: &str, state: &Path, control: &Path, extra: &[&str], log: &Path) -> (Own, String) {
+    let f = fs::File::create(log).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, BIN, "authority", "--lan", LAN4, "--pool", POOL4])
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--control-socket")
+        .arg(control)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(f.try_clone().unwrap()))
+        .stderr(Stdio::from(f))
+        .spawn()
+        .expect("start vipgate authority");
+    let own = Own(child);
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        if text.lines().any(|l| l.trim_end().ends_with(" ready")) {
+            return (own, text);
+        }
+        assert!(Instant::now() < deadline, "not ready:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The SHA-256 fingerprint of the first certificate in `path`, as vipgate logs it.
+fn fingerprint(path: &Path) -> String {
+    let certs = vipgate::tls::read_certs(path).expect("read certificate");
+    vipgate::tls::fingerprint(&certs[0])
+}
+
+/// A self-signed ECDSA P-256 certificate for `cn` valid from `from` to `until` days from
+/// now (negative: in the past), written as PEM to `cert` and `key` (mode 0600).
+fn self_signed(cn: &str, from: i64, until: i64, cert: &Path, key: &Path) {
+    let day = |n: i64| time::OffsetDateTime::now_utc() + time::Duration::days(n);
+    let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::new(vec![]).expect("params");
+    params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    params.not_before = day(from);
+    params.not_after = day(until);
+    let c = params.self_signed(&k).expect("certificate");
+    fs::write(cert, c.pem()).unwrap();
+    fs::write(key, k.serialize_pem()).unwrap();
+    fs::set_permissions(key, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// A generated certificate that has come within 30 days of its end is replaced at the start:
+/// the log names the old and new fingerprints and says the new file must be copied to the
+/// clients; the new one lasts a year.
+#[test]
+fn a_generated_certificate_near_its_end_is_renewed_at_the_start() {
+    let mut lab = Lab::new();
+    let ns = lab.netns("renew");
+    let state = lab.dir().join("state");
+    let tls = state.join("tls");
+    fs::create_dir_all(&tls).unwrap();
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
+    // What an earlier start generated 350 days ago: it ends in 15 days.
+    self_signed("vipgate authority", -350, 15, &tls.join("cert.pem"), &tls.join("key.pem"));
+    let old = fingerprint(&tls.join("cert.pem"));
+
+    let control = lab.dir().join("ctl.sock");
+    let (_d, log) = start_own(&ns, &state, &control, &[], &lab.dir().join("d.log"));
+    let new = fingerprint(&tls.join("cert.pem"));
+    assert_ne!(new, old);
+    assert!(log.contains("replaced the TLS certificate"), "{log}");
+    assert!(log.contains("within 30 days"), "{log}");
+    assert!(log.contains(&format!("old SHA-256 {old}")) && log.contains(&new), "{log}");
+    assert!(log.contains("copy the new"), "{log}");
+    let der = vipgate::tls::read_certs(&tls.join("cert.pem")).unwrap();
+    let (_, ends) = vipgate::tls::validity(der[0].as_ref()).unwrap();
+    let left = ends.duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(left > Duration::from_secs(364 * 86_400), "the new one lasts a year: {left:?}");
+}
+
+/// A certificate given with `--authority-cert` that ends within 30 days is warned about and
+/// never touched; the daemon serves with it.
+#[test]
+fn a_given_certificate_near_its_end_is_only_warned_about() {
+    let mut lab = Lab::new();
+    let ns = lab.netns("given");
+    let (cert, key) = (lab.dir().join("given.pem"), lab.dir().join("given.key"));
+    self_signed("operator", -300, 10, &cert, &key);
+    let before = fs::read(&cert).unwrap();
+    let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let args = ["--authority-cert", c, "--authority-key", k];
+    let state = lab.dir().join("state");
+    let control = lab.dir().join("ctl.sock");
+    let (_d, log) = start_own(&ns, &state, &control, &args, &lab.dir().join("d.log"));
+    assert!(log.contains(&format!("the TLS certificate {c} ends on")), "{log}");
+    assert!(log.contains("never replaces a certificate it was given"), "{log}");
+    assert_eq!(fs::read(&cert).unwrap(), before, "the given certificate was changed");
+    assert!(!state.join("tls").exists(), "a certificate was generated beside the given one");
+}
+
 /// Existing state and socket directories of mode 0755 are narrowed to 0700 at the start
 /// (logged) when they are vipgate's own (the state directory, a socket directory named after
 /// vipgate); the control socket is 0600; a socket directory that is not vipgate's is left.
@@ -222,28 +320,7 @@ fn open_state_and_socket_directories_are_narrowed_and_the_socket_is_private() {
         open(&run_dir);
         let control = run_dir.join("ctl.sock");
         let log = lab.dir().join(format!("{run}.log"));
-        let f = fs::File::create(&log).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns, BIN, "authority", "--lan", LAN4, "--pool", POOL4])
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--control-socket")
-            .arg(&control)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(f.try_clone().unwrap()))
-            .stderr(Stdio::from(f))
-            .spawn()
-            .expect("start vipgate authority");
-        let _own = Own(child);
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let text = loop {
-            let text = fs::read_to_string(&log).unwrap_or_default();
-            if text.lines().any(|l| l.trim_end().ends_with(" ready")) {
-                break text;
-            }
-            assert!(Instant::now() < deadline, "not ready:\n{text}");
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let (_own, text) = start_own(&ns, &state, &control, &[], &log);
         assert_eq!(mode(&state), 0o700, "{text}");
         assert!(text.contains(&format!("state directory {} had mode 0755", state.display())));
         let sock = fs::symlink_metadata(&control).expect("stat socket");
