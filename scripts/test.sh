@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 # ethtool (the offload tests turn checksum offload off on veth links), and nftables (the
 # firewall tests load rulesets into their own gateway namespace).
 . scripts/lib.sh
-need_packages iproute2 iputils-ping tcpdump coturn ethtool nftables
+need_packages iproute2 iputils-ping tcpdump coturn ethtool nftables openssl
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "test.sh: run as root: the gateway tests need network namespaces and /dev/net/tun" >&2

@@ -214,10 +214,15 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Reply> {
             "the line is empty; send one JSON object per line",
         ));
     }
-    let value: Value = serde_json::from_slice(line).map_err(|e| {
+    let value: Value = crate::json::parse(line).map_err(|e| {
         Reply::bad_request(
             Id::Null,
-            format!("the line is not valid JSON ({e}); send one JSON object per line"),
+            if e.is_data() {
+                // The only data error of a plain value: a key given twice (see crate::json).
+                format!("the request gives a field twice ({e}); give each field once")
+            } else {
+                format!("the line is not valid JSON ({e}); send one JSON object per line")
+            },
         )
     })?;
     let Value::Object(mut obj) = value else {
@@ -1360,6 +1365,14 @@ mod tests {
         bad(b"[1,2]", "JSON object");
         bad(&[b'['; 10_000], "not valid JSON"); // nesting is bounded, no stack overflow
         bad(b"42", "JSON object");
+        // Not taken last-wins: the request means two things, so it means nothing.
+        let r = bad(br#"{"id":1,"cmd":"bogus","cmd":"inquire","virtual":"198.18.0.7"}"#, "twice");
+        assert_eq!(r.id, Id::Null);
+        bad(br#"{"id":1,"cmd":"inquire","virtual":"198.18.0.7","id":2}"#, "duplicate key `id`");
+        bad(
+            br#"{"id":1,"cmd":"rent","partner":"198.51.100.2","partner":"198.51.100.3"}"#,
+            "`partner`",
+        );
         bad(br#"{"cmd":"rent","partner":"198.51.100.2"}"#, "missing field `id`");
         bad(br#"{"id":null,"cmd":"rent"}"#, "`id` must be a number or a string");
         bad(br#"{"id":[1],"cmd":"rent"}"#, "not an array");

@@ -14,6 +14,49 @@ use std::time::{Duration, Instant, SystemTime};
 /// Largest request line accepted.
 pub const MAX_REQUEST: usize = 4096;
 
+/// Binds the listening control socket at `path` with mode 0600 from its first moment.
+///
+/// A socket takes its mode from the umask at `bind`, and a `chmod` after it leaves a window in
+/// which anyone the umask allows may connect. Setting the umask around the bind would change
+/// it for the whole process while other threads (the store's writer) create files, so the
+/// socket is bound instead inside a fresh private directory next to `path` (mode 0700: nobody
+/// else can reach what is inside), set to 0600 there, and renamed into place. A stale socket
+/// at `path` is replaced by the rename; the caller checks that no daemon answers on it.
+pub fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let private = parent.join(format!(".vipgate-bind-{}", std::process::id()));
+    let inside = private.join("s");
+    // A leftover of a crashed run with the same pid.
+    let _ = std::fs::remove_file(&inside);
+    let _ = std::fs::remove_dir(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(|| format!("cannot create {}", private.display()))?;
+    let bound = (|| {
+        let l = std::os::unix::net::UnixListener::bind(&inside)
+            .with_context(|| format!("cannot bind {}", path.display()))?;
+        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot set mode 0600 on {}", inside.display()))?;
+        std::fs::rename(&inside, path)
+            .with_context(|| format!("cannot move the socket to {}", path.display()))?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_file(&inside);
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
+/// Parses one request line of the control socket; a key given twice is refused (see
+/// [`crate::json`]).
+pub fn parse_request(line: &[u8]) -> serde_json::Result<Request> {
+    crate::json::parse_as(line)
+}
+
 /// A request on the control socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -425,6 +468,74 @@ mod tests {
         let r: Request = serde_json::from_str(r#"{"cmd":"stats"}"#).unwrap();
         assert_eq!(r, Request::Stats);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"rm -rf"}"#).is_err());
+        assert_eq!(parse_request(br#"{"cmd":"stats"}"#).unwrap(), Request::Stats);
+    }
+
+    fn temp_dir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("vipgate-ctl-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        d
+    }
+
+    /// The socket is 0600 from the first moment anyone can see it, whatever the umask (a
+    /// watcher looks at the path all the time while it is bound again and again), it works,
+    /// it replaces a stale socket, and nothing is left beside it.
+    #[test]
+    fn socket_is_private_from_its_first_moment() {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = temp_dir("bind");
+        let path = dir.join("control.sock");
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut seen, mut loose) = (0u32, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(m) = std::fs::symlink_metadata(&path) {
+                        if m.file_type().is_socket() {
+                            seen += 1;
+                            if m.permissions().mode() & 0o777 != 0o600 {
+                                loose.push(m.permissions().mode() & 0o777);
+                            }
+                        }
+                    }
+                }
+                (seen, loose)
+            })
+        };
+        for _ in 0..300 {
+            let l = bind_private(&path).expect("bind");
+            drop(l);
+            std::fs::remove_file(&path).expect("rm");
+        }
+        // A stale socket (nobody listening) is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
+        let l = bind_private(&path).expect("bind over a stale socket");
+        stop.store(true, Ordering::Relaxed);
+        let (seen, loose) = watcher.join().expect("watcher");
+        assert!(seen > 0, "the watcher saw the socket");
+        assert!(loose.is_empty(), "seen {} times with another mode: {:o}", loose.len(), loose[0]);
+        UnixStream::connect(&path).expect("connect");
+        drop(l.accept().expect("accept"));
+        let names: Vec<_> =
+            std::fs::read_dir(&dir).expect("ls").map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["control.sock"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A key given twice is refused. (serde's derived `Request` already refused most of these
+    /// by itself; the shared parser makes it one rule for every protocol.)
+    #[test]
+    fn duplicate_keys_are_refused() {
+        for line in [
+            &br#"{"cmd":"bogus","cmd":"leases"}"#[..],
+            br#"{"cmd":"revoke","virtual":"198.18.0.7","virtual":"198.18.0.8"}"#,
+        ] {
+            let e = parse_request(line).expect_err("refused").to_string();
+            assert!(e.contains("duplicate key"), "{e}");
+        }
     }
 
     #[test]

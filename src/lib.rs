@@ -15,6 +15,7 @@ pub mod authority;
 pub mod config;
 pub mod control;
 pub mod gateway;
+pub mod json;
 pub mod limits;
 pub mod nat;
 pub mod peer;

@@ -4,9 +4,24 @@
 //! "with encrypted communication"). This module builds the two rustls configurations:
 //!
 //! - [`server_config`]: the authority's side. With an operator-supplied certificate and key
-//!   (PEM) it loads them; without, it generates **once** a self-signed ECDSA P-256 certificate
-//!   into `<state-dir>/tls/cert.pem` and `<state-dir>/tls/key.pem` and reuses it on every later
-//!   start, so the certificate clients pinned keeps working across restarts.
+//!   (PEM) it loads them (and only warns when that certificate is about to end: it is never
+//!   touched); without, it generates a self-signed ECDSA P-256 certificate into
+//!   `<state-dir>/tls/cert.pem` and `<state-dir>/tls/key.pem` and reuses it on every later
+//!   start, so the certificate clients pinned keeps working across restarts, until it comes
+//!   within [`RENEW_BEFORE`] of its end: then a start replaces it (new key too) and logs the
+//!   new fingerprint, and clients must be given the new file.
+//!
+//! Every server refuses a client that offers no ALPN, or none of its own, in the handshake
+//! (RFC 7301 §3.2 `no_application_protocol` alert): a client that has not said it speaks the
+//! protocol is not served.
+//!
+//! The generated certificate (see [`Identity`]): names the service it belongs to (authority or
+//! rendezvous server); valid from one hour before its generation (clock skew) for
+//! [`CERT_VALIDITY`]; `basicConstraints` `CA:FALSE` (critical), key usage
+//! `digitalSignature` (critical), extended key usage `serverAuth`. It is an end-entity
+//! certificate and not a CA: clients pin exactly this certificate, it must never sign another
+//! one, and a WebPKI verifier (or `openssl verify -partial_chain`) given it as a trust anchor
+//! accepts it as it is.
 //! - [`client_config`]: the CLI's side. Clients authenticate the authority by **pinning**: the
 //!   server is accepted iff its end-entity certificate is byte-identical (DER) to one of the
 //!   certificates in the `--ca` PEM file, whatever address or name was used to reach it. If
@@ -14,8 +29,9 @@
 //!   roots and the server name the client used, so a CA-issued certificate also works.
 //!
 //! Trust model of a pinned certificate: pinned means trusted. Its validity period, key usage
-//! and names are **not** checked (the generated certificate is valid from 1975 to 4096 anyway);
-//! to stop trusting it, remove it from the `--ca` file. The TLS 1.3 handshake signature is
+//! and names are **not** checked by the client (a daemon that runs past its certificate's end
+//! keeps serving its pinned clients; the next start renews it); to stop trusting it, remove it
+//! from the `--ca` file. The TLS 1.3 handshake signature is
 //! always verified against the certificate's public key, so only the holder of the private key
 //! can be accepted. The WebPKI fallback checks everything (chain, validity time, name).
 
@@ -25,7 +41,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -41,12 +57,45 @@ pub const ALPN: &[u8] = b"vipgate-authority/1";
 /// ALPN protocol identifier of the rendezvous protocol, version 1 (see `docs/rendezvous.md`).
 pub const RENDEZVOUS_ALPN: &[u8] = b"vipgate-rendezvous/1";
 
-/// Subject common name of the generated self-signed certificate.
+/// What a server is, for its TLS configuration and its generated certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// The ALPN protocol it speaks (and requires of clients).
+    pub alpn: &'static [u8],
+    /// Subject common name of its generated self-signed certificate.
+    pub common_name: &'static str,
+    /// DNS subject alternative name of its generated certificate. Clients pin the certificate,
+    /// so names do not matter for them; this name is only there for tools that want one.
+    pub dns_name: &'static str,
+}
+
+/// The rental authority (`vipgate gateway --authority-listen`).
+pub const AUTHORITY: Identity =
+    Identity { alpn: ALPN, common_name: CERT_COMMON_NAME, dns_name: CERT_DNS_NAME };
+
+/// The rendezvous server (`vipgate rendezvous`).
+pub const RENDEZVOUS: Identity = Identity {
+    alpn: RENDEZVOUS_ALPN,
+    common_name: "vipgate rendezvous server",
+    dns_name: "vipgate-rendezvous",
+};
+
+/// Subject common name of the authority's generated self-signed certificate.
 pub const CERT_COMMON_NAME: &str = "vipgate authority";
 
-/// DNS subject alternative name of the generated certificate. Clients pin the certificate, so
-/// names do not matter for them; this name is only there for tools that want one.
+/// DNS subject alternative name of the authority's generated certificate.
 pub const CERT_DNS_NAME: &str = "vipgate-authority";
+
+/// How long a generated certificate is valid. One year: long enough that re-distributing the
+/// pinned file to clients is a yearly chore, not a frequent outage; short enough that a copied
+/// key stops being accepted by anything that checks dates, and that the yearly rotation is a
+/// routine operators know rather than a once-a-decade surprise.
+pub const CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A generated certificate that ends within this time is replaced at the next start (and a
+/// certificate given with `--authority-cert`/`--cert` is warned about). 30 days: a daemon
+/// restarted monthly (upgrades, reboots) renews before the end.
+pub const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Directory under the state directory that holds the generated certificate and key.
 pub const TLS_SUBDIR: &str = "tls";
@@ -82,19 +131,22 @@ pub fn server_config(
     cert: Option<&Path>,
     key: Option<&Path>,
 ) -> anyhow::Result<(Arc<ServerConfig>, PathBuf)> {
-    server_config_for(ALPN, state_dir, cert, key)
+    server_config_for(&AUTHORITY, state_dir, cert, key)
 }
 
-/// [`server_config`] for the protocol `alpn` (e.g. [`RENDEZVOUS_ALPN`]).
+/// [`server_config`] for the server `who` (e.g. [`RENDEZVOUS`]).
 pub fn server_config_for(
-    alpn: &[u8],
+    who: &Identity,
     state_dir: &Path,
     cert: Option<&Path>,
     key: Option<&Path>,
 ) -> anyhow::Result<(Arc<ServerConfig>, PathBuf)> {
     let (cert_path, key_path) = match (cert, key) {
-        (Some(c), Some(k)) => (c.to_path_buf(), k.to_path_buf()),
-        (None, None) => ensure_generated(state_dir)?,
+        (Some(c), Some(k)) => {
+            warn_if_ending(c, SystemTime::now());
+            (c.to_path_buf(), k.to_path_buf())
+        }
+        (None, None) => ensure_generated(state_dir, who, SystemTime::now())?,
         (Some(c), None) => bail!(
             "a TLS certificate was given ({}) but no private key: give the key too, or neither \
              to use the generated self-signed certificate",
@@ -108,12 +160,13 @@ pub fn server_config_for(
     };
     let chain = read_certs(&cert_path)?;
     let private_key = read_key(&key_path)?;
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let provider = provider();
+    let certified = rustls::sign::CertifiedKey::from_der(chain, private_key, &provider);
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("the TLS provider does not support TLS 1.3")?
         .with_no_client_auth()
-        .with_single_cert(chain, private_key)
-        .map_err(|e| match e {
+        .with_cert_resolver(Arc::new(AlpnRequired(Arc::new(certified.map_err(|e| match e {
             rustls::Error::InconsistentKeys(_) => anyhow!(
                 "the private key in {} does not belong to the certificate in {}",
                 key_path.display(),
@@ -124,8 +177,8 @@ pub fn server_config_for(
                 cert_path.display(),
                 key_path.display()
             ),
-        })?;
-    config.alpn_protocols = vec![alpn.to_vec()];
+        })?))));
+    config.alpn_protocols = vec![who.alpn.to_vec()];
     config.send_tls13_tickets = 0;
     Ok((Arc::new(config), cert_path))
 }
@@ -185,7 +238,14 @@ pub(crate) fn read_round(
     }
     if let Err(e) = tls.process_new_packets() {
         log::debug!("TLS error from {:?}: {e}", sock.peer_addr().ok());
-        let _ = tls.write_tls(sock);
+        if is_no_alpn(&e) {
+            // Refused by [`AlpnRequired`]: rustls queued `access_denied`; the client is told
+            // what a client with a wrong ALPN is told. Nothing was sent yet (no ServerHello),
+            // so this is a plaintext alert record.
+            let _ = sock.write(&NO_APPLICATION_PROTOCOL_ALERT);
+        } else {
+            let _ = tls.write_tls(sock);
+        }
         return Round::Broken;
     }
     let mut plain = [0u8; 4096];
@@ -196,6 +256,34 @@ pub(crate) fn read_round(
             Err(e) if e.kind() == ErrorKind::WouldBlock => return Round::More,
             Err(_) => return Round::Broken,
         }
+    }
+}
+
+/// The message of the error rustls reports when [`AlpnRequired`] refused a ClientHello.
+const NO_CERT_RESOLVED: &str = "no server certificate chain resolved";
+
+/// A fatal `no_application_protocol` (120) alert record, TLS 1.2 record version as TLS 1.3
+/// sends its first records (RFC 8446 §5.1, RFC 7301 §3.2).
+const NO_APPLICATION_PROTOCOL_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 120];
+
+fn is_no_alpn(e: &rustls::Error) -> bool {
+    matches!(e, rustls::Error::General(m) if m == NO_CERT_RESOLVED)
+}
+
+/// The certificate resolver of every server: one certificate, and none (so the handshake is
+/// refused) for a client that offers no ALPN at all. rustls itself refuses a client that
+/// offers only other protocols, but serves one that offers none (RFC 7301 allows that); a
+/// vipgate server has one protocol and serves only clients that ask for it.
+#[derive(Debug)]
+struct AlpnRequired(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for AlpnRequired {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let _offered = hello.alpn()?;
+        Some(self.0.clone())
     }
 }
 
@@ -505,8 +593,13 @@ pub fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
 }
 
 /// Returns the paths of the generated certificate and key, generating them if they are not
-/// both present.
-fn ensure_generated(state_dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+/// both present, or if the certificate ends within [`RENEW_BEFORE`] of `now`, or if it is one
+/// of the unbounded ones earlier versions generated (valid until 4096, no key usage).
+fn ensure_generated(
+    state_dir: &Path,
+    who: &Identity,
+    now: SystemTime,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     let dir = state_dir.join(TLS_SUBDIR);
     DirBuilder::new()
         .recursive(true)
@@ -518,37 +611,135 @@ fn ensure_generated(state_dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
         .with_context(|| format!("cannot set mode 0700 on {}", dir.display()))?;
     let cert_path = dir.join(CERT_FILE);
     let key_path = dir.join(KEY_FILE);
-    match (cert_path.exists(), key_path.exists()) {
-        (true, true) => return Ok((cert_path, key_path)),
-        (true, false) => log::warn!(
-            "{} exists but its key {} is missing: generating a new certificate; clients that \
-             pinned the old one must be given the new {}",
-            cert_path.display(),
-            key_path.display(),
-            cert_path.display()
-        ),
-        _ => {}
-    }
-    let (cert_pem, key_pem) = generate_self_signed()?;
+    let why = match (cert_path.exists(), key_path.exists()) {
+        (true, true) => match renewal_due(&cert_path, now) {
+            None => return Ok((cert_path, key_path)),
+            Some(why) => why,
+        },
+        (true, false) => format!("its key {} is missing", key_path.display()),
+        _ => String::new(),
+    };
+    let old = read_certs(&cert_path).ok().and_then(|c| c.first().map(|c| fingerprint(c)));
+    let (cert_pem, key_pem) = generate_self_signed(who, now)?;
     // Key first, certificate last: a certificate file is only ever next to its own key, and
     // an interrupted generation is simply redone on the next start.
     write_atomic(&key_path, key_pem.as_bytes(), 0o600)?;
     write_atomic(&cert_path, cert_pem.as_bytes(), 0o644)?;
-    log::info!(
-        "generated a self-signed TLS certificate {} (key {}); clients pin it with --ca",
-        cert_path.display(),
-        key_path.display()
-    );
+    let new = read_certs(&cert_path)?.first().map(|c| fingerprint(c)).unwrap_or_default();
+    let until = format_date(now + CERT_VALIDITY);
+    match old {
+        Some(old) => log::warn!(
+            "replaced the TLS certificate {} ({why}; old SHA-256 {old}) by a new self-signed one \
+             valid until {until} (SHA-256 {new}, key {}): clients pin the certificate, copy the \
+             new {} to every client's --ca file again",
+            cert_path.display(),
+            key_path.display(),
+            cert_path.display()
+        ),
+        None => log::info!(
+            "generated a self-signed TLS certificate {} valid until {until} (SHA-256 {new}, key \
+             {}); clients pin it with --ca, and must be given it again when it is renewed \
+             (within {} days of its end, at a start)",
+            cert_path.display(),
+            key_path.display(),
+            RENEW_BEFORE.as_secs() / 86_400
+        ),
+    }
     Ok((cert_path, key_path))
 }
 
-/// Generates a self-signed ECDSA P-256 certificate; returns (certificate PEM, key PEM).
-fn generate_self_signed() -> anyhow::Result<(String, String)> {
+/// Why the generated certificate at `path` must be replaced at `now`, or None to keep it.
+fn renewal_due(path: &Path, now: SystemTime) -> Option<String> {
+    let (not_before, not_after) = match read_certs(path).and_then(|c| validity(&c[0])) {
+        Ok(v) => v,
+        Err(e) => return Some(format!("it cannot be read: {e:#}")),
+    };
+    if not_after <= now + RENEW_BEFORE {
+        return Some(format!(
+            "it ends on {}, within {} days",
+            format_date(not_after),
+            RENEW_BEFORE.as_secs() / 86_400
+        ));
+    }
+    // One day of slack for clock corrections; an earlier version's certificates end in 4096.
+    let longest = CERT_VALIDITY + Duration::from_secs(86_400);
+    if not_after.duration_since(not_before).unwrap_or_default() > longest {
+        return Some(format!(
+            "it is valid until {}, generated by an earlier vipgate without a bounded validity \
+             or key usage",
+            format_date(not_after)
+        ));
+    }
+    None
+}
+
+/// Warns when the operator's certificate at `path` has ended or ends within
+/// [`RENEW_BEFORE`]; it is never replaced.
+fn warn_if_ending(path: &Path, now: SystemTime) {
+    let Ok((_, not_after)) = read_certs(path).and_then(|c| validity(&c[0])) else { return };
+    if not_after <= now {
+        log::warn!(
+            "the TLS certificate {} ended on {}: clients that check dates refuse it; vipgate \
+             never replaces a certificate it was given, renew it and restart",
+            path.display(),
+            format_date(not_after)
+        );
+    } else if not_after <= now + RENEW_BEFORE {
+        log::warn!(
+            "the TLS certificate {} ends on {}, within {} days: vipgate never replaces a \
+             certificate it was given, renew it and restart",
+            path.display(),
+            format_date(not_after),
+            RENEW_BEFORE.as_secs() / 86_400
+        );
+    }
+}
+
+/// A DER certificate's validity period (notBefore, notAfter).
+pub fn validity(der: &[u8]) -> anyhow::Result<(SystemTime, SystemTime)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| anyhow!("not a valid X.509 certificate: {e}"))?;
+    let v = cert.validity();
+    let at = |t: i64| {
+        if t >= 0 {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(t.unsigned_abs())
+        } else {
+            SystemTime::UNIX_EPOCH - Duration::from_secs(t.unsigned_abs())
+        }
+    };
+    Ok((at(v.not_before.timestamp()), at(v.not_after.timestamp())))
+}
+
+/// `YYYY-MM-DD` (UTC) of `t`, for log messages.
+fn format_date(t: SystemTime) -> String {
+    let secs = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    };
+    match time::OffsetDateTime::from_unix_timestamp(secs) {
+        Ok(d) => format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day()),
+        Err(_) => format!("{secs} s after 1970"),
+    }
+}
+
+/// Generates a self-signed ECDSA P-256 end-entity certificate for `who`, valid from an hour
+/// before `now` for [`CERT_VALIDITY`]; returns (certificate PEM, key PEM).
+fn generate_self_signed(who: &Identity, now: SystemTime) -> anyhow::Result<(String, String)> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .context("cannot generate an ECDSA P-256 key")?;
-    let mut params = rcgen::CertificateParams::new(vec![CERT_DNS_NAME.to_string()])
+    let mut params = rcgen::CertificateParams::new(vec![who.dns_name.to_string()])
         .context("cannot build the certificate parameters")?;
-    params.distinguished_name.push(rcgen::DnType::CommonName, CERT_COMMON_NAME);
+    params.distinguished_name.push(rcgen::DnType::CommonName, who.common_name);
+    let start = now - Duration::from_secs(3600);
+    params.not_before = time::OffsetDateTime::from(start);
+    params.not_after = time::OffsetDateTime::from(start + CERT_VALIDITY);
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let mut serial = [0u8; 16];
+    getrandom::getrandom(&mut serial).context("cannot draw a certificate serial number")?;
+    serial[0] &= 0x7f; // a positive INTEGER (RFC 5280 §4.1.2.2)
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
     let cert = params.self_signed(&key).context("cannot self-sign the certificate")?;
     Ok((cert.pem(), key.serialize_pem()))
 }
@@ -742,6 +933,187 @@ mod tests {
 
     fn ip_name() -> ServerName<'static> {
         ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into())
+    }
+
+    /// Runs one server connection through [`read_round`]/[`write_round`] (the daemons' path)
+    /// until its handshake ends; yields the negotiated ALPN or the way it failed.
+    fn loop_server(
+        config: Arc<ServerConfig>,
+    ) -> (std::net::SocketAddr, thread::JoinHandle<Result<Vec<u8>, Round>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let handle = thread::spawn(move || {
+            let (sock, _) = listener.accept().expect("accept");
+            sock.set_nonblocking(true).expect("non-blocking");
+            let mut sock = mio::net::TcpStream::from_std(sock);
+            let mut tls = ServerConnection::new(config).expect("server connection");
+            let mut framer = crate::authority::LineFramer::new();
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until {
+                match read_round(&mut tls, &mut sock, &mut framer) {
+                    r @ (Round::Broken | Round::Eof) => return Err(r),
+                    Round::More | Round::Drained => {}
+                }
+                write_round(&mut tls, &mut sock).expect("write");
+                if !tls.is_handshaking() {
+                    return Ok(tls.alpn_protocol().unwrap_or_default().to_vec());
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(Round::Drained)
+        });
+        (addr, handle)
+    }
+
+    /// Handshakes with the pinned certificate `ca`, offering `alpn`; the error on failure.
+    fn handshake_offering(
+        ca: &Path,
+        alpn: Vec<Vec<u8>>,
+        addr: std::net::SocketAddr,
+    ) -> Result<(), rustls::Error> {
+        let mut config = (*client_config(ca).expect("client config")).clone();
+        config.alpn_protocols = alpn;
+        let mut sock = TcpStream::connect(addr).expect("connect");
+        sock.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut conn = ClientConnection::new(Arc::new(config), ip_name()).expect("client");
+        while conn.is_handshaking() {
+            if let Err(e) = conn.complete_io(&mut sock) {
+                let tls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()).cloned();
+                return Err(tls.unwrap_or(rustls::Error::General(e.to_string())));
+            }
+        }
+        Ok(())
+    }
+
+    /// A client that offers no ALPN is refused exactly like one that offers another protocol;
+    /// one that offers ours (among others) is served.
+    #[test]
+    fn clients_without_our_alpn_are_refused() {
+        let state = TempDir::new("alpn");
+        let (server, cert) = server_config(state.path(), None, None).expect("server config");
+        let refused = rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol);
+        for offer in [vec![], vec![b"h2".to_vec()], vec![RENDEZVOUS_ALPN.to_vec()]] {
+            let (addr, handle) = loop_server(server.clone());
+            let client = handshake_offering(&cert, offer.clone(), addr);
+            assert_eq!(client, Err(refused.clone()), "offering {offer:?}");
+            assert_eq!(handle.join().expect("server thread"), Err(Round::Broken), "{offer:?}");
+        }
+        let (addr, handle) = loop_server(server);
+        handshake_offering(&cert, vec![b"h2".to_vec(), ALPN.to_vec()], addr).expect("served");
+        assert_eq!(handle.join().expect("server thread"), Ok(ALPN.to_vec()));
+    }
+
+    /// The DER of the certificate in `path`.
+    fn der(path: &Path) -> Vec<u8> {
+        read_certs(path).expect("read cert")[0].as_ref().to_vec()
+    }
+
+    /// Each server's generated certificate names it, lasts CERT_VALIDITY, is an end entity
+    /// (CA:FALSE) for TLS servers only (digitalSignature, serverAuth).
+    #[test]
+    fn generated_certificate_is_a_bounded_server_certificate() {
+        for who in [AUTHORITY, RENDEZVOUS] {
+            let state = TempDir::new("profile");
+            let now = SystemTime::now();
+            let (_, cert) = server_config_for(&who, state.path(), None, None).expect("generate");
+            let der = der(&cert);
+            let (_, x) = x509_parser::parse_x509_certificate(&der).expect("parse");
+            let cn = x.subject().iter_common_name().next().and_then(|c| c.as_str().ok());
+            assert_eq!(cn, Some(who.common_name));
+            let san = x.subject_alternative_name().expect("san").expect("has san");
+            assert_eq!(
+                format!("{:?}", san.value.general_names),
+                format!("[DNSName({:?})]", who.dns_name)
+            );
+            let (from, until) = validity(&der).expect("validity");
+            assert_eq!(until.duration_since(from).expect("ordered"), CERT_VALIDITY);
+            assert!(from <= now && now - Duration::from_secs(3700) < from, "starts an hour ago");
+            let bc = x.basic_constraints().expect("bc").expect("has basicConstraints");
+            assert!(bc.critical && !bc.value.ca, "CA:FALSE, critical");
+            let ku = x.key_usage().expect("ku").expect("has keyUsage");
+            assert!(ku.critical && ku.value.digital_signature() && !ku.value.key_cert_sign());
+            assert_eq!(ku.value.flags, 1, "digitalSignature only");
+            let eku = x.extended_key_usage().expect("eku").expect("has extendedKeyUsage");
+            assert!(eku.value.server_auth && !eku.value.client_auth && !eku.value.any);
+        }
+        assert_ne!(AUTHORITY.common_name, RENDEZVOUS.common_name);
+        assert_ne!(AUTHORITY.dns_name, RENDEZVOUS.dns_name);
+    }
+
+    /// A WebPKI verifier given the generated certificate as its trust anchor accepts it under
+    /// its DNS name (what the docs promise to tools that do not pin), and no other name.
+    #[test]
+    fn generated_certificate_is_its_own_webpki_trust_anchor() {
+        let state = TempDir::new("webpki");
+        let (_, cert) = server_config(state.path(), None, None).expect("generate");
+        let certs = read_certs(&cert).expect("read");
+        let mut roots = RootCertStore::empty();
+        roots.add(certs[0].clone()).expect("a usable trust anchor");
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .expect("verifier");
+        let name = ServerName::try_from(CERT_DNS_NAME).expect("name");
+        webpki.verify_server_cert(&certs[0], &[], &name, &[], UnixTime::now()).expect("accepted");
+        let other = ServerName::try_from("vipgate-rendezvous").expect("name");
+        assert!(webpki.verify_server_cert(&certs[0], &[], &other, &[], UnixTime::now()).is_err());
+    }
+
+    /// A generated certificate is kept until it is within RENEW_BEFORE of its end; then a
+    /// start replaces it (and its key).
+    #[test]
+    fn generated_certificate_is_renewed_before_its_end() {
+        let state = TempDir::new("renew");
+        let day = Duration::from_secs(86_400);
+        let now = SystemTime::now();
+        let made = now - (CERT_VALIDITY - RENEW_BEFORE - 2 * day);
+        let (cert, key) = ensure_generated(state.path(), &AUTHORITY, made).expect("generate");
+        let (der1, key1) = (der(&cert), fs::read(&key).expect("key"));
+        // 2 days before renewal is due: kept.
+        ensure_generated(state.path(), &AUTHORITY, now).expect("start");
+        assert_eq!(der(&cert), der1);
+        // 3 days later, it ends within RENEW_BEFORE: replaced, new key, a full validity again.
+        let later = now + 3 * day;
+        ensure_generated(state.path(), &AUTHORITY, later).expect("renew");
+        assert_ne!(der(&cert), der1);
+        assert_ne!(fs::read(&key).expect("key"), key1);
+        let (_, until) = validity(&der(&cert)).expect("validity");
+        assert!(until > later + CERT_VALIDITY - Duration::from_secs(3700));
+        server_config(state.path(), None, None).expect("the pair works");
+    }
+
+    /// The certificates earlier versions generated (rcgen's defaults: 1975 to 4096, no key
+    /// usage) are replaced at the first start.
+    #[test]
+    fn unbounded_certificate_of_an_earlier_version_is_replaced() {
+        let state = TempDir::new("legacy");
+        let dir = state.path().join(TLS_SUBDIR);
+        fs::create_dir_all(&dir).expect("mkdir");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let params = rcgen::CertificateParams::new(vec![CERT_DNS_NAME.to_string()]).expect("p");
+        let old = params.self_signed(&key).expect("cert");
+        write_atomic(&dir.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600).expect("key");
+        write_atomic(&dir.join(CERT_FILE), old.pem().as_bytes(), 0o644).expect("cert");
+        let (_, until) = validity(old.der()).expect("validity");
+        assert!(until > SystemTime::now() + 1000 * CERT_VALIDITY, "rcgen's default: 4096");
+        let (_, cert) = server_config(state.path(), None, None).expect("start");
+        assert_ne!(der(&cert), old.der().as_ref().to_vec());
+        let (_, until) = validity(&der(&cert)).expect("validity");
+        assert!(until <= SystemTime::now() + CERT_VALIDITY);
+    }
+
+    /// A certificate given by the operator is never touched, even when it has ended.
+    #[test]
+    fn given_certificate_is_never_replaced() {
+        let state = TempDir::new("given");
+        let made = SystemTime::now() - CERT_VALIDITY - Duration::from_secs(86_400);
+        let (cert, key) = ensure_generated(state.path(), &AUTHORITY, made).expect("generate");
+        let moved = state.path().join("given.pem");
+        fs::rename(&cert, &moved).expect("move");
+        let before = fs::read(&moved).expect("read");
+        let (_, in_use) = server_config(state.path(), Some(&moved), Some(&key)).expect("load");
+        assert_eq!(in_use, moved);
+        assert_eq!(fs::read(&moved).expect("read"), before);
+        assert!(!cert.exists(), "nothing generated");
     }
 
     #[test]

@@ -33,7 +33,6 @@ use rental::Rental;
 use routing::Routing;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -119,12 +118,9 @@ fn run_with(cfg: GatewayConfig, reload: Option<reload::Source>, data_plane: bool
         None
     };
     crate::limits::raise_descriptors(rental::MAX_CONNS + MAX_CONNS + MAX_METRICS_CONNS).log();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&cfg.state_dir)
+    crate::store::private_dir(&cfg.state_dir, "state directory", true)
         .with_context(|| format!("cannot create state directory {}", cfg.state_dir.display()))?;
-    let control = bind_control(&cfg.control_socket)?;
+    let control = bind_control(&cfg.control_socket, &cfg.state_dir)?;
     let metrics = match cfg.metrics_listen {
         Some(a) => Some(
             TcpListener::bind(a).with_context(|| format!("cannot listen for metrics on {a}"))?,
@@ -325,27 +321,25 @@ fn rebind_metrics(
     Ok(())
 }
 
-fn bind_control(path: &Path) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
+fn bind_control(path: &Path, state_dir: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Narrowed only when it is vipgate's own: the state directory, or one named after
+        // vipgate (the default /run/vipgate); never a shared one such as /run or /tmp.
+        let ours = dir == state_dir
+            || dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vipgate"));
+        crate::store::private_dir(dir, "control socket directory", ours)
             .with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "another gateway answers on {}: stop it or give this one another --control-socket",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale {}", path.display()))?;
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!(
+            "another gateway answers on {}: stop it or give this one another --control-socket",
+            path.display()
+        );
     }
-    let l = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    // Bound with mode 0600 from the start; a stale socket is replaced.
+    let l = control::bind_private(path)?;
+    l.set_nonblocking(true)?;
+    Ok(UnixListener::from_std(l))
 }
 
 enum ConnStream {
@@ -393,6 +387,8 @@ struct Conn {
     done: bool,
     /// A history query this connection waits for.
     waiting: Option<u64>,
+    /// The client closed its sending side: nothing more to read, the reply is still owed.
+    eof: bool,
 }
 
 struct Gateway {
@@ -747,7 +743,11 @@ impl Gateway {
                 c.waiting = None;
                 c.output = line;
                 let t = Token(FIRST_CONN + slot);
-                let _ = poll.registry().reregister(c.stream.source(), t, Interest::WRITABLE);
+                let r = poll.registry();
+                if r.reregister(c.stream.source(), t, Interest::WRITABLE).is_err() {
+                    let _ = r.register(c.stream.source(), t, Interest::WRITABLE);
+                    // half-closed
+                }
                 return;
             }
         }
@@ -832,6 +832,7 @@ impl Gateway {
                 deadline: Instant::now() + CONN_TIMEOUT,
                 done: false,
                 waiting: None,
+                eof: false,
             });
         }
     }
@@ -842,8 +843,14 @@ impl Gateway {
         if keep {
             let interest =
                 if c.output.is_empty() { Interest::READABLE } else { Interest::WRITABLE };
-            let _ =
-                poll.registry().reregister(c.stream.source(), Token(FIRST_CONN + slot), interest);
+            if c.eof && c.output.is_empty() {
+                // Half-closed and waiting for the store: a closed side is always readable, so
+                // no events until answer_control registers it again for the reply.
+                let _ = poll.registry().deregister(c.stream.source());
+            } else {
+                let token = Token(FIRST_CONN + slot);
+                let _ = poll.registry().reregister(c.stream.source(), token, interest);
+            }
             self.conns[slot] = Some(c);
         } else {
             let _ = poll.registry().deregister(c.stream.source());
@@ -854,9 +861,10 @@ impl Gateway {
     fn progress(&mut self, c: &mut Conn) -> bool {
         if c.output.is_empty() {
             let mut chunk = [0u8; 1024];
-            loop {
+            while !c.eof {
                 match c.stream.read(&mut chunk) {
-                    Ok(0) => return false,
+                    // A client may half-close after its request: it is still answered.
+                    Ok(0) => c.eof = true,
                     Ok(n) => c.input.extend_from_slice(&chunk[..n]),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -871,7 +879,7 @@ impl Gateway {
             }
             match self.respond(c) {
                 Some(out) => c.output = out,
-                None => return c.input.len() <= MAX_CONN_INPUT,
+                None => return c.waiting.is_some() || (!c.eof && c.input.len() <= MAX_CONN_INPUT),
             }
         }
         while c.written < c.output.len() {
@@ -899,7 +907,7 @@ impl Gateway {
                     }
                     None => return None,
                 };
-                let reply = match serde_json::from_slice::<Request>(line) {
+                let reply = match control::parse_request(line) {
                     Ok(Request::Leases) => {
                         let v: Vec<LeaseRecord> =
                             lock(&self.nat).leases().map(|l| LeaseRecord::of(&l, now)).collect();

@@ -34,8 +34,11 @@ pub const MAX_CONNS: usize = 4096;
 /// Connections one source holds at once (a LAN host, an outside IPv4 address or IPv6 /64):
 /// one source flooding the port never takes the slots a host of the LAN needs to rent.
 pub const MAX_CONNS_PER_SOURCE: usize = 64;
-/// Time to finish the TLS handshake.
+/// Time to finish the TLS handshake, from the TCP accept.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for the first request, from the end of the handshake (its own deadline: a handshake
+/// that ends just before [`HANDSHAKE_TIMEOUT`] still leaves the client all of it).
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a connection may stay silent between requests.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most requests a connection may have waiting for the store or for its client to read;
@@ -60,6 +63,8 @@ struct Conn {
     framer: LineFramer,
     waiting: VecDeque<Waiting>,
     deadline: Instant,
+    /// The handshake is over (and the deadline became the first request's).
+    handshaken: bool,
     closing: bool,
     /// Reply bytes written into TLS since the socket last took everything.
     unsent: usize,
@@ -214,6 +219,7 @@ impl Rental {
                 framer: LineFramer::new(),
                 waiting: VecDeque::new(),
                 deadline: Instant::now() + HANDSHAKE_TIMEOUT,
+                handshaken: false,
                 closing: false,
                 unsent: 0,
                 throttled: false,
@@ -281,6 +287,10 @@ impl Rental {
                     self.stats.broken_connections += 1;
                     return false;
                 }
+            }
+            if !c.handshaken && !c.tls.is_handshaking() {
+                c.handshaken = true;
+                c.deadline = Instant::now() + FIRST_REQUEST_TIMEOUT;
             }
             while c.waiting.len() < MAX_WAITING && !c.closing {
                 let Some(frame) = c.framer.next_frame() else { break };

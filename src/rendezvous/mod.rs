@@ -207,9 +207,11 @@ impl Server {
         if s.listen.len() > MAX_LISTENERS || s.stun_listen.len() > MAX_LISTENERS {
             bail!("at most {MAX_LISTENERS} --listen and {MAX_LISTENERS} --stun-listen addresses");
         }
+        crate::store::private_dir(&s.state_dir, "state directory", true)
+            .with_context(|| format!("cannot create {}", s.state_dir.display()))?;
         let accounts = store::Accounts::open(&s.state_dir.join(store::DB_FILE))?;
         let (config, cert) = crate::tls::server_config_for(
-            crate::tls::RENDEZVOUS_ALPN,
+            &crate::tls::RENDEZVOUS,
             &s.state_dir,
             s.cert.as_deref(),
             s.key.as_deref(),

@@ -247,7 +247,7 @@ fn line(v: Value) -> Vec<u8> {
 /// one could be read).
 pub fn parse(bytes: &[u8]) -> Result<Request, Vec<u8>> {
     let bad = |id: &Value, why: String| error_msg(id, Code::BadRequest, &why);
-    let mut obj = match serde_json::from_slice::<Value>(bytes) {
+    let mut obj = match crate::json::parse(bytes) {
         Ok(Value::Object(m)) => m,
         Ok(_) => return Err(bad(&Value::Null, "a request is a JSON object".into())),
         Err(e) => return Err(bad(&Value::Null, format!("not JSON: {e}"))),
@@ -377,6 +377,21 @@ mod tests {
             let reply = parse(text.as_bytes()).expect_err(text);
             assert_eq!(err_code(&reply), "bad_request", "{text}");
         }
+    }
+
+    /// A key given twice is not taken last-wins: the line is a bad request.
+    #[test]
+    fn duplicate_keys_are_bad_requests() {
+        for line in [
+            &br#"{"id":1,"op":"bogus","op":"buddy_list"}"#[..],
+            br#"{"id":1,"op":"same_network","user":"bob","user":"carol"}"#,
+        ] {
+            let reply = parse(line).expect_err("refused");
+            assert_eq!(err_code(&reply), "bad_request");
+            let v: Value = serde_json::from_slice(&reply).expect("json");
+            assert!(v.to_string().contains("duplicate key"), "{v}");
+        }
+        assert!(parse(br#"{"id":1,"op":"buddy_list"}"#).is_ok());
     }
 
     #[test]

@@ -608,6 +608,36 @@ impl Store {
     }
 }
 
+/// Makes `dir` (a state or socket directory; `what` names it in the log) private to this
+/// user: a missing one is created mode 0700 (missing parents too); an existing one that group
+/// or others may enter is narrowed to 0700 and that is logged, when `narrow` says the
+/// directory is vipgate's own. A sticky directory (`/tmp`) is shared by definition and never
+/// changed; neither is a directory that is not vipgate's (only logged at debug level).
+pub fn private_dir(dir: &Path, what: &str, narrow: bool) -> io::Result<()> {
+    let meta = match fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+        }
+        Err(e) => return Err(e),
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if !meta.is_dir() || mode & 0o077 == 0 {
+        return Ok(());
+    }
+    if !narrow || mode & 0o1000 != 0 {
+        log::debug!("{what} {} has mode {mode:04o}; it is shared, left as is", dir.display());
+        return Ok(());
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode & !0o077))?;
+    log::warn!(
+        "{what} {} had mode {mode:04o} (open to group or others): narrowed to {:04o}",
+        dir.display(),
+        mode & !0o077
+    );
+    Ok(())
+}
+
 /// Opens (or creates) the database at `path` holding `schema`: the parent directory (0700)
 /// and a fresh file (0600, written aside and renamed into place) when missing, the exclusive
 /// `flock` on `<path>.lock`, the integrity and schema checks, WAL with `synchronous=FULL`.

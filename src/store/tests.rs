@@ -693,3 +693,29 @@ fn times_round_trip_in_milliseconds() {
     }
     assert_eq!(to_ms(UNIX_EPOCH + Duration::from_micros(1_999)), 1);
 }
+
+/// State and socket directories: created 0700; an existing one open to others is narrowed
+/// when it is vipgate's own, never when it is shared (sticky) or not vipgate's.
+#[test]
+fn private_dirs() {
+    let dir = TempDir::new("private-dir");
+    let mode = |p: &Path| fs::metadata(p).expect("meta").permissions().mode() & 0o7777;
+    let fresh = dir.0.join("a/b");
+    private_dir(&fresh, "state directory", true).expect("create");
+    assert_eq!(mode(&fresh), 0o700);
+    assert_eq!(mode(&dir.0.join("a")), 0o700);
+
+    let open = dir.0.join("open");
+    fs::create_dir(&open).expect("mkdir");
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o755)).expect("chmod");
+    private_dir(&open, "state directory", false).expect("not ours");
+    assert_eq!(mode(&open), 0o755, "not vipgate's: left");
+    private_dir(&open, "state directory", true).expect("narrow");
+    assert_eq!(mode(&open), 0o700, "narrowed");
+
+    let shared = dir.0.join("tmp");
+    fs::create_dir(&shared).expect("mkdir");
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).expect("chmod");
+    private_dir(&shared, "state directory", true).expect("shared");
+    assert_eq!(mode(&shared), 0o1777, "a sticky directory is shared: left");
+}
