@@ -167,8 +167,8 @@ struct TlsConn {
     writable: bool,
     /// A password check is out: later lines wait.
     busy: bool,
-    /// Reading stopped with this much buffered: resume once the lines are handled (the
-    /// edge-triggered socket will not signal the bytes already waiting).
+    /// Reading stopped at the buffer limit (256 KiB of lines): resume once the lines are
+    /// handled (the edge-triggered socket will not signal the bytes already waiting).
     paused: bool,
     closing: bool,
 }
