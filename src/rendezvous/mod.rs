@@ -7,7 +7,9 @@
 //! - [`protocol`]: the wire format (also `docs/rendezvous.md`).
 //! - [`hub`]: the logic, without I/O.
 //! - [`store`]: the accounts database.
+//! - [`fair`]: per-source shares of the connection tables and of the password-check queue.
 
+pub mod fair;
 pub mod hub;
 pub mod protocol;
 pub mod store;
@@ -52,7 +54,10 @@ pub const MAX_STUN_CONNS: usize = 1024;
 /// Most listen addresses of each kind.
 pub const MAX_LISTENERS: usize = 8;
 /// Most password checks queued for the worker; past it, logins get `busy`.
-const MAX_HASH_JOBS: usize = 64;
+pub const MAX_HASH_JOBS: usize = 64;
+/// Largest argon2 work area a stored hash may ask for, in 1 KiB blocks (64 MiB); a hash
+/// asking for more fails to verify instead of growing the worker's memory.
+const MAX_HASH_BLOCKS: usize = 64 * 1024;
 /// Most bytes queued for a client that does not read; past it, it is disconnected.
 const MAX_QUEUED: usize = 1 << 20;
 /// Largest STUN message accepted over TCP.
@@ -103,6 +108,20 @@ pub struct Settings {
     /// Login and register attempts allowed per second from one address (burst: twice that).
     #[arg(long, value_name = "N", default_value_t = 5)]
     pub login_rate: u32,
+    /// Most TLS connections from one source (an IPv4 address, an IPv6 /64) at once.
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=MAX_CONNS as i64))]
+    pub max_conns_per_source: u32,
+    /// Most STUN-over-TCP connections from one source at once.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=MAX_STUN_CONNS as i64))]
+    pub max_stun_conns_per_source: u32,
+    /// Most password checks (logins, registrations) of one source queued or running at once;
+    /// past it that source's logins get `busy` while other sources still get theirs.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=MAX_HASH_JOBS as i64))]
+    pub hash_jobs_per_source: u32,
+    /// UDP STUN requests answered per second per source (burst: twice that); the rest are
+    /// dropped, so the service cannot be used to amplify traffic at a forged source.
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub stun_rate: u32,
 }
 
 /// Where a SIGHUP reads the log level again.
@@ -149,6 +168,9 @@ struct TlsConn {
     writable: bool,
     /// A password check is out: later lines wait.
     busy: bool,
+    /// Reading stopped at the buffer limit (256 KiB of lines): resume once the lines are
+    /// handled (the edge-triggered socket will not signal the bytes already waiting).
+    paused: bool,
     closing: bool,
 }
 
@@ -163,12 +185,14 @@ struct StunConn {
 /// A password to check or hash ([`Outcome::Verify`] or [`Outcome::Hash`]) for a connection.
 struct Job {
     conn: ConnId,
+    /// The connection's source: its share of the queue is freed when the job is done.
+    source: IpAddr,
     work: Outcome,
 }
 
 enum Done {
-    Verified { conn: ConnId, id: Value, user: String, listen: bool, ok: bool },
-    Hashed { conn: ConnId, id: Value, user: String, phc: Result<String, String> },
+    Verified { source: IpAddr, conn: ConnId, id: Value, user: String, listen: bool, ok: bool },
+    Hashed { source: IpAddr, conn: ConnId, id: Value, user: String, phc: Result<String, String> },
 }
 
 /// Counters of the server's own I/O.
@@ -179,6 +203,12 @@ struct Stats {
     stun_dropped: u64,
     tls_broken: u64,
     refused_conns: u64,
+    /// Connections refused because their source held its share of the table.
+    refused_source: u64,
+    /// UDP STUN requests dropped by the per-source rate limit.
+    stun_limited: u64,
+    /// Password checks answered `busy` because their source held its share of the queue.
+    busy_source: u64,
 }
 
 /// A bound, ready server: tests and `run` use it.
@@ -193,11 +223,19 @@ pub struct Server {
     hub: Hub,
     jobs: mpsc::SyncSender<Job>,
     done: mpsc::Receiver<Done>,
-    in_flight: usize,
+    /// Password checks waiting for the worker, by source; the worker has one at a time.
+    queue: fair::FairQueue<Job>,
+    /// The worker is checking one.
+    hashing: bool,
     serial: usize,
     /// Slots read from this turn: their TLS may owe records (handshake, alerts).
     read: Vec<usize>,
+    /// Slots whose reading paused and whose lines are all handled: read again next turn.
+    resume: Vec<usize>,
     limiter: RateLimiter,
+    tls_sources: fair::SourceCount,
+    stun_sources: fair::SourceCount,
+    stun_limiter: RateLimiter,
     stats: Stats,
 }
 
@@ -235,7 +273,8 @@ impl Server {
             stun_listeners.push(l);
         }
         let waker = Arc::new(Waker::new(reg, WAKER)?);
-        let (jobs, job_rx) = mpsc::sync_channel::<Job>(MAX_HASH_JOBS);
+        // One job at a time goes to the worker; the fair queue holds the others.
+        let (jobs, job_rx) = mpsc::sync_channel::<Job>(1);
         let (done_tx, done) = mpsc::channel::<Done>();
         std::thread::Builder::new()
             .name("password-hash".into())
@@ -252,14 +291,19 @@ impl Server {
         };
         info!(
             "rendezvous on {} (TLS, certificate {}), STUN on {} (UDP and TCP); same network: \
-             IPv4 /{}, IPv6 /{}, gateway pools [{}]; reveal mode {}",
+             IPv4 /{}, IPv6 /{}, gateway pools [{}]; reveal mode {}; per source: {} TLS and {} \
+             STUN/TCP connections, {} password checks, {} STUN/UDP answers/s",
             addrs(&listeners).join(", "),
             cert.display(),
             addrs(&stun_listeners).join(", "),
             s.mask_v4,
             s.mask_v6,
             s.gateway_pool.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "),
-            if s.reveal_addresses { "ON" } else { "off" }
+            if s.reveal_addresses { "ON" } else { "off" },
+            s.max_conns_per_source,
+            s.max_stun_conns_per_source,
+            s.hash_jobs_per_source,
+            s.stun_rate
         );
         Ok(Server {
             poll,
@@ -272,10 +316,19 @@ impl Server {
             hub,
             jobs,
             done,
-            in_flight: 0,
+            queue: fair::FairQueue::new(MAX_HASH_JOBS, s.hash_jobs_per_source as usize),
+            hashing: false,
             serial: 0,
             read: Vec::new(),
+            resume: Vec::new(),
             limiter: RateLimiter::new(s.login_rate.max(1), s.login_rate.max(1) * 2, 65_536),
+            tls_sources: fair::SourceCount::new(s.max_conns_per_source as usize),
+            stun_sources: fair::SourceCount::new(s.max_stun_conns_per_source as usize),
+            stun_limiter: RateLimiter::new(
+                s.stun_rate.max(1),
+                s.stun_rate.max(1).saturating_mul(2),
+                65_536,
+            ),
             stats: Stats::default(),
         })
     }
@@ -294,7 +347,11 @@ impl Server {
         loop {
             let now = Instant::now();
             let next = self.expire(now).min(next_report);
-            let wait = next.saturating_duration_since(now);
+            let wait = if self.resume.is_empty() {
+                next.saturating_duration_since(now)
+            } else {
+                Duration::ZERO
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -336,6 +393,7 @@ impl Server {
                     _ => {}
                 }
             }
+            self.resume_reading();
             self.flush_outbox();
             if Instant::now() >= next_report {
                 next_report = Instant::now() + Duration::from_secs(60);
@@ -344,7 +402,8 @@ impl Server {
                 info!(
                     "{} connection(s), {} online; logins {} (refused {}), registrations {}, \
                      same-network answers {}, relayed {}, not permitted {}; STUN udp {} tcp {} \
-                     dropped {}; TLS broken {}, refused connections {}",
+                     dropped {} rate-limited {}; TLS broken {}, refused connections {} (source \
+                     over its share {}), busy password checks of a source over its share {}",
                     self.hub.connections(),
                     self.hub.online_users(),
                     h.logins,
@@ -356,8 +415,11 @@ impl Server {
                     s.stun_udp,
                     s.stun_tcp,
                     s.stun_dropped,
+                    s.stun_limited,
                     s.tls_broken,
-                    s.refused_conns
+                    s.refused_conns,
+                    s.refused_source,
+                    s.busy_source
                 );
             }
         }
@@ -369,6 +431,7 @@ impl Server {
         let Some(sock) = self.udp.get(k) else { return };
         let mut buf = [0u8; 1500];
         let mut out = [0u8; stun::MAX_RESPONSE];
+        let now = Instant::now();
         for _ in 0..STUN_BATCH {
             let (n, from) = match sock.recv_from(&mut buf) {
                 Ok(x) => x,
@@ -377,6 +440,12 @@ impl Server {
                 // ICMP errors surface as ECONNREFUSED and the like on the next call: ignore.
                 Err(_) => continue,
             };
+            // The answer is bigger than the request: a source (which may be forged) gets
+            // at most --stun-rate answers a second.
+            if !self.stun_limiter.allow(from.ip().to_canonical(), now) {
+                self.stats.stun_limited += 1;
+                continue;
+            }
             match stun::serve(&buf[..n], from, SOFTWARE, &mut out) {
                 Some(len) => {
                     self.stats.stun_udp += 1;
@@ -401,7 +470,13 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
             };
+            // One source (an address, an IPv6 /64) cannot take every slot.
+            if !self.stun_sources.admit(peer.ip()) {
+                self.stats.refused_source += 1;
+                continue;
+            }
             let Some(slot) = crate::gateway::free_slot(&mut self.stun_conns, MAX_STUN_CONNS) else {
+                self.stun_sources.release(peer.ip());
                 self.stats.refused_conns += 1;
                 continue;
             };
@@ -411,6 +486,7 @@ impl Server {
                 .register(&mut sock, Token(STUN_CONN + slot), Interest::READABLE)
                 .is_err()
             {
+                self.stun_sources.release(peer.ip());
                 continue;
             }
             let deadline = Instant::now() + STUN_TCP_TIMEOUT;
@@ -433,6 +509,7 @@ impl Server {
             self.stun_conns[slot] = Some(c);
         } else {
             let _ = reg.deregister(&mut c.sock);
+            self.stun_sources.release(c.peer.ip());
         }
     }
 
@@ -506,23 +583,30 @@ impl Server {
                     return;
                 }
             };
+            let peer = crate::authority::peer_ip(peer);
+            // One source (an address, an IPv6 /64) cannot take every slot.
+            if !self.tls_sources.admit(peer) {
+                self.stats.refused_source += 1;
+                continue;
+            }
             let Some(slot) = crate::gateway::free_slot(&mut self.conns, MAX_CONNS) else {
+                self.tls_sources.release(peer);
                 self.stats.refused_conns += 1;
                 continue;
             };
-            let Ok(mut tls) = ServerConnection::new(self.config.clone()) else { continue };
+            let registered = ServerConnection::new(self.config.clone()).ok().filter(|_| {
+                self.poll
+                    .registry()
+                    .register(&mut sock, Token(TLS_CONN + slot), Interest::READABLE)
+                    .is_ok()
+            });
+            let Some(mut tls) = registered else {
+                self.tls_sources.release(peer);
+                continue;
+            };
             tls.set_buffer_limit(Some(MAX_QUEUED));
             let _ = sock.set_nodelay(true);
-            if self
-                .poll
-                .registry()
-                .register(&mut sock, Token(TLS_CONN + slot), Interest::READABLE)
-                .is_err()
-            {
-                continue;
-            }
             let now = Instant::now();
-            let peer = crate::authority::peer_ip(peer);
             self.serial += 1;
             let id = (self.serial << 16) | slot;
             self.hub.connected(id, peer);
@@ -536,6 +620,7 @@ impl Server {
                 deadline: now + HANDSHAKE_TIMEOUT,
                 writable: false,
                 busy: false,
+                paused: false,
                 closing: false,
             });
         }
@@ -560,8 +645,14 @@ impl Server {
 
     /// Reads and decrypts what arrived into the framer. False when the connection is over.
     fn tls_read(&mut self, c: &mut TlsConn) -> bool {
-        // A client that floods lines while a password check is out waits on TCP.
-        while c.framer.buffered() <= crate::authority::MAX_LINE * 4 {
+        // A client that floods lines while a password check is out waits on TCP; reading
+        // resumes once the lines buffered are handled ([`Server::resume_reading`]).
+        c.paused = false;
+        loop {
+            if c.framer.buffered() > crate::authority::MAX_LINE * 4 {
+                c.paused = true;
+                break;
+            }
             match crate::tls::read_round(&mut c.tls, &mut c.sock, &mut c.framer) {
                 Round::More => {}
                 Round::Drained => break,
@@ -590,6 +681,9 @@ impl Server {
                     // The replies (a too_long, the answers to the last lines) go out first.
                     self.flush_outbox();
                     self.close(slot);
+                } else if c.paused {
+                    // More is waiting in the socket, and no readiness event will say so.
+                    self.resume.push(slot);
                 }
                 return;
             };
@@ -625,15 +719,65 @@ impl Server {
                 Outcome::Done => continue,
                 Outcome::Verify { id, .. } | Outcome::Hash { id, .. } => id.clone(),
             };
-            let job = Job { conn: id, work };
-            if self.in_flight >= MAX_HASH_JOBS || self.jobs.try_send(job).is_err() {
+            let job = Job { conn: id, source: peer, work };
+            if let Err((_, why)) = self.queue.push(peer, job) {
+                if why == fair::Refusal::SourceShare {
+                    self.stats.busy_source += 1;
+                }
                 self.hub.outbox.push((id, protocol::error(&rid, protocol::Code::Busy)));
                 continue;
             }
-            self.in_flight += 1;
             if let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) {
                 c.busy = true;
             }
+            self.dispatch();
+        }
+    }
+
+    /// Hands the worker the next password check, in turn by source, when it is idle.
+    fn dispatch(&mut self) {
+        if self.hashing {
+            return;
+        }
+        let Some((_, job)) = self.queue.pop() else { return };
+        match self.jobs.try_send(job) {
+            Ok(()) => self.hashing = true,
+            Err(mpsc::TrySendError::Full(job) | mpsc::TrySendError::Disconnected(job)) => {
+                // Only if the worker is gone: say so to the client instead of hanging it.
+                log::error!("the password-hash thread is gone: logins cannot be checked");
+                self.queue.finished(job.source);
+                let rid = match &job.work {
+                    Outcome::Verify { id, .. } | Outcome::Hash { id, .. } => id.clone(),
+                    Outcome::Done => Value::Null,
+                };
+                self.hub.outbox.push((job.conn, protocol::error(&rid, protocol::Code::Internal)));
+                if let Some(c) = self.conn_mut(job.conn) {
+                    c.busy = false;
+                }
+            }
+        }
+    }
+
+    /// Reads again from the connections whose reading paused at the buffer limit and whose
+    /// buffered lines are handled now, then handles what arrived.
+    fn resume_reading(&mut self) {
+        let mut slots = std::mem::take(&mut self.resume);
+        slots.sort_unstable();
+        slots.dedup();
+        for &slot in &slots {
+            let Some(Some(mut c)) = self.conns.get_mut(slot).map(Option::take) else { continue };
+            if !c.paused || c.busy {
+                self.conns[slot] = Some(c);
+                continue;
+            }
+            let alive = self.tls_read(&mut c);
+            self.conns[slot] = Some(c);
+            self.read.push(slot);
+            if !alive {
+                self.close(slot);
+                continue;
+            }
+            self.handle_lines(slot);
         }
     }
 
@@ -644,17 +788,19 @@ impl Server {
 
     fn finished_jobs(&mut self) {
         while let Ok(done) = self.done.try_recv() {
-            self.in_flight = self.in_flight.saturating_sub(1);
-            let conn = match done {
-                Done::Verified { conn, id, user, listen, ok } => {
+            self.hashing = false;
+            let (conn, source) = match done {
+                Done::Verified { source, conn, id, user, listen, ok } => {
                     self.hub.logged_in_checked(conn, &id, &user, listen, ok);
-                    conn
+                    (conn, source)
                 }
-                Done::Hashed { conn, id, user, phc } => {
+                Done::Hashed { source, conn, id, user, phc } => {
                     self.hub.registered(conn, &id, &user, phc);
-                    conn
+                    (conn, source)
                 }
             };
+            self.queue.finished(source);
+            self.dispatch();
             let logged_in = self.hub.logged_in(conn);
             if let Some(c) = self.conn_mut(conn) {
                 c.busy = false;
@@ -715,6 +861,7 @@ impl Server {
             c.tls.send_close_notify();
             let _ = c.tls.write_tls(&mut c.sock);
             let _ = self.poll.registry().deregister(&mut c.sock);
+            self.tls_sources.release(c.peer);
             self.hub.closed(c.id);
         }
     }
@@ -738,6 +885,7 @@ impl Server {
             if slot.as_ref().is_some_and(|c| c.deadline <= now) {
                 if let Some(mut c) = slot.take() {
                     let _ = reg.deregister(&mut c.sock);
+                    self.stun_sources.release(c.peer.ip());
                 }
             } else if let Some(c) = slot.as_ref() {
                 next = next.min(c.deadline);
@@ -759,42 +907,156 @@ impl std::fmt::Debug for Server {
 }
 
 /// The password-hash thread: argon2id with the crate's defaults (19 MiB, 2 passes, 1 lane:
-/// OWASP's recommended minimum), one job at a time.
+/// OWASP's recommended minimum), one job at a time, in one work area allocated once and
+/// reused for every check (a fresh 19 MiB per check is kept by the allocator: RSS grew to
+/// ~200 MB after a dozen logins).
 fn hash_worker(jobs: mpsc::Receiver<Job>, done: mpsc::Sender<Done>, waker: Arc<Waker>) {
-    use argon2::password_hash::{
-        rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
-    };
-    let argon = argon2::Argon2::default();
+    use argon2::password_hash::{rand_core::OsRng, SaltString};
+    let mut hasher = PasswordHasher::new();
     // A login for an account that does not exist is checked against this, so it costs the
     // same time as a real one and does not tell which names exist.
-    let dummy = argon
-        .hash_password(b"no such account", &SaltString::generate(&mut OsRng))
-        .map(|h| h.to_string())
-        .unwrap_or_default();
+    let dummy =
+        hasher.hash(b"no such account", &SaltString::generate(&mut OsRng)).unwrap_or_default();
     while let Ok(job) = jobs.recv() {
-        let conn = job.conn;
+        let (conn, source) = (job.conn, job.source);
         let result = match job.work {
             Outcome::Done => continue,
             Outcome::Verify { id, user, password, phc, listen } => {
                 let stored = phc.as_deref().unwrap_or(&dummy);
-                let ok = PasswordHash::new(stored)
-                    .map(|h| argon.verify_password(password.as_bytes(), &h).is_ok())
-                    .unwrap_or(false)
-                    && phc.is_some();
-                Done::Verified { conn, id, user, listen, ok }
+                let ok = hasher.verify(password.as_bytes(), stored) && phc.is_some();
+                Done::Verified { source, conn, id, user, listen, ok }
             }
             Outcome::Hash { id, user, password } => {
                 let salt = SaltString::generate(&mut OsRng);
-                let phc = argon
-                    .hash_password(password.as_bytes(), &salt)
-                    .map(|h| h.to_string())
-                    .map_err(|e| e.to_string());
-                Done::Hashed { conn, id, user, phc }
+                let phc = hasher.hash(password.as_bytes(), &salt).map_err(|e| e.to_string());
+                Done::Hashed { source, conn, id, user, phc }
             }
         };
         if done.send(result).is_err() {
             return;
         }
         let _ = waker.wake();
+    }
+}
+
+/// argon2id hashing and verification in one reused work area.
+struct PasswordHasher {
+    memory: Vec<argon2::Block>,
+}
+
+impl PasswordHasher {
+    fn new() -> PasswordHasher {
+        let blocks = argon2::Params::default().block_count();
+        PasswordHasher { memory: vec![argon2::Block::new(); blocks] }
+    }
+
+    /// The work area for `params`: grown (once, up to [`MAX_HASH_BLOCKS`]) when a stored
+    /// hash asks for more than the defaults, never shrunk.
+    fn memory(&mut self, params: &argon2::Params) -> Option<&mut [argon2::Block]> {
+        let n = params.block_count();
+        if n > MAX_HASH_BLOCKS {
+            warn!("a stored password hash asks for {n} KiB of memory: refused");
+            return None;
+        }
+        if self.memory.len() < n {
+            self.memory.resize(n, argon2::Block::new());
+        }
+        Some(&mut self.memory[..n])
+    }
+
+    /// The PHC string of `password` under `salt`, with the default parameters.
+    fn hash(
+        &mut self,
+        password: &[u8],
+        salt: &argon2::password_hash::SaltString,
+    ) -> Result<String, argon2::password_hash::Error> {
+        use argon2::password_hash::{Output, ParamsString, PasswordHash};
+        let params = argon2::Params::default();
+        let argon = argon2::Argon2::new(
+            argon2::Algorithm::Argon2id,
+            argon2::Version::V0x13,
+            params.clone(),
+        );
+        let salt = salt.as_salt();
+        let mut raw = [0u8; 64];
+        let salt_bytes = salt.decode_b64(&mut raw)?;
+        let memory =
+            self.memory(&params).ok_or(argon2::password_hash::Error::ParamValueInvalid(
+                argon2::password_hash::errors::InvalidValue::TooLong,
+            ))?;
+        let out_len = params.output_len().unwrap_or(argon2::Params::DEFAULT_OUTPUT_LEN);
+        let hash = Output::init_with(out_len, |out| {
+            Ok(argon.hash_password_into_with_memory(password, salt_bytes, out, &mut *memory)?)
+        })?;
+        let phc = PasswordHash {
+            algorithm: argon2::Algorithm::Argon2id.ident(),
+            version: Some(argon2::Version::V0x13.into()),
+            params: ParamsString::try_from(&params)?,
+            salt: Some(salt),
+            hash: Some(hash),
+        };
+        Ok(phc.to_string())
+    }
+
+    /// Whether `password` matches the PHC string `stored` (an argon2 hash); compared in
+    /// constant time.
+    fn verify(&mut self, password: &[u8], stored: &str) -> bool {
+        use argon2::password_hash::{Output, PasswordHash};
+        let Ok(h) = PasswordHash::new(stored) else { return false };
+        let (Some(salt), Some(expected)) = (h.salt, h.hash) else { return false };
+        let Ok(algorithm) = argon2::Algorithm::try_from(h.algorithm) else { return false };
+        let version = match h.version.map(argon2::Version::try_from) {
+            None => argon2::Version::default(),
+            Some(Ok(v)) => v,
+            Some(Err(_)) => return false,
+        };
+        let Ok(params) = argon2::Params::try_from(&h) else { return false };
+        let argon = argon2::Argon2::new(algorithm, version, params.clone());
+        let mut raw = [0u8; 64];
+        let Ok(salt_bytes) = salt.decode_b64(&mut raw) else { return false };
+        let Some(memory) = self.memory(&params) else { return false };
+        let computed = Output::init_with(expected.len(), |out| {
+            Ok(argon.hash_password_into_with_memory(password, salt_bytes, out, &mut *memory)?)
+        });
+        computed.is_ok_and(|c| c == expected)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use argon2::password_hash::{rand_core::OsRng, PasswordVerifier, SaltString};
+
+    #[test]
+    fn the_reused_work_area_hashes_and_verifies_like_the_crate() {
+        let mut h = PasswordHasher::new();
+        let salt = SaltString::generate(&mut OsRng);
+        let phc = h.hash(b"correct horse battery", &salt).expect("hash");
+        assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
+        // The crate's own verifier accepts it ...
+        let parsed = argon2::password_hash::PasswordHash::new(&phc).unwrap();
+        assert!(argon2::Argon2::default()
+            .verify_password(b"correct horse battery", &parsed)
+            .is_ok());
+        // ... and ours accepts a hash the crate made, in the same work area, again and again.
+        let theirs = {
+            use argon2::password_hash::PasswordHasher as _;
+            argon2::Argon2::default()
+                .hash_password(b"another password", &SaltString::generate(&mut OsRng))
+                .unwrap()
+                .to_string()
+        };
+        for _ in 0..2 {
+            assert!(h.verify(b"correct horse battery", &phc));
+            assert!(!h.verify(b"correct horse batterz", &phc));
+            assert!(h.verify(b"another password", &theirs));
+        }
+        assert!(!h.verify(b"x", "not a hash"));
+        assert_eq!(h.memory.len(), argon2::Params::default().block_count(), "never regrown");
+        // A stored hash asking for more memory than the cap is refused, not served.
+        let greedy = "$argon2id$v=19$m=1048576,t=2,p=1$c2FsdHNhbHRzYWx0$\
+                      AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        assert!(!h.verify(b"x", greedy));
+        assert_eq!(h.memory.len(), argon2::Params::default().block_count());
     }
 }
