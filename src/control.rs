@@ -510,13 +510,14 @@ mod tests {
             drop(l);
             std::fs::remove_file(&path).expect("rm");
         }
-        // A stale socket (nobody listening) is replaced.
-        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
-        let l = bind_private(&path).expect("bind over a stale socket");
         stop.store(true, Ordering::Relaxed);
         let (seen, loose) = watcher.join().expect("watcher");
         assert!(seen > 0, "the watcher saw the socket");
         assert!(loose.is_empty(), "seen {} times with another mode: {:o}", loose.len(), loose[0]);
+        // A stale socket (nobody listening; bound here with the umask's mode, so after the
+        // watcher stopped) is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
+        let l = bind_private(&path).expect("bind over a stale socket");
         UnixStream::connect(&path).expect("connect");
         drop(l.accept().expect("accept"));
         let names: Vec<_> =

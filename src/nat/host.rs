@@ -1,8 +1,9 @@
 //! Per-host shares of the tables (RFC 6888 REQ-4: a limit per subscriber): every host's
 //! leases and flows are counted, so one host filling its share is refused (counted as
 //! `host_lease_limit` / `host_flow_limit`, answered with ICMP 3/13 like a full table) while
-//! every other host still gets out. Counted when a lease or flow is made or ends, never on
-//! the established packet path.
+//! every other host still gets out. A host's quarantined addresses count against its lease
+//! share too, so one host churning leases fills only its own part of the quarantine. Counted
+//! when a lease or flow is made or ends, never on the established packet path.
 
 use super::DropReason;
 use foldhash::fast::FixedState;
@@ -37,9 +38,15 @@ impl HostShares {
         self.held.get(&real).copied().unwrap_or_default()
     }
 
-    /// May `real` have one more lease?
-    pub fn may_lease(&self, real: IpAddr) -> Result<(), DropReason> {
-        if self.share(real).leases < self.max_leases {
+    /// May `real`, which has `quarantined` addresses in quarantine, have one more lease? Its
+    /// quarantined addresses count against twice its share: a host churning leases (rent,
+    /// release, rent again) fills only its own part of the quarantine's room, never the
+    /// others'.
+    pub fn may_lease(&self, real: IpAddr, quarantined: u32) -> Result<(), DropReason> {
+        let leases = self.share(real).leases;
+        if leases < self.max_leases
+            && leases.saturating_add(quarantined) < self.max_leases.saturating_mul(2)
+        {
             Ok(())
         } else {
             Err(DropReason::HostLeaseLimit)
@@ -83,11 +90,13 @@ mod tests {
             ("192.0.2.10".parse().unwrap(), "192.0.2.11".parse().unwrap());
         let mut h = HostShares::new(2, 3, 1);
         h.add(a, 2, 3);
-        assert_eq!(h.may_lease(a), Err(DropReason::HostLeaseLimit));
+        assert_eq!(h.may_lease(a, 0), Err(DropReason::HostLeaseLimit));
         assert_eq!(h.may_flow(a), Err(DropReason::HostFlowLimit));
-        assert_eq!((h.may_lease(b), h.may_flow(b)), (Ok(()), Ok(())));
+        assert_eq!((h.may_lease(b, 0), h.may_flow(b)), (Ok(()), Ok(())));
+        assert_eq!(h.may_lease(b, 3), Ok(()));
+        assert_eq!(h.may_lease(b, 4), Err(DropReason::HostLeaseLimit), "its quarantine part");
         h.add(a, -1, -3);
-        assert_eq!((h.may_lease(a), h.may_flow(a)), (Ok(()), Ok(())));
+        assert_eq!((h.may_lease(a, 0), h.may_flow(a)), (Ok(()), Ok(())));
         h.add(a, -1, 0);
         assert_eq!(h.of(a), (0, 0));
         assert!(h.held.is_empty(), "an empty share is forgotten");

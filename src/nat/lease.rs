@@ -497,6 +497,8 @@ impl LeaseTable {
 /// held the address may take it back at once.
 pub struct Quarantine {
     by_virtual: HashMap<(IpAddr, Option<IpAddr>), (IpAddr, u64), FixedState>,
+    /// Entries per host that had the address: its share of the room.
+    per_real: HashMap<IpAddr, u32, FixedState>,
     by_host: HashMap<(IpAddr, Option<IpAddr>), IpAddr, FixedState>,
     fifo: VecDeque<(u64, IpAddr, Option<IpAddr>)>,
     cap: usize,
@@ -515,6 +517,7 @@ impl Quarantine {
         Quarantine {
             by_virtual: HashMap::with_capacity_and_hasher(initial, FixedState::with_seed(seed)),
             by_host: HashMap::with_capacity_and_hasher(initial, FixedState::with_seed(seed ^ 1)),
+            per_real: HashMap::with_capacity_and_hasher(initial, FixedState::with_seed(seed ^ 2)),
             fifo: VecDeque::with_capacity(initial),
             cap,
             evicted: 0,
@@ -539,7 +542,10 @@ impl Quarantine {
             }
             self.expire_entry(u, v, p);
         }
-        self.by_virtual.insert((virt, partner), (real, until));
+        if let Some((before, _)) = self.by_virtual.insert((virt, partner), (real, until)) {
+            self.forget(before);
+        }
+        *self.per_real.entry(real).or_default() += 1;
         self.by_host.insert((real, partner), virt);
         self.fifo.push_back((until, virt, partner));
     }
@@ -584,11 +590,27 @@ impl Quarantine {
         if let Some(&(real, u)) = self.by_virtual.get(&(v, p)) {
             if u == until {
                 self.by_virtual.remove(&(v, p));
+                self.forget(real);
                 if self.by_host.get(&(real, p)) == Some(&v) {
                     self.by_host.remove(&(real, p));
                 }
             }
         }
+    }
+
+    /// One entry of `real` fewer.
+    fn forget(&mut self, real: IpAddr) {
+        if let Some(n) = self.per_real.get_mut(&real) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_real.remove(&real);
+            }
+        }
+    }
+
+    /// How many quarantined addresses `real` had.
+    pub fn held_by(&self, real: IpAddr) -> u32 {
+        self.per_real.get(&real).copied().unwrap_or(0)
     }
 
     /// The earliest pending deadline.

@@ -1150,7 +1150,7 @@ impl Translator {
         {
             return Err(DropReason::LeaseTableFull);
         }
-        self.hosts.may_lease(real)?;
+        self.hosts.may_lease(real, self.leases.quarantine.held_by(real))?;
         let virt = match virt {
             Some(v) => v,
             None => {

@@ -1104,3 +1104,34 @@ fn rent_and_release_churn_never_lets_an_address_out_of_quarantine_early() {
     h.tick(121.0);
     assert!(h.t.rent(ip("192.0.2.10"), ip("203.0.113.99"), ttl, h.at(121.0)).is_ok());
 }
+
+#[test]
+fn one_host_churning_leases_fills_only_its_own_part_of_the_quarantine() {
+    let mut c = wide();
+    c.max_leases_per_host = 4;
+    let mut h = Harness::new(c);
+    let ttl = Duration::from_secs(60);
+    let mut refused = 0;
+    for k in 1..=40u8 {
+        let partner = IpAddr::from([203, 0, 113, k]);
+        match h.t.rent(ip("192.0.2.10"), partner, ttl, h.at(0.0)) {
+            Ok(l) => {
+                h.t.release(l.id, h.at(0.0)).unwrap();
+            }
+            Err(e) => {
+                assert_eq!(e, LeaseError::HostLimit);
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 32, "8 of 40 rents fit twice the host's share of 4");
+    // Another host rents and churns as before.
+    for k in 1..=8u8 {
+        let partner = IpAddr::from([203, 0, 113, 100 + k]);
+        let l = h.t.rent(ip("192.0.2.11"), partner, ttl, h.at(0.0)).unwrap();
+        h.t.release(l.id, h.at(0.0)).unwrap();
+    }
+    // Once its quarantine is over, the first host rents again.
+    h.tick(121.0);
+    assert!(h.t.rent(ip("192.0.2.10"), ip("203.0.113.99"), ttl, h.at(121.0)).is_ok());
+}
