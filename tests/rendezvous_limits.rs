@@ -169,7 +169,11 @@ fn code(r: &anyhow::Result<Value>) -> String {
 /// (argon2id unoptimised; tens of ms in release), so 1,000 would take 7 to 8 minutes: 200
 /// take ~90 s and show the same thing (the old server had kept three work areas, +57 MB,
 /// after 20 checks and stayed there; this one has not grown after the first).
-const CHECKS: usize = 200;
+/// `VIPGATE_PASSWORD_CHECKS=1000 cargo test --release --test rendezvous_limits rss` runs the
+/// issue's 1,000 in about a minute.
+fn checks() -> usize {
+    std::env::var("VIPGATE_PASSWORD_CHECKS").ok().and_then(|v| v.parse().ok()).unwrap_or(200)
+}
 
 #[test]
 fn rss_after_many_password_checks_stays_within_64_mb_of_the_first() {
@@ -189,14 +193,15 @@ fn rss_after_many_password_checks_stays_within_64_mb_of_the_first() {
     assert_eq!(login("not the password"), "login_failed");
     let first = w.rss();
     let started = Instant::now();
-    for k in 1..=CHECKS {
+    let checks = checks();
+    for k in 1..=checks {
         assert_eq!(login("not the password"), "login_failed");
         if k % 50 == 0 {
             eprintln!("RSS after {} checks: {} MB", k + 1, w.rss() >> 20);
         }
-        assert!(started.elapsed() < Duration::from_secs(240), "password checks too slow");
+        assert!(started.elapsed() < Duration::from_secs(1200), "password checks too slow");
     }
-    let checked = CHECKS + 1;
+    let checked = checks + 1;
     let after = w.rss();
     eprintln!(
         "RSS after the first check {} MB, after {checked} checks {} MB ({:?} per check)",

@@ -134,6 +134,11 @@ fn a_full_disk_refuses_rents_and_loses_no_acknowledged_one() {
     // 2. The disk fills: rents go on until some are refused (bounded: 400 rents, 60 s).
     let filler = tmpfs.0.join("filler");
     let filled = fill(&filler);
+    // A packet of a new pair while the store cannot write: held for its lease, then dropped
+    // (counted), never sent: the lease was never stored.
+    let srv_sock = udp(&topo.srv, sa(SRV4.into(), 7000));
+    let cli_sock = udp(&cli, sa(real, 0));
+    cli_sock.send_to(b"unstored", sa(SRV4.into(), 7000)).unwrap();
     let started = Instant::now();
     let (mut ok_full, mut refused_full) = (0, 0);
     while refused_full < 20
@@ -159,6 +164,10 @@ fn a_full_disk_refuses_rents_and_loses_no_acknowledged_one() {
         stats["held_unstored"]
     );
     assert!(stats["store_refused"].as_u64().unwrap_or(0) > 0, "{stats}");
+    assert!(stats["held_unstored"].as_u64().unwrap_or(0) >= 1, "no held packet dropped: {stats}");
+    srv_sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(srv_sock.recv_from(&mut buf).is_err(), "a packet of an unstored lease got out");
     // 3. Space comes back: rents succeed again, without a restart (bounded: 30 s).
     fs::remove_file(&filler).unwrap();
     let freed = Instant::now();
