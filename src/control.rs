@@ -354,6 +354,12 @@ impl Stats {
             &[("", self.translator.held)],
         );
         metric(
+            "packets_held_dropped_total",
+            "counter",
+            "Packets that found no room to wait for their lease (held queue full).",
+            &[("", self.held_dropped)],
+        );
+        metric(
             "store_failures_total",
             "counter",
             "Lease-store commits that failed.",

@@ -744,6 +744,10 @@ fn metrics_are_served_in_prometheus_text_format() {
     assert!(before.starts_with("HTTP/1.0 200 OK"), "{before}");
     assert!(before.contains("Content-Type: text/plain; version=0.0.4"), "{before}");
     assert!(before.contains("# TYPE vipgate_packets_forwarded_total counter"), "{before}");
+    for held in ["packets_held_total", "packets_held_dropped_total", "packets_held_unstored_total"]
+    {
+        assert!(before.contains(&format!("# TYPE vipgate_{held} counter")), "no {held}:\n{before}");
+    }
     let out0 = metric(&before, "vipgate_packets_forwarded_total{direction=\"outbound\"}");
 
     let c = udp(&cli, sa(client_addr(0, false), 4100));
