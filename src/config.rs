@@ -22,6 +22,10 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/vipgate";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/vipgate/control.sock";
 /// Default routing table of the gateway's routes.
 pub const DEFAULT_ROUTE_TABLE: u32 = 7443;
+/// Connections the rental authority holds at once.
+pub const AUTHORITY_CONNS: usize = 4096;
+/// Default of `--authority-conns-per-source`.
+pub const DEFAULT_AUTHORITY_CONNS_PER_SOURCE: usize = 64;
 /// Default priority of the first of the gateway's policy rules.
 pub const DEFAULT_RULE_PRIORITY: u32 = 7443;
 
@@ -246,6 +250,12 @@ pub struct GatewaySettings {
     #[arg(long, value_name = "N")]
     pub inquiry_rate: Option<u32>,
 
+    /// Authority connections one source holds at once (a host of the LAN is its own source;
+    /// outside, an IPv4 address or an IPv6 /64): one source flooding the port never takes the
+    /// slots a host of the LAN needs to rent [default: 64, at most 4096].
+    #[arg(long, value_name = "N")]
+    pub authority_conns_per_source: Option<usize>,
+
     /// Seconds the lease history is kept after a lease ended [default: 2592000, 30 days].
     #[arg(long, value_name = "SECS")]
     pub history_retention: Option<u64>,
@@ -291,6 +301,8 @@ pub struct AuthorityConfig {
     pub cert: Option<(PathBuf, PathBuf)>,
     /// Inquiries per second per source.
     pub inquiry_rate: u32,
+    /// Connections per source.
+    pub conns_per_source: usize,
 }
 
 impl GatewaySettings {
@@ -341,6 +353,9 @@ impl GatewaySettings {
             authority_cert: self.authority_cert.or(file.authority_cert),
             authority_key: self.authority_key.or(file.authority_key),
             inquiry_rate: self.inquiry_rate.or(file.inquiry_rate),
+            authority_conns_per_source: self
+                .authority_conns_per_source
+                .or(file.authority_conns_per_source),
             history_retention: self.history_retention.or(file.history_retention),
         }
     }
@@ -434,6 +449,13 @@ impl GatewaySettings {
             (None, None) => None,
             _ => bail!("--authority-cert and --authority-key go together: give both, or neither to use a generated certificate"),
         };
+        let conns_per_source = match self.authority_conns_per_source {
+            None => DEFAULT_AUTHORITY_CONNS_PER_SOURCE,
+            Some(n @ 1..=AUTHORITY_CONNS) => n,
+            Some(n) => bail!(
+                "--authority-conns-per-source {n} is out of range: give 1 to {AUTHORITY_CONNS}"
+            ),
+        };
         let authority = (!self.no_authority).then(|| AuthorityConfig {
             listen: if self.authority_listen.is_empty() {
                 vec![SocketAddr::from((
@@ -445,6 +467,7 @@ impl GatewaySettings {
             },
             cert,
             inquiry_rate: self.inquiry_rate.unwrap_or(20).max(1),
+            conns_per_source,
         });
         nat.hold_until_durable = true;
         Ok(GatewayConfig {

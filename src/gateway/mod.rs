@@ -153,8 +153,14 @@ fn run_with(cfg: GatewayConfig, reload: Option<reload::Source>, data_plane: bool
                 None => (None, None),
             };
             let (tls, cert_path) = crate::tls::server_config(&cfg.state_dir, cert, key)?;
-            let r =
-                Rental::bind(&a.listen, tls, cfg.nat.lan.clone(), a.inquiry_rate, poll.registry())?;
+            let r = Rental::bind(
+                &a.listen,
+                tls,
+                cfg.nat.lan.clone(),
+                a.inquiry_rate,
+                a.conns_per_source,
+                poll.registry(),
+            )?;
             let fp = crate::tls::read_certs(&cert_path)
                 .ok()
                 .and_then(|c| c.first().map(|c| crate::tls::fingerprint(c)))

@@ -97,6 +97,12 @@ pub fn diff(old: &GatewayConfig, new: &GatewayConfig) -> Diff {
                 && old.authority.is_some() == new.authority.is_some(),
         ),
         (
+            "authority-conns-per-source",
+            old.authority.as_ref().map(|x| x.conns_per_source)
+                != new.authority.as_ref().map(|x| x.conns_per_source)
+                && old.authority.is_some() == new.authority.is_some(),
+        ),
+        (
             "authority-cert",
             old.authority.as_ref().map(|x| &x.cert) != new.authority.as_ref().map(|x| &x.cert)
                 && old.authority.is_some() == new.authority.is_some(),

@@ -30,10 +30,7 @@ pub const MAX_LISTENERS: usize = 16;
 /// First token of its connections.
 pub const CONN_TOKENS: usize = 10_000;
 /// Most connections at once; more are closed as they arrive.
-pub const MAX_CONNS: usize = 4096;
-/// Connections one source holds at once (a LAN host, an outside IPv4 address or IPv6 /64):
-/// one source flooding the port never takes the slots a host of the LAN needs to rent.
-pub const MAX_CONNS_PER_SOURCE: usize = 64;
+pub const MAX_CONNS: usize = crate::config::AUTHORITY_CONNS;
 /// Time to finish the TLS handshake, from the TCP accept.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time for the first request, from the end of the handshake (its own deadline: a handshake
@@ -97,6 +94,8 @@ pub struct Rental {
     config: Arc<ServerConfig>,
     conns: Vec<Option<Conn>>,
     limiter: RateLimiter,
+    /// Connections one source may hold.
+    conns_per_source: usize,
     served: Vec<IpNet>,
     /// Counters.
     pub stats: RentalStats,
@@ -115,6 +114,7 @@ impl Rental {
         config: Arc<ServerConfig>,
         served: Vec<IpNet>,
         inquiry_rate: u32,
+        conns_per_source: usize,
         registry: &Registry,
     ) -> Result<Rental> {
         if listen.len() > MAX_LISTENERS {
@@ -134,6 +134,7 @@ impl Rental {
             config,
             conns: Vec::new(),
             limiter: inquiry_limiter(inquiry_rate),
+            conns_per_source,
             served,
             stats: RentalStats::default(),
         })
@@ -198,7 +199,7 @@ impl Rental {
                 }
             };
             let peer_ip = authority::peer_ip(peer);
-            if self.held_by(peer_ip) >= MAX_CONNS_PER_SOURCE {
+            if self.held_by(peer_ip) >= self.conns_per_source {
                 self.stats.refused_connections += 1;
                 continue; // dropping `sock` closes it
             }
