@@ -98,6 +98,7 @@ start_gateway() {
     STATE=$TMP/state-$n
     CTL=$TMP/control-$n.sock
     ip netns exec $GW "$VIPGATE" gateway --max-leases 1000000 --inquiry-rate 100000000 \
+        --max-leases-per-host 1000000 --rent-rate 100000000 \
         --state-dir "$STATE" --control-socket "$CTL" --log-level "$LOG_LEVEL" "$@" \
         2>"$TMP/gateway.log" &
     GWPID=$!

@@ -841,7 +841,12 @@ impl RateLimiter {
 
     /// Whether a request from `src` at `now` is within its limit (and counts it if so).
     pub fn allow(&mut self, src: IpAddr, now: Instant) -> bool {
-        let key = Self::source_key(src);
+        self.allow_key(Self::source_key(src), now)
+    }
+
+    /// [`RateLimiter::allow`] for a key taken as it is (a host of the LAN by its own
+    /// address, although an IPv6 /64 holds many of them).
+    pub fn allow_key(&mut self, key: IpAddr, now: Instant) -> bool {
         let allowed = match self.sources.get(&key).copied() {
             Some((tat, seq)) => {
                 self.recency.remove(&seq);

@@ -250,6 +250,12 @@ pub struct GatewaySettings {
     #[arg(long, value_name = "N")]
     pub inquiry_rate: Option<u32>,
 
+    /// Rents, renews and releases answered per second per host of the LAN (burst: twice
+    /// that); more are answered `rate_limited`, so one host's churn cannot crowd the others
+    /// [default: 100].
+    #[arg(long, value_name = "N")]
+    pub rent_rate: Option<u32>,
+
     /// Authority connections one source holds at once (a host of the LAN is its own source;
     /// outside, an IPv4 address or an IPv6 /64): one source flooding the port never takes the
     /// slots a host of the LAN needs to rent [default: 64, at most 4096].
@@ -303,6 +309,8 @@ pub struct AuthorityConfig {
     pub inquiry_rate: u32,
     /// Connections per source.
     pub conns_per_source: usize,
+    /// Rents, renews and releases per second per host.
+    pub rent_rate: u32,
 }
 
 impl GatewaySettings {
@@ -353,6 +361,7 @@ impl GatewaySettings {
             authority_cert: self.authority_cert.or(file.authority_cert),
             authority_key: self.authority_key.or(file.authority_key),
             inquiry_rate: self.inquiry_rate.or(file.inquiry_rate),
+            rent_rate: self.rent_rate.or(file.rent_rate),
             authority_conns_per_source: self
                 .authority_conns_per_source
                 .or(file.authority_conns_per_source),
@@ -468,6 +477,7 @@ impl GatewaySettings {
             cert,
             inquiry_rate: self.inquiry_rate.unwrap_or(20).max(1),
             conns_per_source,
+            rent_rate: self.rent_rate.unwrap_or(100).max(1),
         });
         nat.hold_until_durable = true;
         Ok(GatewayConfig {

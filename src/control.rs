@@ -220,6 +220,9 @@ pub struct Stats {
     pub inquiries_refused: u64,
     /// Inquiries over the per-source rate limit.
     pub inquiries_rate_limited: u64,
+    /// Rents, renews and releases over their host's rate (`--rent-rate`).
+    #[serde(default)]
+    pub rents_rate_limited: u64,
     /// Drops per reason.
     pub drops: BTreeMap<String, u64>,
 }
@@ -388,6 +391,12 @@ impl Stats {
             "counter",
             "Authority requests answered.",
             &[("", self.authority_requests)],
+        );
+        metric(
+            "rents_rate_limited_total",
+            "counter",
+            "Rents, renews and releases over their host's rate (--rent-rate).",
+            &[("", self.rents_rate_limited)],
         );
         let inq = [
             ("{outcome=\"refused\"}", self.inquiries_refused),

@@ -1322,3 +1322,33 @@ fn one_source_flooding_the_authority_never_keeps_a_host_of_the_lan_from_renting(
     assert!(failed.is_empty(), "{} of 8 rents failed under the flood: {failed:?}", failed.len());
     assert!(gw.counter("authority_refused_connections") > 0, "{}", gw.stats());
 }
+
+#[test]
+fn one_host_churning_rents_is_rate_limited_and_another_host_is_not() {
+    let mut topo = Topo::new(2);
+    let gw = topo.gateway(&["--rent-rate", "10"]);
+    let churn = |ns: &str, count: u8| {
+        let mut c = authority(ns, &gw, GW_LAN4);
+        let (mut ok, mut limited) = (0, 0);
+        for k in 0..count {
+            let partner = IpAddr::from([203, 0, 113, 10 + k]);
+            let r = call(&mut c, &Command::Rent { partner, ttl: Some(Duration::from_secs(60)) });
+            match r.outcome {
+                Outcome::Leased { virtual_addr, .. } => {
+                    ok += 1;
+                    let _ = call(&mut c, &Command::Release { virtual_addr });
+                }
+                Outcome::Error { code: ErrorCode::RateLimited, .. } => limited += 1,
+                _ => panic!("rent from {ns}: {r}"),
+            }
+        }
+        (ok, limited)
+    };
+    // 60 rents and their releases at once: the burst (20) and a little more go through.
+    let (ok, limited) = churn(&topo.clients[0], 60);
+    assert!(limited > 0 && ok >= 5, "{ok} ok, {limited} rate-limited");
+    assert!(gw.counter("rents_rate_limited") >= limited, "{}", gw.stats());
+    // Another host is not held back by the first one's churn.
+    let (ok2, limited2) = churn(&topo.clients[1], 5);
+    assert_eq!((ok2, limited2), (5, 0));
+}

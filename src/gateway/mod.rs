@@ -159,6 +159,7 @@ fn run_with(cfg: GatewayConfig, reload: Option<reload::Source>, data_plane: bool
                 cfg.nat.lan.clone(),
                 a.inquiry_rate,
                 a.conns_per_source,
+                a.rent_rate,
                 poll.registry(),
             )?;
             let fp = crate::tls::read_certs(&cert_path)
@@ -587,6 +588,7 @@ impl Gateway {
         }
         if let (Some(r), Some(a)) = (self.rental.as_mut(), run.authority.as_ref()) {
             r.set_inquiry_rate(a.inquiry_rate);
+            r.set_rent_rate(a.rent_rate);
         }
         self.retention = run.history_retention;
         let d = reload::diff(&self.cfg, &new);
@@ -1000,6 +1002,7 @@ impl Gateway {
             authority_requests: self.rental.as_ref().map_or(0, |r| r.stats.requests),
             inquiries_refused: self.rental.as_ref().map_or(0, |r| r.stats.inquiries_refused),
             inquiries_rate_limited: self.rental.as_ref().map_or(0, |r| r.stats.rate_limited),
+            rents_rate_limited: self.rental.as_ref().map_or(0, |r| r.stats.rents_rate_limited),
             ..Stats::from_translator(&lock(&self.nat))
         };
         queue::add_tun_counters(&mut s, &self.stats);

@@ -1,7 +1,7 @@
 //! What a SIGHUP changes: the running configuration against the one read again from the
 //! `--config` file (under the same command-line flags, which still win). Some settings change
-//! at run time (the log level, the idle timers within their RFC floors, the inquiry rate, the
-//! history retention, `exclude`, the metrics address); the others are named as needing a
+//! at run time (the log level, the idle timers within their RFC floors, the inquiry and rent
+//! rates, the history retention, `exclude`, the metrics address); the others are named as needing a
 //! restart and keep their running values. A file that no longer parses changes nothing.
 
 use crate::config::GatewayConfig;
@@ -66,6 +66,8 @@ pub fn diff(old: &GatewayConfig, new: &GatewayConfig) -> Diff {
     let rate = |c: &GatewayConfig| c.authority.as_ref().map_or(0, |a| a.inquiry_rate);
     if old.authority.is_some() && new.authority.is_some() {
         applied("inquiry-rate", rate(old).to_string(), rate(new).to_string());
+        let rents = |c: &GatewayConfig| c.authority.as_ref().map_or(0, |a| a.rent_rate);
+        applied("rent-rate", rents(old).to_string(), rents(new).to_string());
     }
     let metrics = |c: &GatewayConfig| c.metrics_listen.map_or("off".to_string(), |a| a.to_string());
     applied("metrics-listen", metrics(old), metrics(new));
@@ -123,6 +125,7 @@ pub fn running(old: &GatewayConfig, new: &GatewayConfig) -> GatewayConfig {
     r.metrics_listen = new.metrics_listen;
     if let (Some(a), Some(b)) = (r.authority.as_mut(), new.authority.as_ref()) {
         a.inquiry_rate = b.inquiry_rate;
+        a.rent_rate = b.rent_rate;
     }
     r
 }

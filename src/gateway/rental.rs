@@ -86,6 +86,8 @@ pub struct RentalStats {
     pub rate_limited: u64,
     /// Rents, renews and releases answered `internal` at once while the store was stuck.
     pub store_refused: u64,
+    /// Rents, renews and releases over their host's rate.
+    pub rents_rate_limited: u64,
 }
 
 /// The authority's listeners and connections.
@@ -96,12 +98,14 @@ pub struct Rental {
     limiter: RateLimiter,
     /// Connections one source may hold.
     conns_per_source: usize,
+    /// Rents, renews and releases per host.
+    rent_limiter: RateLimiter,
     served: Vec<IpNet>,
     /// Counters.
     pub stats: RentalStats,
 }
 
-/// The per-source limiter of `rate` inquiries per second (burst: twice that).
+/// A per-source limiter of `rate` requests per second (burst: twice that).
 fn inquiry_limiter(rate: u32) -> RateLimiter {
     RateLimiter::new(rate, rate.saturating_mul(2), 65_536)
 }
@@ -115,6 +119,7 @@ impl Rental {
         served: Vec<IpNet>,
         inquiry_rate: u32,
         conns_per_source: usize,
+        rent_rate: u32,
         registry: &Registry,
     ) -> Result<Rental> {
         if listen.len() > MAX_LISTENERS {
@@ -135,6 +140,7 @@ impl Rental {
             conns: Vec::new(),
             limiter: inquiry_limiter(inquiry_rate),
             conns_per_source,
+            rent_limiter: inquiry_limiter(rent_rate),
             served,
             stats: RentalStats::default(),
         })
@@ -144,6 +150,11 @@ impl Rental {
     /// that); sources start afresh.
     pub fn set_inquiry_rate(&mut self, rate: u32) {
         self.limiter = inquiry_limiter(rate);
+    }
+
+    /// Answers at most `rate` rents, renews and releases per second per host from now on.
+    pub fn set_rent_rate(&mut self, rate: u32) {
+        self.rent_limiter = inquiry_limiter(rate);
     }
 
     /// The addresses actually bound.
@@ -382,6 +393,11 @@ impl Rental {
             // Nothing would be stored: refuse before anything changes.
             self.stats.store_refused += 1;
             return Waiting::Ready(Reply::internal(id));
+        }
+        // One host's churn never crowds the others (a host of the LAN by its own address).
+        if changes && !self.rent_limiter.allow_key(peer, now) {
+            self.stats.rents_rate_limited += 1;
+            return Waiting::Ready(Reply::rate_limited(id));
         }
         match req.command {
             Command::Rent { partner, ttl: t } => {
