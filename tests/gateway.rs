@@ -710,8 +710,8 @@ fn metric(text: &str, line_start: &str) -> u64 {
 }
 
 #[test]
-fn idle_connections_to_the_metrics_port_never_starve_the_control_socket() {
-    let mut topo = Topo::new(1);
+fn idle_connections_to_the_metrics_port_never_starve_the_control_socket_nor_other_sources() {
+    let mut topo = Topo::new(2);
     let gw = topo.gateway(&["--metrics-listen", "192.0.2.1:9477"]);
     let cli = topo.clients[0].clone();
     let at: SocketAddr = "192.0.2.1:9477".parse().unwrap();
@@ -731,6 +731,9 @@ fn idle_connections_to_the_metrics_port_never_starve_the_control_socket() {
         ok += usize::from(o.status.success());
     }
     assert_eq!(ok, 10, "`vipgate stats` failed {} of 10 times:\n{}", 10 - ok, gw.log_text());
+    // Another source still gets its metrics: one source holds a few slots only.
+    let other = http_get(&topo.clients[1], at, "/metrics");
+    assert!(other.starts_with("HTTP/1.0 200 OK"), "{other}");
     drop(idle);
 }
 

@@ -17,6 +17,7 @@ pub mod routing;
 #[allow(unsafe_code)] // the ioctls and writev of the TUN device, nowhere else
 pub mod tun;
 
+use crate::authority::RateLimiter;
 use crate::config::{GatewayConfig, OnStop};
 use crate::control::{self, LeaseRecord, Request, Stats};
 use crate::nat::{DropReason, LeaseEvent, Origin, Translator, Verdict};
@@ -32,6 +33,7 @@ use queue::Queues;
 use rental::Rental;
 use routing::Routing;
 use std::io::{self, Read, Write};
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -66,6 +68,8 @@ const FIRST_CONN: usize = 16;
 const MAX_CONNS: usize = 64;
 /// Connections of the metrics port at once (slots apart from the control socket's).
 const MAX_METRICS_CONNS: usize = 32;
+/// Metrics connections one source (an IPv4 address or IPv6 /64) holds at once.
+const MAX_METRICS_CONNS_PER_SOURCE: usize = 8;
 const _: () = assert!(FIRST_CONN + MAX_CONNS + MAX_METRICS_CONNS <= rental::LISTENER_TOKENS);
 const CONN_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONN_INPUT: usize = 8192;
@@ -396,6 +400,8 @@ struct Conn {
     waiting: Option<u64>,
     /// The client closed its sending side: nothing more to read, the reply is still owed.
     eof: bool,
+    /// The source a metrics connection counts against (none for the control socket).
+    source: Option<IpAddr>,
 }
 
 struct Gateway {
@@ -823,6 +829,18 @@ impl Gateway {
             if self.conns.len() < slots.end {
                 self.conns.resize_with(slots.end, || None);
             }
+            // One source (an IPv4 address or IPv6 /64) holds a few metrics slots at most.
+            let source = match &stream {
+                ConnStream::Tcp(t) => t.peer_addr().ok().map(|a| RateLimiter::source_key(a.ip())),
+                ConnStream::Unix(_) => None,
+            };
+            let held = source.map_or(0, |k| {
+                self.conns[slots.clone()].iter().flatten().filter(|c| c.source == Some(k)).count()
+            });
+            if held >= MAX_METRICS_CONNS_PER_SOURCE {
+                debug!("too many metrics connections from one source; closing a new one");
+                continue;
+            }
             let Some(slot) = slots.clone().find(|&i| self.conns[i].is_none()) else {
                 let what = if metrics { "metrics" } else { "control" };
                 debug!("too many {what} connections; closing a new one");
@@ -841,6 +859,7 @@ impl Gateway {
                 done: false,
                 waiting: None,
                 eof: false,
+                source,
             });
         }
     }

@@ -1,8 +1,9 @@
 //! What a SIGHUP changes: the running configuration against the one read again from the
 //! `--config` file (under the same command-line flags, which still win). Some settings change
 //! at run time (the log level, the idle timers within their RFC floors, the inquiry and rent
-//! rates, the history retention, `exclude`, the metrics address); the others are named as needing a
-//! restart and keep their running values. A file that no longer parses changes nothing.
+//! rates, the history retention, `exclude`, the metrics address); the others are named as
+//! needing a restart and keep their running values. A file that no longer parses changes
+//! nothing.
 
 use crate::config::GatewayConfig;
 use anyhow::Result;
