@@ -1078,25 +1078,32 @@ fn one_host_at_its_flow_share_is_refused_and_another_still_gets_out() {
     h.ok(&Harness::udp("192.0.2.10", "203.0.113.1", 1000, 53), 1.0);
 }
 
+/// `real` rents and releases at once for `count` partners at time 0; returns how many rents
+/// were refused (each with `refusal`).
+fn churn(h: &mut Harness, real: &str, count: u8, refusal: LeaseError) -> usize {
+    let mut refused = 0;
+    for k in 1..=count {
+        let partner = IpAddr::from([203, 0, 113, k]);
+        match h.t.rent(ip(real), partner, Duration::from_secs(60), h.at(0.0)) {
+            Ok(l) => {
+                h.t.release(l.id, h.at(0.0)).unwrap();
+            }
+            Err(e) => {
+                assert_eq!(e, refusal);
+                refused += 1;
+            }
+        }
+    }
+    refused
+}
+
 #[test]
 fn rent_and_release_churn_never_lets_an_address_out_of_quarantine_early() {
     let mut c = wide();
     c.max_leases = 4;
     let mut h = Harness::new(c);
     let ttl = Duration::from_secs(60);
-    let mut refused = 0;
-    for k in 1..=40u8 {
-        let partner = IpAddr::from([203, 0, 113, k]);
-        match h.t.rent(ip("192.0.2.10"), partner, ttl, h.at(0.0)) {
-            Ok(l) => {
-                h.t.release(l.id, h.at(0.0)).unwrap();
-            }
-            Err(e) => {
-                assert_eq!(e, LeaseError::TableFull);
-                refused += 1;
-            }
-        }
-    }
+    let refused = churn(&mut h, "192.0.2.10", 40, LeaseError::TableFull);
     h.tick(1.0);
     assert_eq!(h.t.counters().quarantine_evicted, 0, "an address left quarantine early");
     assert!(refused > 0, "the churn never filled the room");
@@ -1111,19 +1118,7 @@ fn one_host_churning_leases_fills_only_its_own_part_of_the_quarantine() {
     c.max_leases_per_host = 4;
     let mut h = Harness::new(c);
     let ttl = Duration::from_secs(60);
-    let mut refused = 0;
-    for k in 1..=40u8 {
-        let partner = IpAddr::from([203, 0, 113, k]);
-        match h.t.rent(ip("192.0.2.10"), partner, ttl, h.at(0.0)) {
-            Ok(l) => {
-                h.t.release(l.id, h.at(0.0)).unwrap();
-            }
-            Err(e) => {
-                assert_eq!(e, LeaseError::HostLimit);
-                refused += 1;
-            }
-        }
-    }
+    let refused = churn(&mut h, "192.0.2.10", 40, LeaseError::HostLimit);
     assert_eq!(refused, 32, "8 of 40 rents fit twice the host's share of 4");
     // Another host rents and churns as before.
     for k in 1..=8u8 {
