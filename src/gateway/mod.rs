@@ -125,12 +125,7 @@ fn run_with(cfg: GatewayConfig, reload: Option<reload::Source>, data_plane: bool
     crate::store::private_dir(&cfg.state_dir, "state directory", true)
         .with_context(|| format!("cannot create state directory {}", cfg.state_dir.display()))?;
     let control = bind_control(&cfg.control_socket, &cfg.state_dir)?;
-    let metrics = match cfg.metrics_listen {
-        Some(a) => Some(
-            TcpListener::bind(a).with_context(|| format!("cannot listen for metrics on {a}"))?,
-        ),
-        None => None,
-    };
+    let metrics = bind_metrics(cfg.metrics_listen)?;
     let routing = Routing {
         tun: cfg.tun.clone(),
         table: cfg.route_table,
@@ -258,7 +253,6 @@ fn run_with(cfg: GatewayConfig, reload: Option<reload::Source>, data_plane: bool
         last_drops: [0; DropReason::COUNT],
         durable: Some(durable),
         rental,
-        retention: cfg.history_retention,
         cfg: cfg.clone(),
         reload,
     };
@@ -309,6 +303,12 @@ impl Drop for Cleanup {
     }
 }
 
+/// The metrics endpoint's listener on `at`, if any.
+fn bind_metrics(at: Option<std::net::SocketAddr>) -> Result<Option<TcpListener>> {
+    at.map(|a| TcpListener::bind(a).with_context(|| format!("cannot listen for metrics on {a}")))
+        .transpose()
+}
+
 /// Moves the metrics endpoint to `to` (off when `None`): the new listener first, so a
 /// failure leaves the running one.
 fn rebind_metrics(
@@ -316,12 +316,7 @@ fn rebind_metrics(
     metrics: &mut Option<TcpListener>,
     to: Option<std::net::SocketAddr>,
 ) -> Result<()> {
-    let mut new = match to {
-        Some(a) => Some(
-            TcpListener::bind(a).with_context(|| format!("cannot listen for metrics on {a}"))?,
-        ),
-        None => None,
-    };
+    let mut new = bind_metrics(to)?;
     if let Some(l) = new.as_mut() {
         poll.registry().register(l, METRICS, Interest::READABLE)?;
     }
@@ -419,7 +414,6 @@ struct Gateway {
     last_drops: [u64; DropReason::COUNT],
     durable: Option<Durable>,
     rental: Option<Rental>,
-    retention: Duration,
     /// The configuration in force.
     cfg: GatewayConfig,
     /// Where a SIGHUP reads the configuration again.
@@ -548,7 +542,7 @@ impl Gateway {
             }
             if now >= next_purge {
                 if let Some(d) = self.durable.as_mut() {
-                    d.purge(SystemTime::now() - self.retention);
+                    d.purge(SystemTime::now() - self.cfg.history_retention);
                 }
                 next_purge = now + PURGE_EVERY;
             }
@@ -596,7 +590,6 @@ impl Gateway {
             r.set_inquiry_rate(a.inquiry_rate);
             r.set_rent_rate(a.rent_rate);
         }
-        self.retention = run.history_retention;
         let d = reload::diff(&self.cfg, &new);
         let kept = reload::diff(&run, &new);
         let level = run.log_level;

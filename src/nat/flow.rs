@@ -164,6 +164,12 @@ impl FlowEntry {
         pick(self.proto == protocol::TCP, tcp_timeout, other)
     }
 
+    /// When the flow's last packet came (ms): the deadline it set less the timeout it set.
+    #[inline(always)]
+    pub fn last(&self, t: &FlowTimeouts) -> u64 {
+        self.expires.wrapping_sub(self.timeout_in(self.tcp, t))
+    }
+
     /// Updates the TCP state with a segment's flags; returns the idle timeout that now
     /// applies, in ms.
     #[cfg(test)]
@@ -323,10 +329,8 @@ impl FlowTable {
         let f = self.store.lines.peek_mut(i)?;
         let (s, timeout) = f.next(flags, outbound, t);
         if let Some(shift) = life_shift {
-            // When the last packet came: the deadline it set less the timeout it set.
             let before = f.timeout_in(f.tcp, t);
-            let last = f.expires.wrapping_sub(before);
-            if (last >> shift != now >> shift) | (timeout != before) {
+            if (f.last(t) >> shift != now >> shift) | (timeout != before) {
                 return None;
             }
         }
@@ -350,8 +354,7 @@ impl FlowTable {
             if f.expires == super::NEVER {
                 continue;
             }
-            let last = f.expires.wrapping_sub(f.timeout_in(f.tcp, old));
-            let expires = last.saturating_add(f.timeout_in(f.tcp, new));
+            let expires = f.last(old).saturating_add(f.timeout_in(f.tcp, new));
             let earlier = expires < f.expires;
             f.expires = expires;
             if earlier {
@@ -363,8 +366,7 @@ impl FlowTable {
     /// Flow `i`'s last packet time, idle deadline and current timeout, in ms.
     pub fn timing(&self, i: u32, t: &FlowTimeouts) -> Option<(u64, u64, u64)> {
         let f = self.store.lines.get(i)?;
-        let timeout = f.timeout_in(f.tcp, t);
-        Some((f.expires.wrapping_sub(timeout), f.expires, timeout))
+        Some((f.last(t), f.expires, f.timeout_in(f.tcp, t)))
     }
 
     /// The idle timeout a packet with `flags` going `outbound` would give flow `i`, and the

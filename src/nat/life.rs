@@ -61,8 +61,7 @@ impl Translator {
             return Ok(());
         }
         let timeouts = self.flows.timeout_after(fi, flags, outbound, &self.flow_timeouts);
-        let Some((Some((li, _)), Some((after, before)))) = Some((self.flows.owner(fi), timeouts))
-        else {
+        let (Some((li, _)), Some((after, before))) = (self.flows.owner(fi), timeouts) else {
             return Ok(());
         };
         if after < before {
@@ -148,7 +147,7 @@ impl Translator {
 }
 
 /// The end of the checkpoint period `now` (ms) is in.
-fn period_end(now: u64) -> u64 {
+pub(super) fn period_end(now: u64) -> u64 {
     ((now >> PERIOD_SHIFT) + 1) << PERIOD_SHIFT
 }
 

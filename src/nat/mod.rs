@@ -770,7 +770,7 @@ impl Translator {
         self.config = config;
         // The lives handed out so far were worked out with the old timers.
         let now_ms = self.ms(now);
-        self.slow_until = ((now_ms >> life::PERIOD_SHIFT) + 1) << life::PERIOD_SHIFT;
+        self.slow_until = life::period_end(now_ms);
         Ok(())
     }
 
@@ -1042,11 +1042,9 @@ impl Translator {
         let now_ms = self.ms(now);
         let undone: Vec<u32> =
             self.leases.slab.iter().filter(|(_, l)| l.seq > self.durable).map(|(i, _)| i).collect();
-        let quarantine = std::mem::replace(&mut self.quarantine_ms, 0);
         for &i in &undone {
             self.end_lease(i, now_ms, EndReason::Unstored);
         }
-        self.quarantine_ms = quarantine;
         undone.len()
     }
 
@@ -1187,7 +1185,9 @@ impl Translator {
             f = next;
         }
         self.hosts.add(view.real, -1, -ended);
-        let held_back = self.leases.remove(i, now, self.quarantine_ms, self.config.mapping);
+        // A lease that was never stored was never seen by anyone: nothing to hold back.
+        let quarantine = if reason == EndReason::Unstored { 0 } else { self.quarantine_ms };
+        let held_back = self.leases.remove(i, now, quarantine, self.config.mapping);
         self.counters.leases_ended += 1;
         self.push_event(LeaseEvent::Ended(view.clone(), reason));
         if let Some((virtual_addr, partner, real, until)) = held_back {

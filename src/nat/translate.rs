@@ -411,17 +411,16 @@ impl Translator {
     fn new_flow(&mut self, li: u32, k: FlowKey, now: u64) -> Result<u32, DropReason> {
         let lease = self.leases.get_mut(li).ok_or(DropReason::NoLease)?;
         let real = lease.real;
-        let made = match self.hosts.may_flow(real) {
-            Ok(()) => self.flows.insert(li, lease, k.proto, k.host_port, k.partner_port),
-            Err(e) => Err(e),
-        };
+        let made = self
+            .hosts
+            .may_flow(real)
+            .and_then(|()| self.flows.insert(li, lease, k.proto, k.host_port, k.partner_port));
         match made {
             Ok(fi) => {
-                self.hosts.add(real, 0, 1);
-                let Some(lease) = self.leases.get_mut(li) else { return Ok(fi) };
                 if lease.origin == Origin::Implicit {
                     lease.expires = NEVER;
                 }
+                self.hosts.add(real, 0, 1);
                 self.counters.flows_created += 1;
                 Ok(fi)
             }
