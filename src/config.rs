@@ -29,6 +29,19 @@ pub const DEFAULT_AUTHORITY_CONNS_PER_SOURCE: usize = 64;
 /// Default priority of the first of the gateway's policy rules.
 pub const DEFAULT_RULE_PRIORITY: u32 = 7443;
 
+/// Refuses the first prefix of `nets` with host bits set (`198.18.1.7/24`), naming `flag`.
+pub fn refuse_host_bits(flag: &str, nets: &[IpNet]) -> Result<()> {
+    match nets.iter().find(|n| n.trunc() != **n) {
+        Some(n) => bail!("{flag} {n} has host bits set: did you mean {}?", n.trunc()),
+        None => Ok(()),
+    }
+}
+
+/// Prefixes as the log shows them: `192.0.2.0/24, 2001:db8:1::/64`.
+pub fn show_nets(nets: &[IpNet]) -> String {
+    nets.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+}
+
 /// A start refused for its configuration or for the box it would run on (`vipgate
 /// gateway` and `authority` exit with status 78, EX_CONFIG, for it: systemd's
 /// `RestartPreventExitStatus=78` then does not retry what cannot work).
@@ -385,9 +398,7 @@ impl GatewaySettings {
         for (flag, nets) in
             [("--lan", &self.lan), ("--pool", &self.pool), ("--exclude", &self.exclude)]
         {
-            if let Some(n) = nets.iter().find(|n| n.trunc() != **n) {
-                bail!("{flag} {n} has host bits set: did you mean {}?", n.trunc());
-            }
+            refuse_host_bits(flag, nets)?;
         }
         let mut nat = nat::Config::new(self.lan.clone(), self.pool.clone());
         nat.exclude = self.exclude.clone();

@@ -363,7 +363,7 @@ fn daemon_failure(e: anyhow::Error) -> Failure {
 fn check(cfg: &vipgate::config::GatewayConfig) -> Result<(), Failure> {
     let found = vipgate::gateway::routing::preflight(cfg, vipgate::gateway::routing::Mode::Check)
         .map_err(daemon_failure)?;
-    let show = |v: &[ipnet::IpNet]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
+    let show = vipgate::config::show_nets;
     println!(
         "configuration: serving {} from pool {}; TUN {}, routing table {}, rule priorities {}..{}",
         show(&cfg.nat.lan),
@@ -407,12 +407,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             })
         }
         Command::Rendezvous { settings, log_level, config } => {
-            if let Some(n) = settings.gateway_pool.iter().find(|n| n.trunc() != **n) {
-                return Err(Failure::new(
-                    EXIT_CONFIG,
-                    format!("--gateway-pool {n} has host bits set: did you mean {}?", n.trunc()),
-                ));
-            }
+            vipgate::config::refuse_host_bits("--gateway-pool", &settings.gateway_pool)
+                .map_err(|e| Failure::new(EXIT_CONFIG, format!("{e:#}")))?;
             let max = vipgate::rendezvous::MAX_LISTENERS;
             if settings.listen.len() > max || settings.stun_listen.len() > max {
                 return Err(Failure::new(

@@ -12,7 +12,7 @@
 //! holds them; a taker checks after locking that the file it locked is still the one at the
 //! path, so a file removed meanwhile is never held by two.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
@@ -84,11 +84,13 @@ impl Claim {
                 }
                 None => {
                     let by = holder_of(&path);
-                    // Dropping `claim` releases what was taken so far.
-                    bail!(
+                    // Dropping `claim` releases what was taken so far. A refusal (exit 78, as
+                    // `--check` says it): retrying cannot help while the other one runs.
+                    return Err(crate::config::Refusal(format!(
                         "the {what} in network namespace {ns} belongs to another gateway ({by}): \
                          give this one another --route-table and --rule-priority, or stop that one"
-                    );
+                    ))
+                    .into());
                 }
             }
         }

@@ -203,7 +203,7 @@ fn run_with(cfg: GatewayConfig, reload: Option<reload::Source>, data_plane: bool
         (None, Cleanup { routing: None, socket: cfg.control_socket.clone(), _claim: None })
     };
 
-    let show = |v: &[ipnet::IpNet]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
+    let show = crate::config::show_nets;
     match &tun {
         Some(t) => info!(
             "vipgate gateway {}: TUN {} (offloads: {}; queues: {}), serving {} from pool {}",

@@ -276,7 +276,7 @@ fn describe_rule(r: &serde_json::Value) -> String {
 
 /// The interfaces the kernel routes the served prefixes to (`ip route get` of an address in
 /// each, `lo` and the TUN left out).
-pub fn lan_interfaces(lan: &[IpNet], tun: &str) -> Vec<String> {
+fn lan_interfaces(lan: &[IpNet], tun: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for net in lan {
         let last = net.hosts().last().unwrap_or(net.network());
