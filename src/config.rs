@@ -37,6 +37,15 @@ pub fn refuse_host_bits(flag: &str, nets: &[IpNet]) -> Result<()> {
     }
 }
 
+/// Sets the log level to `new` (a reload), logging `said` at the old level or the new one,
+/// whichever says more, so an operator sees the change either way.
+pub fn change_log_level(new: log::LevelFilter, said: impl FnOnce(log::LevelFilter)) {
+    let old = log::max_level();
+    log::set_max_level(new.max(old));
+    said(old);
+    log::set_max_level(new);
+}
+
 /// Prefixes as the log shows them: `192.0.2.0/24, 2001:db8:1::/64`.
 pub fn show_nets(nets: &[IpNet]) -> String {
     nets.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")

@@ -594,18 +594,17 @@ impl Gateway {
         let kept = reload::diff(&run, &new);
         let level = run.log_level;
         self.cfg = run;
-        // The line is seen at the old level or the new one, whichever says more.
-        log::set_max_level(level.max(log::max_level()));
-        if kept.applied.is_empty() {
-            info!("SIGHUP: configuration read again: {}", d.describe());
-        } else {
-            info!(
-                "SIGHUP: configuration read again: {} (not applied: {})",
-                d.describe(),
-                kept.applied.join(", ")
-            );
-        }
-        log::set_max_level(level);
+        crate::config::change_log_level(level, |_| {
+            if kept.applied.is_empty() {
+                info!("SIGHUP: configuration read again: {}", d.describe());
+            } else {
+                info!(
+                    "SIGHUP: configuration read again: {} (not applied: {})",
+                    d.describe(),
+                    kept.applied.join(", ")
+                );
+            }
+        });
     }
 
     /// Reads, translates and writes back up to [`BATCH`] packets. True when packets may be

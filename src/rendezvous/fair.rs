@@ -51,6 +51,7 @@ impl SourceCount {
     }
 
     /// Sources holding a slot.
+    #[cfg(test)]
     pub fn sources(&self) -> usize {
         self.held.len()
     }
@@ -69,7 +70,6 @@ pub enum Refusal {
 /// from [`FairQueue::push`] until [`FairQueue::finished`] (so also while it runs).
 #[derive(Debug)]
 pub struct FairQueue<T> {
-    per_source: usize,
     total: usize,
     /// Jobs held (queued or running) in all.
     held: usize,
@@ -83,7 +83,6 @@ impl<T> FairQueue<T> {
     /// A queue of at most `total` jobs, at most `per_source` of them from one source.
     pub fn new(total: usize, per_source: usize) -> FairQueue<T> {
         FairQueue {
-            per_source: per_source.max(1),
             total: total.max(1),
             held: 0,
             counts: SourceCount::new(per_source),
@@ -94,7 +93,7 @@ impl<T> FairQueue<T> {
 
     /// Queues `job` of `src`, or gives it back with the reason.
     pub fn push(&mut self, src: IpAddr, job: T) -> Result<(), (T, Refusal)> {
-        if self.counts.held(src) >= self.per_source {
+        if self.counts.held(src) >= self.counts.cap {
             return Err((job, Refusal::SourceShare));
         }
         if self.held >= self.total {
@@ -133,11 +132,13 @@ impl<T> FairQueue<T> {
     }
 
     /// Jobs held, queued or running.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.held
     }
 
     /// Whether no job is held.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.held == 0
     }

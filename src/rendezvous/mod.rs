@@ -368,15 +368,12 @@ impl Server {
                             }
                             match level() {
                                 Ok(l) => {
-                                    let old = log::max_level();
-                                    // Seen at the old level or the new one, whichever says more.
-                                    log::set_max_level(l.max(old));
-                                    info!(
-                                        "SIGHUP: log level {} -> {l}; the other settings are flags \
-                                         and need a restart",
-                                        old
-                                    );
-                                    log::set_max_level(l);
+                                    crate::config::change_log_level(l, |old| {
+                                        info!(
+                                            "SIGHUP: log level {old} -> {l}; the other settings \
+                                             are flags and need a restart"
+                                        )
+                                    });
                                 }
                                 Err(e) => log::error!(
                                     "SIGHUP: configuration refused, the running one stays: {e:#}"

@@ -648,13 +648,8 @@ pub(crate) fn open_database(
 ) -> Result<(Connection, PathBuf, File), StoreError> {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.exists() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(|e| StoreError::Io(parent.to_path_buf(), e))?;
-        }
+        private_dir(parent, "database directory", false)
+            .map_err(|e| StoreError::Io(parent.to_path_buf(), e))?;
     }
     let lock = lock(&path)?;
     match fs::symlink_metadata(&path) {
